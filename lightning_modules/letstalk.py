@@ -1,0 +1,154 @@
+"""LetsTalkModule: batches of clips in, diffusion loss, EMA weights and checkpoints out."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from pipeline.diffusion import Diffusion, DiffusionConfig
+from pipeline.models.dit import DiTConfig, LetsTalkDiT
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100  # linear warm-up from 0, then constant
+    ema_decay: float = 0.999  # capped by (1 + step) / (10 + step) early on
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def _coerce(cls, value):
+    """Accept a dataclass instance or a plain dict (as stored in checkpoints)."""
+    if isinstance(value, cls):
+        return value
+    known = {f.name for f in fields(cls)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**value)
+
+
+class LetsTalkModule(L.LightningModule):
+    """Trains a LetsTalkDiT with a diffusion objective; keeps an EMA copy that is saved with it.
+
+    The data-dependent sizes (latent channels, audio dim, audio tokens) are taken from the
+    DataModule's manifest when the network is built in ``configure_model``; the resolved
+    network config and the data description go into the checkpoint's hyper-parameters,
+    which is all ``letstalk generate`` needs besides the weights.
+    """
+
+    def __init__(self, net: DiTConfig | dict | None = None, diffusion: DiffusionConfig | dict | None = None,
+                 optim: OptimConfig | dict | None = None, data_info: dict | None = None, seed: int = 0):
+        super().__init__()
+        net = _coerce(DiTConfig, net or {})
+        diffusion = _coerce(DiffusionConfig, diffusion or {})
+        optim = _coerce(OptimConfig, optim or {})
+        net.validate()
+        diffusion.validate()
+        optim.validate()
+        self.save_hyperparameters({"net": asdict(net), "diffusion": asdict(diffusion), "optim": asdict(optim),
+                                   "data_info": data_info or {}, "seed": seed})
+        self.diffusion = Diffusion(diffusion)
+        self.optim = optim
+        self.net: LetsTalkDiT | None = None
+        self.ema: LetsTalkDiT | None = None
+        self._tick: float | None = None
+        if data_info:  # restored from a checkpoint: sizes already resolved
+            self._build(net)
+
+    def _build(self, net: DiTConfig) -> None:
+        self.net = LetsTalkDiT(net)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.hparams["net"] = asdict(net)
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "data_info"):
+            raise ValueError("LetsTalkModule needs a LetsTalkDataModule to size the network from its manifest")
+        info = datamodule.data_info
+        net = DiTConfig(**self.hparams["net"])
+        for key in ("latent_channels", "audio_dim", "audio_tokens"):
+            setattr(net, key, int(info[key]))
+        self.hparams["data_info"] = info
+        self._build(net)
+
+    # -- training -----------------------------------------------------------------------
+    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+              dropout: bool = True) -> torch.Tensor:
+        x0 = batch["latents"]  # [B, F, C, h, w] scaled
+        b = x0.shape[0]
+        t = self.diffusion.sample_timesteps(b, generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        xt, target = self.diffusion.noise_and_target(x0, noise, t)
+        if dropout:
+            drop_ref, drop_audio = self.diffusion.dropout_masks(b, generator, x0.device)
+        else:
+            drop_ref = drop_audio = None
+        pred = self.net(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio)
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; "
+                                     "lower optim.lr or check the data (the last checkpoint is kept)")
+        b = batch["latents"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
+        now = time.perf_counter()
+        if self._tick is not None:
+            clips_per_s = b * self.trainer.world_size / (now - self._tick)
+            self.log("train/clips_per_s", clips_per_s, prog_bar=True, batch_size=b)
+        self._tick = now
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        decay = min(self.optim.ema_decay, (1 + step) / (10 + step))
+        for ema, live in zip(self.ema.parameters(), self.net.parameters()):
+            ema.lerp_(live.detach().to(ema.dtype), 1 - decay)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Loss of the EMA weights at a fixed noise draw per batch, so validation curves are comparable."""
+        generator = torch.Generator(device=batch["latents"].device).manual_seed(1000 + batch_idx)
+        live, self.net = self.net, self.ema
+        try:
+            loss = self._loss(batch, generator, dropout=False)
+        finally:
+            self.net = live
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.optim.lr, betas=tuple(self.optim.betas),
+                                weight_decay=self.optim.weight_decay)
+        warmup = max(1, self.optim.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"] = dict(self.hparams)
+
+    def weights(self, ema: bool = True) -> nn.Module:
+        return self.ema if ema else self.net

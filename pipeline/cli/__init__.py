@@ -1,0 +1,114 @@
+"""`letstalk` command line: a thin layer over the library.
+
+    letstalk synth     draw a synthetic talking-head dataset (mp4 + ground truth)
+    letstalk fit-vae   train the small demo VAE on a video folder
+    letstalk prepare   videos -> WebDataset shards + manifest.json
+    letstalk fit       train (LightningCLI: --config, --print_config, --ckpt_path last)
+    letstalk validate  validate a checkpoint (LightningCLI)
+    letstalk generate  portrait + audio -> talking video
+    letstalk demo      the whole pipeline end to end on synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="letstalk", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="draw a synthetic talking-head dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--fps", type=float, default=25.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("fit-vae", help="train the small demo AutoencoderKL on a folder of videos")
+    p.add_argument("videos")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prepare", help="videos -> WebDataset shards + manifest.json")
+    p.add_argument("inputs", help="a folder of videos or a text file listing one path per line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (from_pretrained)")
+    p.add_argument("--audio-encoder", default="mel", choices=["mel", "wav2vec2"])
+    p.add_argument("--audio-encoder-path", default=None, help="wav2vec2 folder (from_pretrained)")
+    p.add_argument("--fps", type=float, default=25.0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--segment-seconds", type=float, default=4.0)
+    p.add_argument("--samples-per-shard", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("generate", help="portrait + audio -> talking video")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `letstalk fit`")
+    p.add_argument("--portrait", required=True, help="image (png/jpg) or a video whose first frame is used")
+    p.add_argument("--audio", required=True, help="audio file or a video with an audio track")
+    p.add_argument("--out", required=True, help="output .mp4")
+    p.add_argument("--vae", default=None, help="VAE folder (default: the one the training data was made with)")
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--audio-scale", type=float, default=2.0)
+    p.add_argument("--ref-scale", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
+
+    p = sub.add_parser("demo", help="synthesise, fit VAE, prepare, train, generate, measure lip sync")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--fast", action="store_true", help="a much shorter run (for tests); sync scores are not meaningful")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from pipeline.cli.train import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    args = _parser().parse_args(argv)
+    if args.command == "synth":
+        from pipeline.synth import synthesize
+
+        paths = synthesize(args.out, clips=args.clips, seconds=args.seconds, size=args.size, fps=args.fps, seed=args.seed)
+        print(f"wrote {len(paths)} clips to {args.out}")
+    elif args.command == "fit-vae":
+        from lightning_modules.vae import fit_vae
+
+        fit_vae(args.videos, args.out, size=args.size, max_steps=args.max_steps, max_time_s=args.max_time, seed=args.seed)
+    elif args.command == "prepare":
+        from pipeline.prepare import prepare
+
+        manifest = prepare(args.inputs, args.out, vae_path=args.vae, audio_encoder=args.audio_encoder,
+                           audio_encoder_path=args.audio_encoder_path, fps=args.fps, size=args.size,
+                           segment_seconds=args.segment_seconds, samples_per_shard=args.samples_per_shard,
+                           device=args.device)
+        return 0 if manifest.num_samples else 1
+    elif args.command == "generate":
+        from pipeline.generate import generate
+
+        generate(args.checkpoint, args.portrait, args.audio, args.out, vae_path=args.vae, sampler=args.sampler,
+                 steps=args.steps, audio_scale=args.audio_scale, ref_scale=args.ref_scale, seed=args.seed,
+                 ema=not args.no_ema)
+    elif args.command == "demo":
+        from pipeline.cli.demo import run_demo
+
+        run_demo(args.out, fast=args.fast)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Video, audio and image reading and writing: the only module that touches decord, ffmpeg and soundfile.
+
+Everything downstream sees plain numpy: video as uint8 ``[T, H, W, 3]`` RGB at a constant frame
+rate, audio as float32 ``[N]`` mono in [-1, 1]. Any file that cannot be read raises `MediaError`
+whose message starts with the path, so batch jobs can record the bad input and carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import decord
+import imageio_ffmpeg
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio.functional as AF
+from decord._ffi.base import DECORDError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+FPS = 25
+SAMPLE_RATE = 16000
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts"})
+
+_SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
+_MP4_SUFFIXES = {".mp4", ".m4v", ".mov"}
+_BATCH = 64  # frames decoded per decord call: bounds memory to one batch at source resolution
+_STREAM_LINE = re.compile(r"Stream #\d+:\d+\S*: (Video|Audio): (\w+)(.*)")
+_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+_DURATION_LINE = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
+
+
+class MediaError(ValueError):
+    """A media file that cannot be read or written; the message names the file and the problem."""
+
+
+@dataclass
+class VideoInfo:
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    duration_s: float
+    has_audio: bool
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary bundled with imageio-ffmpeg (there is no system ffmpeg)."""
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise MediaError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: empty file (0 bytes)")
+
+
+def _open_video(path: Path) -> decord.VideoReader:
+    _check_file(path)
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+    except (RuntimeError, DECORDError) as err:
+        raise MediaError(f"{path}: unreadable or corrupt video ({_first_line(err)})") from err
+    if len(reader) == 0:
+        raise MediaError(f"{path}: no video frames")
+    return reader
+
+
+def _first_line(err: BaseException) -> str:
+    """The decoder's message without decord's "[hh:mm:ss] source.cc:123: " prefix."""
+    text = str(err).strip().splitlines()
+    return _DECORD_PREFIX.sub("", text[0])[:200] if text else type(err).__name__
+
+
+def _frame_starts(reader: decord.VideoReader, path: Path) -> tuple[np.ndarray, float]:
+    """Presentation start time of every frame (seconds from the first) and the stream duration.
+
+    Uses the container timestamps, so variable frame rate video is timed correctly; falls back to
+    index / average fps when the timestamps are missing or not increasing.
+    """
+    n = len(reader)
+    stamps = np.asarray(reader.get_frame_timestamp(np.arange(n)), dtype=np.float64)  # [n, 2] start, end
+    starts = stamps[:, 0] - stamps[0, 0]
+    duration = float(stamps[-1, 1] - stamps[0, 0])
+    if np.all(np.diff(starts) > 0) and duration > starts[-1]:
+        return starts, duration
+    fps = float(reader.get_avg_fps())
+    if not fps > 0:
+        raise MediaError(f"{path}: no usable frame timestamps or frame rate")
+    return np.arange(n) / fps, n / fps
+
+
+def _nearest_frames(starts: np.ndarray, duration: float, fps: float) -> np.ndarray:
+    """Source frame index for each output time k / fps, k < floor(duration * fps): the nearest start."""
+    times = np.arange(int(math.floor(duration * fps + 1e-6))) / fps
+    if len(starts) == 1:
+        return np.zeros(len(times), dtype=np.int64)
+    right = np.clip(np.searchsorted(starts, times), 1, len(starts) - 1)
+    left = right - 1
+    return np.where(times - starts[left] <= starts[right] - times, left, right)
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Frame count, average fps, size and duration of a video (decord), and whether it has audio."""
+    path = Path(path)
+    reader = _open_video(path)
+    height, width = reader[0].shape[:2]
+    _, duration = _frame_starts(reader, path)
+    streams = _ffmpeg_header(path)
+    return VideoInfo(
+        num_frames=len(reader),
+        fps=float(reader.get_avg_fps()),
+        width=int(width),
+        height=int(height),
+        duration_s=duration,
+        has_audio=streams["audio_streams"] > 0,
+    )
+
+
+def _square_resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop uint8 [T, H, W, 3] to a square and resize it to [T, size, size, 3]."""
+    _, height, width, _ = frames.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    frames = frames[:, top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(frames)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [T, 3, side, side]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [T, size, size, 3]
+
+
+def read_video(path: str | os.PathLike, fps: float = FPS, size: int | None = None) -> np.ndarray:
+    """Decode a video to uint8 [T, H, W, 3] RGB at a constant `fps`, T = floor(duration * fps).
+
+    Output frame k is the source frame whose timestamp is nearest to k / fps. Frames are decoded
+    in increasing order in batches (sequential, no random access). With `size`, each frame is
+    centre-cropped to a square and resized to size x size.
+    """
+    path = Path(path)
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    reader = _open_video(path)
+    starts, duration = _frame_starts(reader, path)
+    indices = _nearest_frames(starts, duration, fps)
+    if len(indices) == 0:
+        raise MediaError(f"{path}: video shorter than one frame at {fps} fps ({duration:.3f} s)")
+    chunks = []
+    try:
+        for begin in range(0, len(indices), _BATCH):
+            batch = reader.get_batch(indices[begin : begin + _BATCH]).asnumpy()  # [b, H, W, 3]
+            chunks.append(batch if size is None else _square_resize(batch, size))
+    except (RuntimeError, DECORDError) as err:
+        raise MediaError(f"{path}: unreadable or corrupt video ({_first_line(err)})") from err
+    return np.concatenate(chunks)
+
+
+def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """An image file (png, jpg, ...) as uint8 [H, W, 3] RGB, upright per its EXIF orientation.
+
+    With `size`, centre-cropped to a square and resized to size x size exactly as `read_video` does.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))  # [H, W, 3]
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise MediaError(f"{path}: unreadable or corrupt image ({_first_line(err)})") from err
+    return pixels if size is None else _square_resize(pixels[None], size)[0]
+
+
+def _downmix_resample(waveform: np.ndarray, source_rate: int, sample_rate: int) -> np.ndarray:
+    """float [N, C] -> mono float32 [M] at `sample_rate`, clipped to [-1, 1]."""
+    mono = waveform.mean(axis=1, dtype=np.float32) if waveform.ndim == 2 else waveform.astype(np.float32)
+    if source_rate != sample_rate:
+        mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), source_rate, sample_rate).numpy()
+    return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def _ffmpeg_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """Decode the first audio stream with the ffmpeg CLI to mono float32 [N] at `sample_rate`.
+
+    ffmpeg applies the container's edit list (codec priming and trailing padding removed), so N
+    is the stream's true length. Any decoder complaint counts as corruption: a truncated stream
+    otherwise decodes "successfully" to a shorter waveform.
+    """
+    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0"]
+    command += ["-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"]
+    result = subprocess.run(command, capture_output=True)
+    message = result.stderr.decode("utf-8", "replace").strip()
+    if "matches no streams" in message:
+        raise MediaError(f"{path}: no audio stream")
+    if result.returncode != 0 or message:
+        detail = " | ".join(message.splitlines()[:2])[:300]
+        raise MediaError(f"{path}: unreadable or corrupt audio stream ({detail or f'ffmpeg exit {result.returncode}'})")
+    return np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 [N] in [-1, 1] at `sample_rate`, from an audio file or a video's audio stream.
+
+    Audio files (wav, flac, ogg, mp3, ...) are read with soundfile, downmixed and resampled with
+    torchaudio. Anything else is decoded by the ffmpeg CLI rather than decord's AudioReader, which
+    keeps the codec's trailing padding, reports only whole seconds of duration, and silently
+    returns a shorter waveform from a truncated stream.
+    """
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in _SOUNDFILE_SUFFIXES:
+        try:
+            data, source_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise MediaError(f"{path}: unreadable or corrupt audio file ({_first_line(err)})") from err
+        return _downmix_resample(data, int(source_rate), sample_rate)
+    return np.clip(_ffmpeg_audio(path, sample_rate), -1.0, 1.0)
+
+
+def _fit_audio(audio: np.ndarray, num_samples: int) -> np.ndarray:
+    """Trim or zero-pad float32 [N] to exactly `num_samples`."""
+    if len(audio) >= num_samples:
+        return audio[:num_samples]
+    return np.concatenate([audio, np.zeros(num_samples - len(audio), audio.dtype)])
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    crf: int = 18,
+) -> None:
+    """Encode uint8 [T, H, W, 3] RGB frames as H.264 (yuv420p) with optional AAC audio.
+
+    yuv420p needs even dimensions: an odd height or width is padded by repeating the last row or
+    column, so the file is at most one pixel larger than `frames`. The audio is trimmed or
+    zero-padded to exactly T / fps seconds before muxing. Writing goes to a temporary file in
+    the same folder that is renamed at the end, so a failure leaves no partial file.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise MediaError(f"{path}: frames must be uint8 [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
+    if fps <= 0:
+        raise MediaError(f"{path}: fps must be positive, got {fps}")
+    num_frames, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+        num_frames, height, width, _ = frames.shape
+    rate = Fraction(fps).limit_denominator(1001)
+    if audio is not None:
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise MediaError(f"{path}: audio must be mono float [N], got shape {audio.shape}")
+        audio = _fit_audio(np.clip(audio, -1.0, 1.0), int(round(num_frames / float(rate) * sample_rate)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".mp4", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    wav = tmp.with_suffix(".wav")
+    command = [
+        ffmpeg_exe(), "-y", "-loglevel", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{rate.numerator}/{rate.denominator}",
+        "-i", "pipe:0",
+    ]  # fmt: skip
+    if audio is not None:
+        command += ["-i", str(wav), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+    command += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int(crf)), "-g", str(max(1, round(2 * fps)))]
+    if tmp.suffix.lower() in _MP4_SUFFIXES:
+        command += ["-movflags", "+faststart"]
+    command.append(str(tmp))
+    try:
+        if audio is not None:
+            sf.write(str(wav), audio, sample_rate, subtype="FLOAT")
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _, stderr = process.communicate(np.ascontiguousarray(frames).tobytes())
+        except BrokenPipeError:
+            _, stderr = process.communicate()
+        if process.returncode != 0:
+            message = stderr.decode("utf-8", "replace").strip().splitlines()
+            raise MediaError(f"{path}: ffmpeg failed (exit {process.returncode}): {' | '.join(message[-3:])}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        wav.unlink(missing_ok=True)
+
+
+def flac_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
+    """Encode mono float [N] in [-1, 1] as 16-bit FLAC bytes (the shard's audio.flac member)."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"waveform must be mono [N], got shape {waveform.shape}")
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(waveform, -1.0, 1.0), int(sample_rate), format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_flac(data: bytes, source: str = "FLAC data") -> tuple[np.ndarray, int]:
+    """Decode FLAC bytes to (mono float32 [N], sample rate); `source` names the data in errors."""
+    try:
+        waveform, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [N, C]
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise MediaError(f"{source}: not decodable as FLAC ({_first_line(err)})") from err
+    return waveform.mean(axis=1, dtype=np.float32), int(sample_rate)
+
+
+def _ffmpeg_header(path: Path) -> dict[str, Any]:
+    """Stream counts, codec names, audio sample rate and container duration from `ffmpeg -i`."""
+    result = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)], capture_output=True)
+    info: dict[str, Any] = {
+        "video_streams": 0, "audio_streams": 0, "video_codec": None, "audio_codec": None,
+        "audio_sample_rate": None, "duration_s": None,
+    }  # fmt: skip
+    for line in result.stderr.decode("utf-8", "replace").splitlines():
+        stream = _STREAM_LINE.search(line)
+        if stream:
+            kind = stream.group(1).lower()
+            info[f"{kind}_streams"] += 1
+            if info[f"{kind}_codec"] is None:
+                info[f"{kind}_codec"] = stream.group(2)
+                rate = re.search(r"(\d+) Hz", stream.group(3))
+                if kind == "audio" and rate:
+                    info["audio_sample_rate"] = int(rate.group(1))
+        duration = _DURATION_LINE.search(line)
+        if duration:
+            hours, minutes, seconds = duration.groups()
+            info["duration_s"] = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return info
+
+
+def media_streams(path: str | os.PathLike) -> dict[str, Any]:
+    """What a fresh decoder finds in a media file, for checking generated mp4s.
+
+    Keys: video_streams, audio_streams, video_codec, audio_codec (ffmpeg names, e.g. "h264",
+    "aac"), duration_s (container), num_frames, fps, width, height (decord; None without video),
+    audio_sample_rate and audio_duration_s (decoded samples / rate; None without audio).
+    """
+    path = Path(path)
+    _check_file(path)
+    info = _ffmpeg_header(path)
+    if info["video_streams"] == 0 and info["audio_streams"] == 0:
+        raise MediaError(f"{path}: no video or audio stream (not a media file, or corrupt)")
+    info.update(num_frames=None, fps=None, width=None, height=None, audio_duration_s=None)
+    if info["video_streams"]:
+        video = probe_video(path)
+        info.update(num_frames=video.num_frames, fps=video.fps, width=video.width, height=video.height)
+    if info["audio_streams"]:
+        info["audio_duration_s"] = len(_ffmpeg_audio(path, SAMPLE_RATE)) / SAMPLE_RATE
+    return info
