@@ -1,0 +1,155 @@
+"""The video VAE: load a diffusers `AutoencoderKL`, encode frames to latents and decode them back.
+
+Shards store the posterior MEAN, unscaled (DESIGN.md section 2). The scaling factor (and shift)
+is applied in exactly one place, `scale_latents` / `unscale_latents`, by the datamodule on the
+way into the model and by generation on the way out.
+
+Real users pass a pretrained SD-VAE directory; the offline demo trains a small VAE from
+`demo_vae_config` (see `lightning_modules/vae.py`) and saves it in the same format.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+
+class VAEError(ValueError):
+    """A VAE that cannot be loaded or input it cannot encode/decode."""
+
+
+def demo_vae_config(latent_channels: int = 4, block_out_channels: tuple[int, ...] = (16, 16, 32)) -> dict[str, Any]:
+    """A small `AutoencoderKL` config for 64x64 demo faces: downsampling factor 4, one resnet per level.
+
+    Sized for a ~100 s CPU training budget (measured on synthetic faces, 2 cores): narrow levels
+    process ~3x more frames/s than (32, 64, 64) and reach a better loss in the same time; at most
+    8 norm groups (>= 2 channels per group) is faster on CPU and reconstructs unseen faces' colours
+    better than per-channel groups; no mid-block attention (costs time, buys nothing here).
+    """
+    channels = tuple(int(c) for c in block_out_channels)
+    groups = next(g for g in (8, 4, 2, 1) if all(c % g == 0 for c in channels))
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "block_out_channels": list(channels),
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": int(latent_channels),
+        "norm_num_groups": groups,
+        "sample_size": 64,
+        "scaling_factor": 1.0,
+        "mid_block_add_attention": False,
+    }
+
+
+def load_vae(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
+    """Load a diffusers `AutoencoderKL` directory (or its `vae/` subfolder) offline, in eval mode without grads."""
+    root = Path(path)
+    if not root.is_dir():
+        raise VAEError(f"{root}: VAE directory does not exist")
+    subfolder = None
+    if not (root / "config.json").is_file():
+        if not (root / "vae" / "config.json").is_file():
+            raise VAEError(f"{root}: no config.json; expected a diffusers AutoencoderKL directory (save_pretrained)")
+        subfolder = "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except Exception as err:  # diffusers/safetensors raise many unrelated types for a bad folder
+        raise VAEError(f"{root}: cannot load the VAE weights/config ({type(err).__name__}: {err})") from err
+    vae = vae.to(device).eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+def vae_info(vae: AutoencoderKL, vae_id: str) -> dict[str, Any]:
+    """What the shard manifest records about the VAE (`Manifest.vae`)."""
+    config = vae.config
+    return {
+        "id": str(vae_id),
+        "scaling_factor": float(config.scaling_factor),
+        "shift_factor": float(config.shift_factor or 0.0),
+        "latent_channels": int(config.latent_channels),
+        "downsample": 2 ** (len(config.block_out_channels) - 1),
+    }
+
+
+def check_frames(frames: np.ndarray, downsample: int) -> None:
+    """Raise `VAEError` unless `frames` is uint8 [T, H, W, 3] with H and W divisible by `downsample`."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        got = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise VAEError(f"frames must be uint8 [T, H, W, 3], got {got}")
+    height, width = frames.shape[1:3]
+    if height % downsample or width % downsample:
+        raise VAEError(f"frame size {height}x{width} is not divisible by the VAE downsampling factor {downsample}")
+
+
+@torch.inference_mode()
+def encode_frames(vae: AutoencoderKL, frames: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] -> float16 posterior means [T, C, H/d, W/d], unscaled."""
+    check_frames(frames, 2 ** (len(vae.config.block_out_channels) - 1))
+    out = []
+    for start in range(0, len(frames), batch_size):
+        chunk = torch.from_numpy(frames[start : start + batch_size]).to(vae.device)
+        x = chunk.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
+        mean = vae.encode(x).latent_dist.mean  # [B, C, h, w]
+        out.append(mean.float().cpu().numpy().astype(np.float16))
+    if not out:
+        raise VAEError("no frames to encode")
+    return np.concatenate(out)
+
+
+@torch.inference_mode()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor | np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Unscaled latents [T, C, h, w] -> uint8 frames [T, H, W, 3]."""
+    latents = torch.as_tensor(latents)
+    channels = int(vae.config.latent_channels)
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise VAEError(f"latents must be [T, {channels}, h, w] for this VAE, got {tuple(latents.shape)}")
+    out = []
+    for start in range(0, len(latents), batch_size):
+        z = latents[start : start + batch_size].to(device=vae.device, dtype=vae.dtype)
+        x = vae.decode(z).sample.float().clamp(-1.0, 1.0)  # [B, 3, H, W]
+        pixels = ((x + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # [B, H, W, 3]
+        out.append(pixels.cpu().numpy())
+    if not out:
+        raise VAEError("no latents to decode")
+    return np.concatenate(out)
+
+
+def scale_latents(z: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
+    """Unscaled VAE latents -> the model's ~unit-variance space: (z - shift) * scaling_factor."""
+    return (z - float(info.get("shift_factor") or 0.0)) * float(info["scaling_factor"])
+
+
+def unscale_latents(z: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
+    """Inverse of `scale_latents`: model space -> latents the VAE decodes."""
+    return z / float(info["scaling_factor"]) + float(info.get("shift_factor") or 0.0)
+
+
+def calibrate_scaling_factor(vae: AutoencoderKL, frames: np.ndarray) -> float:
+    """1 / std of the unscaled latents of `frames` (the SD convention), so scaled latents are ~unit variance."""
+    latents = encode_frames(vae, frames).astype(np.float32)
+    std = float(latents.std())
+    if not np.isfinite(std) or std <= 0.0:
+        raise VAEError(f"cannot calibrate the scaling factor: latent std is {std}")
+    return 1.0 / std
+
+
+def psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 image arrays of the same shape."""
+    if reference.shape != test.shape:
+        raise ValueError(f"psnr needs arrays of the same shape, got {reference.shape} and {test.shape}")
+    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
