@@ -114,7 +114,10 @@ def generate(checkpoint: str | Path, portrait: str | Path, audio: str | Path, ou
     """Write `out` (H.264 + AAC mp4) and return a summary with timings and the real-time factor."""
     gen = load_generator(checkpoint, ema=ema, device=device)
     info = gen.data_info
-    vae = load_vae(vae_path or info["vae"]["id"], device=device)
+    vae_path = vae_path or info["vae"].get("path")
+    if vae_path is None:
+        raise CheckpointError(f"{checkpoint}: the training data's manifest names no VAE path; pass --vae")
+    vae = load_vae(vae_path, device=device)
     image = read_portrait(portrait, int(info["size"]))
     waveform = media.read_audio(audio)
     frames = generate_frames(gen, image, waveform, vae, sampler, steps, audio_scale, ref_scale, seed, device)

@@ -174,7 +174,7 @@ def prepare(
     paths = list_inputs(inputs)
     vae = load_vae(vae_path, device=device)
     vae_id = Path(vae_path).resolve().name
-    info = vae_info(vae, vae_id)
+    info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve())}  # generation finds the decoder here
     if size % info["downsample"]:
         raise ValueError(f"size {size} is not divisible by the VAE downsampling factor {info['downsample']} ({vae_path})")
     encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device)

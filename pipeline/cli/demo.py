@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pipeline import media
 from pipeline.sync import loudness_envelope, mouth_opening, mouth_region, sync_score
@@ -48,15 +49,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, 
     stage("prepare", prepare, out / "videos", out / "shards", vae_path=out / "vae", audio_encoder="mel",
           fps=fps, size=size, segment_seconds=plan["seconds"], progress=False)
     run = out / "train"
-    cli = stage("fit", run_lightning_cli, [
-        "fit", "--config", str(CONFIGS / "demo.yaml"),
-        "--data.root", str(out / "shards"),
-        "--trainer.default_root_dir", str(run),
-        "--trainer.max_steps", str(plan["fit_steps"]), "--trainer.max_time", plan["fit_time"],
-        "--trainer.logger.0.init_args.save_dir", str(run),
-        "--trainer.logger.1.init_args.save_dir", str(run),
-        "--trainer.callbacks.0.init_args.dirpath", str(run / "checkpoints"),
-    ] + (["--trainer.val_check_interval", "3", "--data.num_workers", "0"] if fast else []))
+    config = _run_config(out, run, plan)
+    cli = stage("fit", run_lightning_cli, ["fit", "--config", str(config)])
     checkpoint = run / "checkpoints" / "last.ckpt"
     final_loss = float(cli.trainer.callback_metrics.get("train/loss", float("nan")))
 
@@ -81,6 +75,31 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, 
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     _print_table(result)
     return result
+
+
+def _run_config(out: Path, run: Path, plan: dict) -> Path:
+    """configs/demo.yaml with its `runs/demo` paths moved under `out` and the plan's budget; written to `out`."""
+    def relocate(node):
+        if isinstance(node, dict):
+            return {k: relocate(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [relocate(v) for v in node]
+        if isinstance(node, str) and node.startswith("runs/demo"):
+            return str(out) + node[len("runs/demo"):]
+        return node
+
+    config = relocate(yaml.safe_load((CONFIGS / "demo.yaml").read_text()))
+    config["data"]["root"] = str(out / "shards")
+    config["trainer"].update(default_root_dir=str(run), max_steps=plan["fit_steps"], max_time=plan["fit_time"])
+    for logger in config["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(run)
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
+    if plan is FAST:
+        config["trainer"]["val_check_interval"] = 3
+        config["data"]["num_workers"] = 0
+    path = out / "fit_config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def _envelope(clip: Path, fps: float, num_frames: int) -> np.ndarray:
