@@ -18,6 +18,7 @@ import sys
 LIGHTNING_COMMANDS = ("fit", "validate")
 
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letstalk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         run_lightning_cli(argv)
         return 0
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:  # bad input: our errors subclass ValueError and name the file
+        if os.environ.get("LETSTALK_DEBUG"):
+            raise
+        print(f"letstalk {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from pipeline.synth import synthesize
 
