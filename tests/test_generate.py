@@ -103,3 +103,12 @@ def test_cli_generate_writes_the_video_and_fails_cleanly(demo: dict, tmp_path: P
                  "--audio", str(not_audio), "--out", str(bad)]) != 0
     assert "notes.txt" in capsys.readouterr().err
     assert not bad.exists()
+
+
+@pytest.mark.slow
+def test_full_demo_learns_audio_driven_mouth_motion(tmp_path: Path):
+    """The real demo (~9 min on 2 cores): lip sync with the true audio well above the mismatched control."""
+    result = run_demo(tmp_path / "demo")
+    assert result["sync_true_audio"] >= 0.5
+    assert abs(result["sync_mismatched_audio"]) < 0.25
+    assert result["total_seconds"] < 15 * 60

@@ -138,7 +138,7 @@ def test_manifest_matches_shards_and_nothing_is_left_half_written(dataset, vae_d
         assert entry["bytes"] == Path(path).stat().st_size
     assert (manifest.num_samples, manifest.num_frames) == (5, 37 + 37 + 26 + 37 + 30)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [s["path"] for s in manifest.shards]
-    assert manifest.vae == vae_info(load_vae(vae_dir), "tiny-vae")
+    assert manifest.vae == {**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve())}
     assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "K": 4, "D": 80, "sample_rate": SR}
     assert (manifest.fps, manifest.sample_rate, manifest.size) == (FPS, SR, SIZE)
     saved = json.loads((out / "manifest.json").read_text())

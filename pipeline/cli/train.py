@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import wandb
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,5 +20,10 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     """
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # `${trainer.x}` under any subcommand
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    return LightningCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_kwargs={"overwrite": True},
-                        parser_kwargs={"parser_mode": "omegaconf+"})
+    try:
+        return LightningCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_kwargs={"overwrite": True},
+                            parser_kwargs={"parser_mode": "omegaconf+"})
+    finally:
+        # WandbLogger leaves its run open; close it so a later run in this process starts its own.
+        if wandb.run is not None:
+            wandb.finish()
