@@ -100,7 +100,7 @@ class LetsTalkModule(L.LightningModule):
         else:
             drop_ref = drop_audio = None
         pred = self.net(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio)
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        return self.diffusion.loss(pred.float(), target.float(), t)  # min-SNR weighted when configured
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
