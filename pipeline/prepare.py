@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -19,10 +19,7 @@ from tqdm import tqdm
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key, video_id
-from pipeline.vae import encode_frames, load_vae, vae_info
-
-if TYPE_CHECKING:
-    from diffusers import AutoencoderKL
+from pipeline.vae import VAE, encode_frames, load_vae, vae_info
 
 
 class InputError(ValueError):
@@ -113,7 +110,7 @@ def _segments(
     audio: np.ndarray,
     box: list[int],
     bounds: list[tuple[int, int]],
-    vae: AutoencoderKL,
+    vae: VAE,
     vae_id: str,
     encoder: AudioEncoder,
     fps: float,
@@ -166,6 +163,8 @@ def prepare(
     """Turn videos into shards under `out` and write `out/manifest.json`; returns the manifest.
 
     `inputs` is a folder (searched recursively for video files) or a text file listing paths.
+    `vae_path` is a diffusers `AutoencoderKL` or `AutoencoderDC` folder (`pipeline.vae.load_vae`);
+    the manifest's `vae` entry records which latent space ("type") the shards hold.
     Failed inputs are listed in `manifest.failed` as {path, reason}. With `progress`, shows a
     bar over inputs and prints a one-line summary.
     """

@@ -1,23 +1,52 @@
-"""The video VAE: load a diffusers `AutoencoderKL`, encode frames to latents and decode them back.
+"""The video VAE: load a diffusers `AutoencoderKL` or `AutoencoderDC`, encode frames to latents and decode them back.
 
-Shards store the posterior MEAN, unscaled (DESIGN.md section 2). The scaling factor (and shift)
+Two latent spaces, chosen by the saved model's `config.json` (`_class_name`):
+- "kl": the SD-VAE family (`AutoencoderKL`, usually f8c4); shards store the posterior MEAN.
+- "dc": deep-compression autoencoders (`AutoencoderDC`, e.g. f32c32); shards store the
+  deterministic latent.
+Either way shards hold unscaled latents (DESIGN.md section 2). The scaling factor (and shift)
 is applied in exactly one place, `scale_latents` / `unscale_latents`, by the datamodule on the
 way into the model and by generation on the way out.
 
-Real users pass a pretrained SD-VAE directory; the offline demo trains a small VAE from
+Real users pass a pretrained VAE directory; the offline demo trains a small KL VAE from
 `demo_vae_config` (see `lightning_modules/vae.py`) and saves it in the same format.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderDC, AutoencoderKL
+
+VAE = AutoencoderKL | AutoencoderDC
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """What differs between the VAE classes; everything else is one code path."""
+
+    type: str  # recorded in the manifest: "kl" | "dc"
+    cls: type
+    stages_key: str  # config list with one entry per encoder stage; each stage after the first halves H and W
+    encode: Callable[[Any, torch.Tensor], torch.Tensor]  # [B, 3, H, W] in [-1, 1] -> unscaled [B, C, H/d, W/d]
+
+
+LATENT_SPACES: dict[str, LatentSpace] = {
+    "AutoencoderKL": LatentSpace(
+        "kl", AutoencoderKL, "block_out_channels", lambda vae, x: vae.encode(x).latent_dist.mean
+    ),
+    "AutoencoderDC": LatentSpace(
+        "dc", AutoencoderDC, "encoder_block_out_channels", lambda vae, x: vae.encode(x).latent
+    ),
+}
+"""Keyed by the `_class_name` that diffusers writes into `config.json`."""
 
 
 class VAEError(ValueError):
@@ -50,20 +79,26 @@ def demo_vae_config(latent_channels: int = 4, block_out_channels: tuple[int, ...
     }
 
 
-def load_vae(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> AutoencoderKL:
-    """Load a diffusers `AutoencoderKL` directory (or its `vae/` subfolder) offline, in eval mode without grads."""
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VAE:
+    """Load a diffusers VAE directory (or a pipeline directory's `vae/` subfolder) offline, in eval mode without grads.
+
+    The class, `AutoencoderKL` or `AutoencoderDC`, is the one `config.json` names in `_class_name`.
+    """
     root = Path(path)
     if not root.is_dir():
         raise VAEError(f"{root}: VAE directory does not exist")
     subfolder = None
-    if not (root / "config.json").is_file():
-        if not (root / "vae" / "config.json").is_file():
-            raise VAEError(f"{root}: no config.json; expected a diffusers AutoencoderKL directory (save_pretrained)")
+    config = root / "config.json"
+    if not config.is_file():
+        config = root / "vae" / "config.json"
+        if not config.is_file():
+            raise VAEError(
+                f"{root}: no config.json (nor vae/config.json); expected a diffusers VAE directory (save_pretrained)"
+            )
         subfolder = "vae"
+    space = LATENT_SPACES[_class_name(config)]
     try:
-        vae = AutoencoderKL.from_pretrained(
+        vae = space.cls.from_pretrained(
             root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=False
         )
     except Exception as err:  # diffusers/safetensors raise many unrelated types for a bad folder
@@ -73,16 +108,61 @@ def load_vae(
     return vae
 
 
-def vae_info(vae: AutoencoderKL, vae_id: str) -> dict[str, Any]:
-    """What the shard manifest records about the VAE (`Manifest.vae`)."""
-    config = vae.config
+def _class_name(config: Path) -> str:
+    """The supported diffusers class a VAE `config.json` names, or `VAEError` naming the file."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VAEError(f"{config}: cannot read the VAE config ({err})") from err
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if name not in LATENT_SPACES:
+        raise VAEError(f"{config}: _class_name is {name!r}; supported VAEs are {', '.join(LATENT_SPACES)}")
+    return name
+
+
+def latent_space(vae: VAE) -> LatentSpace:
+    """The `LatentSpace` of a loaded VAE; `VAEError` for any other model class."""
+    for space in LATENT_SPACES.values():
+        if isinstance(vae, space.cls):
+            return space
+    raise VAEError(f"unsupported VAE class {type(vae).__name__}; supported VAEs are {', '.join(LATENT_SPACES)}")
+
+
+def downsample_factor(vae: VAE) -> int:
+    """Spatial downsampling H / h from the config: one factor 2 between consecutive encoder stages.
+
+    Holds for both classes' every valid config: a KL encoder downsamples after each stage but the
+    last; a DC encoder does too, and when its first stage has no layers its `conv_in` downsamples
+    instead. Tests check it against real encodes.
+    """
+    return 2 ** (len(vae.config[latent_space(vae).stages_key]) - 1)
+
+
+def vae_info(vae: VAE, vae_id: str) -> dict[str, Any]:
+    """What the shard manifest records about the VAE (`Manifest.vae`, which `prepare` completes with "path")."""
+    space, config = latent_space(vae), vae.config
     return {
         "id": str(vae_id),
+        "type": space.type,
         "scaling_factor": float(config.scaling_factor),
-        "shift_factor": float(config.shift_factor or 0.0),
+        "shift_factor": float(config.get("shift_factor") or 0.0),  # DC-AE configs have no shift
         "latent_channels": int(config.latent_channels),
-        "downsample": 2 ** (len(config.block_out_channels) - 1),
+        "downsample": downsample_factor(vae),
     }
+
+
+def recommended_patch_size(info: dict[str, Any]) -> int:
+    """DiT patch size for the latent space a manifest's `vae` entry describes: max(1, 16 // downsample).
+
+    A patch p on latents downsampled by d gives (image_size / (d * p))^2 tokens per frame; p = 16 / d
+    keeps that at (image_size / 16)^2, the paper's f8 SD-VAE with p = 2, so attention cost per frame
+    does not depend on the VAE: f8 KL -> 2, the f4 demo VAE -> 4, f32 DC-AE -> 1 (a token cannot be
+    smaller than one latent pixel, so f32 gives 4x fewer tokens).
+    """
+    downsample = info.get("downsample")
+    if not isinstance(downsample, int) or isinstance(downsample, bool) or downsample < 1 or downsample & (downsample - 1):
+        raise VAEError(f"vae downsample must be a power of two >= 1, got {downsample!r}")
+    return max(1, 16 // downsample)
 
 
 def check_frames(frames: np.ndarray, downsample: int) -> None:
@@ -96,22 +176,23 @@ def check_frames(frames: np.ndarray, downsample: int) -> None:
 
 
 @torch.inference_mode()
-def encode_frames(vae: AutoencoderKL, frames: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """uint8 frames [T, H, W, 3] -> float16 posterior means [T, C, H/d, W/d], unscaled."""
-    check_frames(frames, 2 ** (len(vae.config.block_out_channels) - 1))
+def encode_frames(vae: VAE, frames: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] -> float16 unscaled latents [T, C, H/d, W/d] (KL: posterior mean; DC: the latent)."""
+    check_frames(frames, downsample_factor(vae))
+    encode = latent_space(vae).encode
     out = []
     for start in range(0, len(frames), batch_size):
         chunk = torch.from_numpy(frames[start : start + batch_size]).to(vae.device)
         x = chunk.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
-        mean = vae.encode(x).latent_dist.mean  # [B, C, h, w]
-        out.append(mean.float().cpu().numpy().astype(np.float16))
+        z = encode(vae, x)  # [B, C, h, w]
+        out.append(z.float().cpu().numpy().astype(np.float16))
     if not out:
         raise VAEError("no frames to encode")
     return np.concatenate(out)
 
 
 @torch.inference_mode()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor | np.ndarray, batch_size: int = 16) -> np.ndarray:
+def decode_latents(vae: VAE, latents: torch.Tensor | np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Unscaled latents [T, C, h, w] -> uint8 frames [T, H, W, 3]."""
     latents = torch.as_tensor(latents)
     channels = int(vae.config.latent_channels)
@@ -138,7 +219,7 @@ def unscale_latents(z: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
     return z / float(info["scaling_factor"]) + float(info.get("shift_factor") or 0.0)
 
 
-def calibrate_scaling_factor(vae: AutoencoderKL, frames: np.ndarray) -> float:
+def calibrate_scaling_factor(vae: VAE, frames: np.ndarray) -> float:
     """1 / std of the unscaled latents of `frames` (the SD convention), so scaled latents are ~unit variance."""
     latents = encode_frames(vae, frames).astype(np.float32)
     std = float(latents.std())

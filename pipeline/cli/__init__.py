@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="videos -> WebDataset shards + manifest.json")
     p.add_argument("inputs", help="a folder of videos or a text file listing one path per line")
     p.add_argument("--out", required=True)
-    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (from_pretrained)")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL or AutoencoderDC folder (from_pretrained)")
     p.add_argument("--audio-encoder", default="mel", choices=["mel", "wav2vec2"])
     p.add_argument("--audio-encoder-path", default=None, help="wav2vec2 folder (from_pretrained)")
     p.add_argument("--fps", type=float, default=25.0)
