@@ -338,7 +338,6 @@ def _logged(out: Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
 
 
-@pytest.mark.slow
 def test_train_vae_learns_and_saves_a_loadable_model(tmp_path, clips, faces):
     out, val_psnr = train_vae(faces, tmp_path / "vae", max_steps=120)
     rec = _logged(out, "vae/rec")
