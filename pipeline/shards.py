@@ -187,6 +187,7 @@ class AtomicShardWriter:
         if exc_type is None:
             self.flush()
         elif self._tar is not None:  # leave no half shard behind on error
+            self._tar.close()
             self._file.close()
             self._final.with_name(self._final.name + ".tmp").unlink(missing_ok=True)
 

@@ -1,0 +1,127 @@
+"""The shard format: exact round trips, readable by plain webdataset and by `tar`, atomic writes, no pickle."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import webdataset as wds
+
+from pipeline.shards import (AtomicShardWriter, Manifest, Segment, ShardFormatError, iter_tar, npy_bytes, npy_load,
+                             sample_key, video_id)
+
+
+def _segment(rng: np.random.Generator, key: str, frames: int = 7) -> Segment:
+    flac = io.BytesIO()
+    sf.write(flac, rng.uniform(-0.5, 0.5, 640 * frames).astype(np.float32), 16000, format="FLAC")
+    return Segment(key, rng.normal(size=(frames, 4, 8, 8)).astype(np.float16),
+                   rng.normal(size=(frames, 2, 6)).astype(np.float16), flac.getvalue(),
+                   {"frames": frames, "fps": 25.0, "source": f"{key}.mp4"})
+
+
+@pytest.fixture()
+def written(tmp_path: Path) -> tuple[Path, list[Segment], AtomicShardWriter]:
+    rng = np.random.default_rng(0)
+    segments = [_segment(rng, sample_key(f"video_{v}", s), frames=5 + v) for v in range(3) for s in range(2)]
+    with AtomicShardWriter(tmp_path, max_samples=4) as writer:
+        for segment in segments:
+            writer.write(segment)
+    return tmp_path, segments, writer
+
+
+def _same(a: Segment, b: Segment) -> bool:
+    return (a.key == b.key and a.meta == b.meta and a.waveform_flac == b.waveform_flac
+            and np.array_equal(a.latents, b.latents) and a.latents.dtype == b.latents.dtype
+            and np.array_equal(a.audio, b.audio) and a.audio.dtype == b.audio.dtype)
+
+
+def test_write_read_round_trip_is_exact(written):
+    root, segments, writer = written
+    assert [s["path"] for s in writer.shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s["samples"] for s in writer.shards] == [4, 2]
+    assert sum(s["frames"] for s in writer.shards) == sum(len(s.latents) for s in segments)
+    read = [seg for shard in writer.shards for seg in iter_tar(root / shard["path"])]
+    assert len(read) == len(segments) and all(_same(a, b) for a, b in zip(read, segments))
+    assert not list(root.glob("*.tmp"))
+
+
+def test_plain_webdataset_reads_the_members_as_bytes(written):
+    root, segments, writer = written
+    urls = [str(root / s["path"]) for s in writer.shards]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))  # no decoders: raw bytes only
+    assert [s["__key__"] for s in samples] == [s.key for s in segments]
+    assert {k for k in samples[0] if not k.startswith("__")} == {"latents.npy", "audio.npy", "audio.flac", "json"}
+    for raw, segment in zip(samples, segments):
+        assert np.array_equal(npy_load(raw["latents.npy"]), segment.latents)
+        assert json.loads(raw["json"]) == segment.meta
+        assert _same(Segment.from_wds(raw), segment)
+
+
+def test_tar_lists_and_extracts_the_same_bytes(written, tmp_path: Path):
+    root, segments, writer = written
+    shard = root / writer.shards[0]["path"]
+    names = subprocess.run(["tar", "-tf", str(shard)], check=True, capture_output=True, text=True).stdout.split()
+    assert names[:4] == [f"{segments[0].key}.{m}" for m in ("latents.npy", "audio.npy", "audio.flac", "json")]
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", str(shard), "-C", str(out)], check=True)
+    extracted = (out / f"{segments[0].key}.audio.npy").read_bytes()
+    assert np.array_equal(np.load(io.BytesIO(extracted), allow_pickle=False), segments[0].audio)
+    assert (out / f"{segments[0].key}.audio.flac").read_bytes() == segments[0].waveform_flac
+
+
+def test_a_failed_write_leaves_no_shard_and_keeps_finished_ones(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    with pytest.raises(RuntimeError, match="killed"):
+        with AtomicShardWriter(tmp_path, max_samples=2) as writer:
+            for i in range(3):
+                writer.write(_segment(rng, sample_key("v", i)))
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # the finished one only
+    assert len(list(iter_tar(tmp_path / "shard-000000.tar"))) == 2
+
+
+def test_manifest_round_trip_and_clear_errors(tmp_path: Path, written):
+    root, _, writer = written
+    manifest = Manifest(shards=writer.shards, size=32, failed=[{"path": "bad.mp4", "reason": "no audio stream"}],
+                        vae={"id": "v", "scaling_factor": 0.5, "shift_factor": 0.0, "latent_channels": 4, "downsample": 4},
+                        audio_encoder={"id": "mel-6", "K": 2, "D": 6, "sample_rate": 16000})
+    manifest.save(root)
+    loaded = Manifest.load(root)
+    assert loaded == manifest and loaded.num_samples == 6
+    assert loaded.shard_paths(root) == [str(root / s["path"]) for s in writer.shards]
+    saved = json.loads((root / "manifest.json").read_text())
+    assert saved["num_frames"] == manifest.num_frames
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardFormatError, match="broken/manifest.json: not valid JSON"):
+        Manifest.load(tmp_path / "broken")
+    with pytest.raises(FileNotFoundError, match="run `letstalk prepare`"):
+        Manifest.load(tmp_path / "nothing_here")
+
+
+def test_nothing_is_unpickled_and_bad_samples_are_named():
+    with pytest.raises(ValueError, match="allow_pickle"):
+        npy_load(npy_bytes(np.array([1, 2])).replace(b"<i8", b"|O8"))
+    rng = np.random.default_rng(2)
+    good = _segment(rng, "v/0000").to_wds()
+    with pytest.raises(ShardFormatError, match="lacks"):
+        Segment.from_wds({k: v for k, v in good.items() if k != "audio.npy"})
+    short = _segment(rng, "v/0001")
+    short.audio = short.audio[:-1]
+    with pytest.raises(ShardFormatError, match="v/0001: 7 latent frames but 6 audio frames"):
+        short.to_wds()
+    wrong = _segment(rng, "v/0002")
+    wrong.latents = wrong.latents.astype(np.float32)
+    with pytest.raises(ShardFormatError, match="latents must be float16"):
+        wrong.validate()
+
+
+def test_keys_are_webdataset_safe():
+    assert video_id("/data/Some clip.v2.mp4") == "Some_clip_v2"
+    assert sample_key("abc", 7) == "abc/0007"
