@@ -1,16 +1,32 @@
-"""LetsTalkDiT: shapes, adaLN-Zero init, attention backends, audio alignment, FLOP counter."""
+"""LetsTalkDiT: fusion schemes, adaLN-Zero init, attention backends, RoPE, audio alignment, sizes, FLOPs."""
 
 from __future__ import annotations
+
+import importlib.util
+import itertools
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.models.attention import Attention, attention
-from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.models.attention import Attention, Context, apply_rope, attention, rope_angles
+from pipeline.models.dit import FUSIONS, DiTConfig, LetsTalkDiT
 from pipeline.models.sizes import SIZES, get_size
 
 B, F, C, H, W, WA, DA = 2, 4, 4, 8, 8, 6, 16
+SCHEMES = [{"portrait_fusion": p, "audio_fusion": a} for p, a in itertools.product(FUSIONS, FUSIONS)]
+SCHEME_IDS = [f"portrait_{s['portrait_fusion']}-audio_{s['audio_fusion']}" for s in SCHEMES]
+BACKENDS = ["sdpa", "math", "linear"]  # flash_attn: see test_flash_attn_matches_math_in_bf16
+HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """At these tiny shapes intra-op threads only add overhead (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make(**overrides) -> LetsTalkDiT:
@@ -18,24 +34,46 @@ def make(**overrides) -> LetsTalkDiT:
     return LetsTalkDiT(DiTConfig(latent_channels=C, audio_dim=DA, audio_tokens=WA, **overrides))
 
 
-def inputs(seed: int = 0):
+def inputs(seed: int = 0, frames: int = F, h: int = H, w: int = W, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, F, C, H, W, generator=g), torch.rand(B, generator=g) * 1000,
-            torch.randn(B, 1, C, H, W, generator=g), torch.randn(B, F, WA, DA, generator=g))
+    args = (torch.randn(B, frames, C, h, w, generator=g), torch.rand(B, generator=g) * 1000,
+            torch.randn(B, 1, C, h, w, generator=g), torch.randn(B, frames, WA, DA, generator=g))
+    return tuple(a.to(device) for a in args)
 
 
-def perturb(model: torch.nn.Module) -> None:
-    """Give the zero-initialised layers random values, so every path carries signal."""
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the zero-initialised tensors (adaLN-Zero regressions, the final projection, zero-out
+    cross-attention outputs, null/type embeddings, norm biases) small random values.
+
+    At initialisation adaLN-Zero makes every block the identity and the final projection outputs
+    zero, so most weights would get exactly zero gradient and most paths would carry no signal;
+    after this, any weight that still gets no gradient, or any path that stays silent, is really
+    disconnected.
+    """
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            if torch.count_nonzero(p) == 0:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
 
 
-def test_output_is_exactly_zero_at_init():
-    out = make()(*inputs())
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_output_is_exactly_zero_at_init(scheme, pos):
+    out = make(**scheme, pos_encoding=pos)(*inputs())
     assert out.shape == (B, F, C, H, W)
     assert torch.count_nonzero(out) == 0
+
+
+def test_default_config_is_the_papers():
+    config = DiTConfig()
+    assert (config.portrait_fusion, config.audio_fusion, config.pos_encoding, config.head_dim) == \
+        ("symbiotic", "direct", "sincos", 64)
+    model = make()
+    assert not model.ref_twin and not model.audio_twin
+    assert all(block.ref_attn is None for block in model.blocks)
+    assert [block.audio_attn is not None for block in model.blocks] == [True, False, True, False]
 
 
 def test_patchify_round_trip():
@@ -48,41 +86,99 @@ def test_patchify_round_trip():
     assert torch.equal(tokens[0, 0, 0].view(C, 2, 2), x[0, 0, :, :2, :2])
 
 
-@pytest.mark.parametrize("overrides", [{}, {"grad_checkpointing": True}, {"patch_size": 4}, {"qk_norm": False}])
-def test_every_parameter_gets_a_gradient(overrides):
-    model = make(**overrides).train()
-    perturb(model)
+def dead_parameters(model: LetsTalkDiT) -> list[str]:
+    model.train()
     x, t, ref, audio = inputs()
     drop = torch.tensor([True, False])
     model(x, t, ref, audio, drop_ref=drop, drop_audio=drop).square().mean().backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
-    assert not dead, dead
+    return [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
 
 
-def test_sdpa_and_math_backends_agree():
-    a, b = make(attention_backend="sdpa"), make(attention_backend="math")
-    perturb(a)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_every_parameter_gets_a_gradient(scheme, backend):
+    assert not dead_parameters(perturb(make(**scheme, attention_backend=backend)))
+
+
+@pytest.mark.parametrize("overrides", [{"grad_checkpointing": True}, {"patch_size": 4}, {"qk_norm": False},
+                                       {"pos_encoding": "rope", "portrait_fusion": "siamese"},
+                                       {"pos_encoding": "rope", "audio_fusion": "symbiotic"},
+                                       {"head_dim": 128}, {"head_dim": 32, "portrait_fusion": "direct"}])
+def test_every_parameter_gets_a_gradient_with_options(overrides):
+    assert not dead_parameters(perturb(make(**overrides)))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    plain, ckpt = perturb(make(portrait_fusion="siamese")), make(portrait_fusion="siamese", grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    for model in (plain, ckpt):
+        model.train()(*inputs()).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_sdpa_and_math_backends_agree(scheme, pos):
+    a = perturb(make(**scheme, pos_encoding=pos, attention_backend="sdpa"))
+    b = make(**scheme, pos_encoding=pos, attention_backend="math")
     b.load_state_dict(a.state_dict())
     args = inputs()
     torch.testing.assert_close(a(*args), b(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_function_matches_softmax_definition():
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_FLASH_ATTN or not torch.cuda.is_available(), reason="needs flash_attn and a CUDA GPU")
+def test_flash_attn_matches_math_in_bf16():
+    reference = perturb(make(attention_backend="math")).cuda()
+    flash = make(attention_backend="flash_attn").cuda()
+    flash.load_state_dict(reference.state_dict())
+    args = inputs(device="cuda")
+    with torch.no_grad():
+        want = reference(*args)
+        got = flash.to(torch.bfloat16)(*(a.to(torch.bfloat16) if a.is_floating_point() else a for a in args))
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.skipif(HAS_FLASH_ATTN, reason="flash_attn is installed here")
+def test_flash_attn_backend_without_the_package_names_it():
+    with pytest.raises(ImportError, match="flash_attn package"):
+        make(attention_backend="flash_attn")
+
+
+def test_attention_function_matches_its_definitions():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
-    ref = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+    k, v = torch.cat([k, k[:, :, :2]], dim=2), torch.cat([v, v[:, :, :2]], dim=2)  # 7 keys for 5 queries
+    softmax = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
     for backend in ("sdpa", "math"):
-        torch.testing.assert_close(attention(q, k, v, backend), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(attention(q, k, v, backend), softmax, rtol=1e-5, atol=1e-6)
+    kernel = torch.relu(q) @ torch.relu(k).transpose(-1, -2)  # [2, 3, 5, 7]: φ(q_i)·φ(k_j), never formed by linear
+    assert (kernel.sum(-1) == 0).any()  # a query with no positive feature gets 0, not NaN
+    torch.testing.assert_close(attention(q, k, v, "linear"), kernel / (kernel.sum(-1, keepdim=True) + 1e-6) @ v,
+                               rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(q, k, v, "nope")
 
 
+def test_context_tokens_join_self_attention_as_keys_and_values_only():
+    torch.manual_seed(0)
+    layer = Attention(16, 2, qk_norm=False, backend="math")
+    x, extra = torch.randn(6, 3, 16), torch.randn(2, 4, 16)  # 2 clips x 3 frames of 3 tokens, 4 shared tokens per clip
+    out = layer(x, context=[Context(extra)])
+    assert out.shape == x.shape  # extra tokens are never queries
+    # the same as self-attention over [frame; its clip's extra tokens], keeping the frame's outputs
+    joined = torch.cat([x, extra.repeat_interleave(3, dim=0)], dim=1)  # [6, 7, 16]
+    torch.testing.assert_close(out, layer(joined)[:, :3], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, layer(x), atol=1e-3)
+
+
 def test_cross_attention_is_identity_branch_at_init():
     layer = Attention(16, 2, context_dim=16, zero_out=True)
-    assert torch.count_nonzero(layer(torch.randn(1, 3, 16), torch.randn(1, 5, 16))) == 0
+    assert torch.count_nonzero(layer(torch.randn(1, 3, 16), context=[Context(torch.randn(1, 5, 16))])) == 0
 
 
-def changed_frames(model, j: int) -> list[int]:
+def changed_frames(model: LetsTalkDiT, j: int) -> list[int]:
     x, t, ref, audio = inputs()
     base = model(x, t, ref, audio)
     audio2 = audio.clone()
@@ -91,21 +187,21 @@ def changed_frames(model, j: int) -> list[int]:
     return [i for i in range(F) if diff[i] > 1e-6]
 
 
-def test_audio_of_one_frame_reaches_only_that_frame_without_temporal_attention():
-    model = make(temporal_attention=False).eval()
-    perturb(model)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_audio_of_one_frame_reaches_only_that_frame_without_temporal_attention(scheme):
+    model = perturb(make(**scheme, temporal_attention=False)).eval()
     assert changed_frames(model, 2) == [2]
 
 
-def test_audio_of_one_frame_reaches_other_frames_through_temporal_attention():
-    model = make().eval()
-    perturb(model)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_audio_of_one_frame_reaches_other_frames_through_temporal_attention(scheme):
+    model = perturb(make(**scheme)).eval()
     assert changed_frames(model, 2) == list(range(F))
 
 
-def test_dropped_conditions_ignore_their_input():
-    model = make().eval()
-    perturb(model)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_dropped_conditions_ignore_their_input(scheme):
+    model = perturb(make(**scheme)).eval()
     x, t, ref, audio = inputs()
     yes = torch.ones(B, dtype=torch.bool)
     a = model(x, t, ref, audio, drop_ref=yes, drop_audio=yes)
@@ -114,30 +210,138 @@ def test_dropped_conditions_ignore_their_input():
     assert not torch.allclose(a, model(x, t, ref, audio))
 
 
-def test_any_clip_length_and_latent_size():
-    model = make().eval()
-    perturb(model)
-    x = torch.randn(1, 7, C, 12, 6)
-    out = model(x, torch.tensor([500.0]), torch.randn(1, 1, C, 12, 6), torch.randn(1, 7, WA, DA))
-    assert out.shape == x.shape and torch.isfinite(out).all()
+ROPE_MIX = {"pos_encoding": "rope", "portrait_fusion": "siamese", "audio_fusion": "symbiotic"}
 
 
-@pytest.mark.parametrize("patch", [2, 4])
-def test_flop_counter_matches_torch_within_5_percent(patch):
-    model = make(patch_size=patch).eval()
+@pytest.mark.parametrize("overrides", [{}, {"pos_encoding": "rope"}, ROPE_MIX])
+def test_any_clip_length_and_latent_size(overrides):
+    model = perturb(make(**overrides)).eval()
+    for frames, h, w in ((F, H, W), (7, 12, 6), (2, 16, 16)):
+        x, t, ref, audio = inputs(frames=frames, h=h, w=w)
+        out = model(x, t, ref, audio)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert 0.01 < out.std() < 100  # neither vanishing nor blowing up at sizes it was not built for
+
+
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+def test_positions_make_frame_order_matter(pos):
+    """Without positions attention is permutation-equivariant; with them reversing the clip's
+    frames (video and audio) must not just reverse the output."""
+    model = perturb(make(pos_encoding=pos, portrait_fusion="direct")).eval()
     x, t, ref, audio = inputs()
+    flipped = model(x.flip(1), t, ref, audio.flip(1)).flip(1)
+    assert not torch.allclose(flipped, model(x, t, ref, audio), atol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_scores_depend_only_on_relative_positions(head_dim):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, head_dim, generator=g) for _ in range(3))
+    coords = torch.randint(0, 8, (12, 3), generator=g)  # (time, height, width) per token
+
+    def rotated(cq: torch.Tensor, ck: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(q, rope_angles(cq, head_dim)), apply_rope(k, rope_angles(ck, head_dim))
+
+    qr, kr = rotated(coords, coords)
+    scores = qr @ kr.transpose(-1, -2)
+    for shift in ([5, 0, 0], [0, 7, 0], [0, 0, 3], [40, -30, 90]):  # beyond any training grid
+        qs, ks = rotated(coords + torch.tensor(shift), coords + torch.tensor(shift))
+        torch.testing.assert_close(qs @ ks.transpose(-1, -2), scores, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(attention(qs, ks, v), attention(qr, kr, v), rtol=1e-4, atol=1e-5)
+    for axis in range(3):  # every axis is encoded: moving the keys alone along it changes the scores
+        moved = coords.clone()
+        moved[:, axis] += 1
+        assert not torch.allclose(qr @ rotated(coords, moved)[1].transpose(-1, -2), scores, atol=1e-2)
+    torch.testing.assert_close(apply_rope(q, rope_angles(torch.zeros(12, 3, dtype=torch.long), head_dim)), q,
+                               rtol=0, atol=0)  # the origin is not rotated
+
+
+def flops_ratio(model: LetsTalkDiT, frames: int, h: int, w: int, audio_dim: int, audio_tokens: int) -> float:
+    x, ref = torch.randn(1, frames, C, h, w), torch.randn(1, model.config.ref_frames, C, h, w)
+    audio = torch.randn(1, frames, audio_tokens, audio_dim)
     with FlopCounterMode(display=False) as counter:
-        model(x[:1], t[:1], ref[:1], audio[:1])
-    measured = counter.get_total_flops()
-    ours = model.flops_per_clip(F, H, W)
-    assert abs(ours - measured) / measured < 0.05, (ours, measured)
+        model(x, torch.tensor([500.0], device=x.device), ref, audio)
+    return model.flops_per_clip(frames, h, w) / counter.get_total_flops()
 
 
-def test_size_registry_has_fa_friendly_head_dims_and_clear_errors():
+# On the CPU torch's counter has no formula for the fused SDPA kernel (it counts 0 FLOPs for it); on
+# the meta device SDPA decomposes into counted matmuls, and nothing is computed, so count there.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_flop_counter_matches_torch_within_5_percent(scheme, backend):
+    with torch.device("meta"):
+        model = make(**scheme, attention_backend=backend)
+        ratio = flops_ratio(model, F, H, W, DA, WA)
+    assert abs(ratio - 1) < 0.05, ratio
+
+
+@pytest.mark.parametrize("overrides", [{"patch_size": 4}, {"pos_encoding": "rope", "head_dim": 32},
+                                       {"temporal_attention": False}, {"ref_frames": 2, "portrait_fusion": "siamese"}])
+def test_flop_counter_matches_torch_with_options(overrides):
+    with torch.device("meta"):
+        ratio = flops_ratio(make(**overrides), F, H, W, DA, WA)
+    assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_flop_counter_matches_torch_on_real_tensors():
+    assert abs(flops_ratio(make(attention_backend="math", audio_fusion="siamese"), F, H, W, DA, WA) - 1) < 0.05
+
+
+UNIFORM = [{"portrait_fusion": f, "audio_fusion": f} for f in FUSIONS]  # every scheme for both conditions
+
+
+@pytest.mark.parametrize("overrides", [*UNIFORM, {"head_dim": 128}], ids=[*FUSIONS, "head_dim_128"])
+@pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
+def test_registry_sizes_build_and_run_on_meta(size, overrides):
+    """The real sizes at the benchmark's clip (16 frames of 32×32 latents, 768-d audio), on meta."""
+    with torch.device("meta"):
+        model = LetsTalkDiT(DiTConfig(size=size, audio_dim=768, audio_tokens=10, **overrides))
+        assert all(block.attn.heads == get_size(size).hidden // model.config.head_dim for block in model.blocks)
+        assert abs(flops_ratio(model, 16, 32, 32, 768, 10) - 1) < 0.05
+
+
+def test_registry_sizes_grow_and_head_dim_only_changes_qk_norms():
+    def params(size: str, head_dim: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in LetsTalkDiT(DiTConfig(size=size, head_dim=head_dim)).parameters())
+
+    counts = [params(size, 64) for size in ("S", "B", "L", "XL")]
+    assert counts == sorted(counts) and 20e6 < counts[0] and counts[-1] < 1e9, counts
+    with torch.device("meta"):
+        norms = sum(isinstance(m, torch.nn.RMSNorm) for m in LetsTalkDiT(DiTConfig(size="B")).modules())
+    assert params("B", 128) - params("B", 64) == norms * (128 - 64)
+
+
+def test_size_registry_and_config_errors_name_the_fix():
     assert set(SIZES) >= {"tiny", "S", "B", "L", "XL"}
     for name, size in SIZES.items():
-        assert size.hidden % size.heads == 0 and size.hidden // size.heads in (64, 128), name
+        assert size.hidden % 64 == 0 and size.hidden % 128 == 0, name
     with pytest.raises(ValueError, match="unknown model size 'XXL'"):
         get_size("XXL")
+    with pytest.raises(ValueError, match=r"cannot use head_dim 96; set head_dim to an even divisor of 128, e\.g\. 64"):
+        make(head_dim=96)
+    with pytest.raises(ValueError, match=r"portrait_fusion must be one of \('direct', 'siamese', 'symbiotic'\)"):
+        make(portrait_fusion="cross")
+    with pytest.raises(ValueError, match="pos_encoding must be one of"):
+        make(pos_encoding="alibi")
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        make(attention_backend="xformers")
     with pytest.raises(ValueError, match="patch size"):
         make(patch_size=3)(*inputs())
+
+
+def test_compile_switch_compiles_every_block_in_place():
+    plain, compiled = make(audio_fusion="siamese"), make(audio_fusion="siamese", compile=True)
+    assert list(plain.state_dict()) == list(compiled.state_dict())  # checkpoints interchange
+    blocks = [*compiled.blocks, *compiled.audio_twin.values()]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert all(block._compiled_call_impl is None for block in plain.blocks)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    eager = perturb(make())
+    compiled = make(compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    args = inputs()
+    torch.testing.assert_close(compiled(*args), eager(*args), rtol=1e-4, atol=1e-5)

@@ -1,40 +1,126 @@
-"""The one attention function of the model, and the attention module built on it.
+"""The one attention function of the model, the attention module built on it, and RoPE.
 
-q, k, v are laid out ``[batch, heads, seq, head_dim]`` (what FlashAttention and
-PyTorch's fused SDPA kernels want); no masks, because clips have fixed length and
-condition dropout uses null embeddings instead of padding.
+q, k, v are laid out ``[batch, heads, seq, head_dim]`` (what FlashAttention and PyTorch's fused
+SDPA kernels want); no masks, because clips have fixed length and condition dropout uses null
+embeddings instead of padding. Backends of :func:`attention`:
+
+* ``sdpa`` — ``F.scaled_dot_product_attention`` (FlashAttention / cuDNN / memory-efficient kernels
+  on GPU);
+* ``flash_attn`` — ``flash_attn_func`` of the ``flash_attn`` package (CUDA, fp16/bf16: float32
+  inputs run in bf16);
+* ``math`` — the explicit softmax(q kᵀ/√d) v, the reference;
+* ``linear`` — ReLU-kernel linear attention as in Sana (Xie et al. 2024), the option of the
+  paper's later versions: out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j) with φ = ReLU,
+  computed as φ(q)(φ(k)ᵀ v) in float32, so its cost grows linearly with sequence length.
+
+RoPE (:func:`rope_angles`, :func:`apply_rope`) rotates q and k by their tokens' (time, height,
+width) coordinates, so softmax attention scores depend only on relative positions. With the
+``linear`` backend the rotation comes before the ReLU feature map, which keeps RoPE's position
+signal but not its exact relative-only property.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("sdpa", "math")
+BACKENDS = ("sdpa", "flash_attn", "math", "linear")
+
+
+def _flash_attn_func() -> Callable:
+    try:
+        return importlib.import_module("flash_attn").flash_attn_func
+    except ImportError:
+        raise ImportError("attention_backend 'flash_attn' needs the flash_attn package, which is not importable "
+                          "here: install it on a CUDA machine (pip install flash-attn) or choose 'sdpa'") from None
+
+
+def check_backend(backend: str) -> None:
+    """Fail early, with the fix, on an unknown backend or on ``flash_attn`` without its package."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "flash_attn":
+        _flash_attn_func()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """softmax(q kᵀ / √d) v for q [B, H, N, d], k/v [B, H, M, d] -> [B, H, N, d].
-
-    ``sdpa`` dispatches to PyTorch's fused kernels (FlashAttention / cuDNN / memory-efficient
-    on GPU); ``math`` is the explicit reference computation.
-    """
+    """Attention of q [B, H, N, d] over k/v [B, H, M, d] -> [B, H, N, d] with one of BACKENDS."""
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "math":
         scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
+    if backend == "linear":
+        fq, fk = F.relu(q).float(), F.relu(k).float()
+        v1 = F.pad(v.float(), (0, 1), value=1.0)  # [B, H, M, d+1]: the ones column sums φ(k) for the normaliser
+        out = torch.matmul(fq, torch.matmul(fk.transpose(-2, -1), v1))  # [B, H, N, d+1]
+        return (out[..., :-1] / (out[..., -1:] + 1e-6)).to(v.dtype)
+    if backend == "flash_attn":
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        out = _flash_attn_func()(*(x.transpose(1, 2).to(dtype) for x in (q, k, v)))  # [B, N, H, d]
+        return out.transpose(1, 2).to(q.dtype)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention (``context=None``) or cross-attention with QK-norm.
+def rope_angles(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE angles [N, head_dim/2] for tokens at integer (time, height, width) coords [N, 3].
 
-    Self-attention uses one fused qkv projection. The output projection can start at
-    zero (``zero_out``) so a new branch is the identity at initialisation.
+    The head_dim/2 rotated channel pairs are split into bands: a quarter for time, the rest
+    halved between height and width (a leftover pair stays unrotated); each band uses the
+    usual geometric frequencies theta^(-i/band).
+    """
+    pairs = head_dim // 2
+    time = pairs // 4
+    space = (pairs - time) // 2
+    bands = []
+    for axis, size in enumerate((time, space, space)):
+        freqs = theta ** (-torch.arange(size, device=coords.device, dtype=torch.float32) / size)
+        bands.append(coords[:, axis, None].float() * freqs)  # [N, size]
+    bands.append(coords.new_zeros(coords.shape[0], pairs - time - 2 * space, dtype=torch.float32))
+    return torch.cat(bands, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x_i, x_{i+d/2}) of x [..., N, d] by angles [N, d/2], in float32."""
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Context(NamedTuple):
+    """Tokens [B, M, D] that supply keys and values, with their RoPE angles [M, d/2] (None: unrotated).
+
+    One context item may serve several consecutive sequences of the query batch: queries
+    [B·G, N, D] (e.g. the G frames of a clip) share context [B, M, D] (e.g. its portrait).
+    """
+
+    tokens: torch.Tensor
+    rope: torch.Tensor | None = None
+
+
+def _share(x: torch.Tensor, batch: int) -> torch.Tensor:
+    # [B, H, M, d] -> [B·G, H, M, d]: each context item serves G = batch / B consecutive query sequences
+    return x if x.shape[0] == batch else x.repeat_interleave(batch // x.shape[0], dim=0)
+
+
+def _rotate(x: torch.Tensor, angles: torch.Tensor | None) -> torch.Tensor:
+    return x if angles is None else apply_rope(x, angles)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm and optional RoPE.
+
+    Self-attention (``context_dim=None``): q, k, v come from x through one fused projection;
+    context tokens (a siamese twin's features) join as extra keys/values only, projected by the
+    same k/v weights. Cross-attention: q from x, keys/values from the context alone, through
+    their own projection. ``zero_out`` starts the output projection at zero, so a new branch
+    is the identity at initialisation.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True,
@@ -42,9 +128,8 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        self.heads, self.head_dim, self.backend = heads, dim // heads, backend
+        check_backend(backend)
+        self.dim, self.heads, self.head_dim, self.backend = dim, heads, dim // heads, backend
         self.cross = context_dim is not None
         if self.cross:
             self.q = nn.Linear(dim, dim)
@@ -58,17 +143,30 @@ class Attention(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        # [B, N, n*D] -> n tensors of [B, H, N, d]
+    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        # [B, N, n·D] -> n tensors of [B, H, N, d]
         b, length, _ = x.shape
         return x.view(b, length, n, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, D], context [B, M, Dc] (cross-attention only) -> [B, N, D]."""
+    def _kv(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cross:
+            return self.kv(tokens)
+        return F.linear(tokens, self.qkv.weight[self.dim:], self.qkv.bias[self.dim:])  # the k/v rows of qkv
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                context: Sequence[Context] = ()) -> torch.Tensor:
+        """x [B·G, N, D] queries with RoPE angles [N, d/2] (None: unrotated); context: key/value
+        token sets (see :class:`Context`) -> [B·G, N, D]."""
         if self.cross:
             (q,) = self._heads(self.q(x), 1)
-            k, v = self._heads(self.kv(context), 2)
+            keys, values = [], []
         else:
             q, k, v = self._heads(self.qkv(x), 3)
-        y = attention(self.q_norm(q), self.k_norm(k), v, self.backend)  # [B, H, N, d]
-        return self.out(y.transpose(1, 2).reshape(x.shape))
+            keys, values = [_rotate(self.k_norm(k), rope)], [v]
+        for item in context:
+            k, v = self._heads(self._kv(item.tokens), 2)
+            keys.append(_share(_rotate(self.k_norm(k), item.rope), x.shape[0]))
+            values.append(_share(v, x.shape[0]))
+        k, v = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, dim=2), torch.cat(values, dim=2))
+        y = attention(_rotate(self.q_norm(q), rope), k, v, self.backend)  # [B·G, H, N, d]
+        return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim))

@@ -1,18 +1,38 @@
 """LetsTalkDiT: a latent video diffusion transformer conditioned on a portrait and audio.
 
-Video latents are cut into p×p patches, giving tokens ``[B, F, S, D]`` (F frames,
-S = (h/p)·(w/p) positions). Blocks alternate spatial attention (within a frame) and
-temporal attention (across frames at one position), as in Latte, each conditioned on
-the timestep by adaLN-Zero, as in DiT. Conditions (DESIGN.md section 3):
+Video latents are cut into p×p patches, giving tokens ``[B, T, N, D]`` (T frames, N tokens per
+frame: the S = (h/p)·(w/p) patches, plus any condition tokens fused into the sequence). Blocks
+alternate spatial attention (within a frame) and temporal attention (across frames at one
+position), as in Latte, each conditioned on the timestep by adaLN-Zero, as in DiT.
 
-* portrait — *symbiotic* fusion: the reference latent frame(s) are patchified like the
-  video and prepended along the frame axis, so they pass through the same blocks and
-  every video token reaches them through temporal attention;
-* audio — *direct* fusion: per-frame cross-attention in the spatial blocks, so each
-  frame attends only to its own window of W audio vectors.
+Each condition is fused by one of the paper's three schemes, chosen per condition in the config
+(``portrait_fusion``, ``audio_fusion``); conditions fused by layers join in the spatial blocks:
 
-Condition dropout (for classifier-free guidance) swaps in learned null embeddings,
-never masks, so the hot path has no padding.
+* ``direct`` — cross-attention from the video tokens to the condition's tokens. Portrait: every
+  frame's tokens attend to the portrait's R·S patch tokens; audio: each frame attends only to
+  its own window of W audio vectors.
+* ``siamese`` — a twin branch with its own weights: one light block (pre-norm self-attention and
+  MLP, no timestep modulation because the condition is clean, as in ReferenceNet) per spatial
+  block. The twin's features after twin block i join spatial block i's self-attention as extra
+  keys/values, projected by that attention's own k/v weights, never as queries. Portrait: one
+  sequence of R·S tokens shared by all frames; audio: one W-token window per frame.
+* ``symbiotic`` — the condition's tokens join the video's token sequence and pass through the
+  same blocks. Portrait: its R latent frames are patchified like the video and prepended along
+  the frame axis, marked by a learned ref-type embedding; audio: each frame's W projected audio
+  tokens are appended to that frame's spatial tokens (N = S + W) and dropped at the output.
+
+Paper defaults, and this module's: portrait symbiotic (deep fusion keeps identity), audio direct
+(shallow fusion keeps motion diverse).
+
+Positions (``pos_encoding``): ``sincos`` adds fixed sin-cos embeddings of (height, width) and of
+the frame index to the tokens; ``rope`` instead rotates q and k by (time, height, width), so
+attention sees relative positions only. Frame indices run 0..R-1 over the portrait frames and
+R..R+F-1 over the video in every scheme. Audio tokens are off the grid: they carry an additive
+embedding of their index in the window and, under RoPE, sit at the grid origin of their frame
+(as text tokens do in Flux); direct audio cross-attention is not rotated.
+
+Condition dropout (for classifier-free guidance) swaps in learned null embeddings, never masks,
+so the hot path has no padding.
 """
 
 from __future__ import annotations
@@ -21,11 +41,15 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.models.attention import Attention
+from pipeline.models.attention import Attention, Context, check_backend, rope_angles
 from pipeline.models.sizes import get_size
+
+FUSIONS = ("direct", "siamese", "symbiotic")
+POS_ENCODINGS = ("sincos", "rope")
 
 
 @dataclass
@@ -38,18 +62,36 @@ class DiTConfig:
     audio_dim: int = 80  # D of the audio features (from the shard manifest)
     audio_tokens: int = 20  # W: audio vectors per frame window ((2·radius+1)·K)
     ref_frames: int = 1  # R reference portrait frames
-    attention_backend: str = "sdpa"
+    head_dim: int = 64  # heads = hidden / head_dim; 64 or 128 suit FlashAttention
+    portrait_fusion: str = "symbiotic"  # direct | siamese | symbiotic
+    audio_fusion: str = "direct"  # direct | siamese | symbiotic
+    # sincos | rope. Quick check (tiny, demo shards, 600 steps, 2 seeds, val flow loss): equal at the
+    # training clip length (8 frames: 0.141 sincos, 0.137 rope), but at 16 frames sincos degrades (0.43)
+    # and rope does not (0.13). sincos stays the default so checkpoints without this key load unchanged;
+    # choose rope to sample clip lengths or latent sizes unseen in training.
+    pos_encoding: str = "sincos"
+    attention_backend: str = "sdpa"  # sdpa | flash_attn | math | linear
     qk_norm: bool = True
-    temporal_attention: bool = True  # False: every block is spatial (frames only meet through the portrait)
+    temporal_attention: bool = True  # False: every block is spatial, so frames never exchange information
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block in place (state-dict keys unchanged)
 
     def validate(self) -> None:
-        size = get_size(self.size)
-        if size.hidden % size.heads:
-            raise ValueError(f"size {self.size}: hidden {size.hidden} not divisible by heads {size.heads}")
+        hidden = get_size(self.size).hidden
+        if self.head_dim < 2 or self.head_dim % 2 or hidden % self.head_dim:
+            raise ValueError(f"model config: size {self.size} (hidden {hidden}) cannot use head_dim {self.head_dim}; "
+                             f"set head_dim to an even divisor of {hidden}, e.g. 64 or 128")
         for name in ("latent_channels", "patch_size", "audio_dim", "audio_tokens", "ref_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        for name, options in (("portrait_fusion", FUSIONS), ("audio_fusion", FUSIONS), ("pos_encoding", POS_ENCODINGS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"model config: {name} must be one of {options}, got {getattr(self, name)!r}")
+        check_backend(self.attention_backend)
+
+    @property
+    def heads(self) -> int:
+        return get_size(self.size).hidden // self.head_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,14 +105,29 @@ def sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def grid(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Row-major (row, column) coordinates of an h×w grid -> [h·w, 2]."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], dim=-1)
+
+
 def sincos_2d(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
     """2D sin-cos position embedding for an h×w grid -> [h·w, dim] (half the channels per axis)."""
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    return torch.cat([sincos(ys.flatten(), dim // 2), sincos(xs.flatten(), dim // 2)], dim=-1)
+    coords = grid(h, w, device)
+    return torch.cat([sincos(coords[:, 0], dim // 2), sincos(coords[:, 1], dim // 2)], dim=-1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+@dataclass
+class Rope:
+    """RoPE angles of one forward pass (see attention.rope_angles); all None with sincos positions."""
+
+    frame: torch.Tensor | None = None  # [N, d/2] one frame's tokens in spatial blocks: patches at (0, i, j), audio at 0
+    time: torch.Tensor | None = None  # [T, d/2] the sequence's frames in temporal blocks, at (t, 0, 0)
+    ref: torch.Tensor | None = None  # [R·S, d/2] portrait tokens (direct, siamese), at (r, i, j)
 
 
 class TimestepEmbedder(nn.Module):
@@ -90,45 +147,80 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-class Block(nn.Module):
-    """One transformer block attending along one axis of ``[B, T, S, D]`` tokens.
+def _fusion_layers(scheme: str | None, dim: int, heads: int, qk_norm: bool,
+                   backend: str) -> tuple[nn.Module | None, Attention | None]:
+    """A spatial block's layers for one condition: direct -> (norm of the queries, zero-initialised
+    cross-attention); siamese -> (norm of the twin's features, None: they join the self-attention)."""
+    norm = nn.LayerNorm(dim, eps=1e-6) if scheme in ("direct", "siamese") else None
+    attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm, backend=backend,
+                     zero_out=True) if scheme == "direct" else None
+    return norm, attn
 
-    adaLN-Zero: the timestep embedding regresses shift/scale/gate for both sub-layers,
-    and the regression starts at zero, so every block is the identity at initialisation.
-    Spatial blocks also cross-attend, frame by frame, to that frame's audio tokens.
+
+class Block(nn.Module):
+    """One transformer block attending along one axis of ``[B, T, N, D]`` tokens.
+
+    adaLN-Zero: the timestep embedding regresses shift/scale/gate for both sub-layers, and the
+    regression starts at zero, so every block is the identity at initialisation. ``portrait`` and
+    ``audio`` say how a spatial block takes in that condition: ``direct`` (cross-attention),
+    ``siamese`` (twin features as extra keys/values) or None (temporal blocks, symbiotic fusion).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, axis: str, audio: bool,
-                 qk_norm: bool, backend: str):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, axis: str, portrait: str | None,
+                 audio: str | None, qk_norm: bool, backend: str):
         super().__init__()
-        self.axis = axis
+        self.axis, self.portrait, self.audio = axis, portrait, audio
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm=qk_norm, backend=backend)
-        self.audio_norm = nn.LayerNorm(dim, eps=1e-6) if audio else None
-        self.audio_attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm, backend=backend,
-                                    zero_out=True) if audio else None
+        self.ref_norm, self.ref_attn = _fusion_layers(portrait, dim, heads, qk_norm, backend)
+        self.audio_norm, self.audio_attn = _fusion_layers(audio, dim, heads, qk_norm, backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, s, d = x.shape
-        if self.axis == "spatial":  # each frame is a sequence of S tokens
-            return self.attn(x.reshape(b * t, s, d)).view(b, t, s, d)
-        y = self.attn(x.transpose(1, 2).reshape(b * s, t, d))  # each position is a sequence of T tokens
-        return y.view(b, s, t, d).transpose(1, 2)
+    def _attend(self, x: torch.Tensor, ref: torch.Tensor | None, audio: torch.Tensor | None,
+                rope: Rope) -> torch.Tensor:
+        b, t, n, d = x.shape
+        if self.axis == "temporal":  # each position is a sequence of T tokens
+            y = self.attn(x.transpose(1, 2).reshape(b * n, t, d), rope.time)
+            return y.view(b, n, t, d).transpose(1, 2)
+        context = []  # siamese twin features join as extra keys/values, never as queries
+        if self.portrait == "siamese":
+            context.append(Context(self.ref_norm(ref), rope.ref))  # [B, R·S, D], shared by the T frames
+        if self.audio == "siamese":
+            context.append(Context(self.audio_norm(audio)))  # [B·T, W, D], one window per frame
+        return self.attn(x.reshape(b * t, n, d), rope.frame, context).view(b, t, n, d)  # each frame is a sequence
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """x [B, T, S, D], c [B, D], audio [B, T, W, D] -> [B, T, S, D]."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor | None, audio: torch.Tensor | None,
+                rope: Rope) -> torch.Tensor:
+        """x [B, T, N, D], c [B, D]; ref [B, R·S, D] portrait tokens (direct) or twin features
+        (siamese); audio [B·T, W, D] likewise, one window per frame -> [B, T, N, D]."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None, None].chunk(6, dim=-1)
-        x = x + gate1 * self._attend(modulate(self.norm1(x), shift1, scale1))
-        if self.audio_attn is not None:
-            b, t, s, d = x.shape
-            x = x + self.audio_attn(self.audio_norm(x).reshape(b * t, s, d),
-                                    audio.reshape(b * t, -1, d)).view(b, t, s, d)
+        x = x + gate1 * self._attend(modulate(self.norm1(x), shift1, scale1), ref, audio, rope)
+        b, t, n, d = x.shape
+        if self.ref_attn is not None:  # every frame's tokens query the portrait's tokens
+            x = x + self.ref_attn(self.ref_norm(x).view(b * t, n, d), rope.frame, [Context(ref, rope.ref)]).view_as(x)
+        if self.audio_attn is not None:  # each frame queries only its own audio window
+            x = x + self.audio_attn(self.audio_norm(x).view(b * t, n, d), None, [Context(audio)]).view_as(x)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TwinBlock(nn.Module):
+    """A block of a siamese twin branch over condition tokens [B', M, D]: pre-norm self-attention and
+    MLP, without timestep modulation (the condition is clean)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, y: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        y = y + self.attn(self.norm1(y), rope)
+        return y + self.mlp(self.norm2(y))
 
 
 class FinalLayer(nn.Module):
@@ -154,7 +246,7 @@ class LetsTalkDiT(nn.Module):
         config.validate()
         self.config = config
         size = get_size(config.size)
-        dim, p, c = size.hidden, config.patch_size, config.latent_channels
+        dim, p, c, heads = size.hidden, config.patch_size, config.latent_channels, config.heads
         self.hidden = dim
         self.patch = nn.Linear(c * p * p, dim)
         self.ref_type = nn.Parameter(torch.zeros(dim))  # marks reference tokens apart from video tokens
@@ -162,14 +254,30 @@ class LetsTalkDiT(nn.Module):
         self.time = TimestepEmbedder(dim)
         self.audio_in = nn.Sequential(nn.Linear(config.audio_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.null_audio = nn.Parameter(torch.zeros(config.audio_tokens, config.audio_dim))
+        spatial = [i for i in range(size.depth) if self._axis(i) == "spatial"]
+
+        def joins(scheme: str, i: int) -> str | None:  # conditions fused by layers join in spatial blocks
+            return scheme if scheme != "symbiotic" and i in spatial else None
+
         self.blocks = nn.ModuleList(
-            Block(dim, size.heads, size.mlp_ratio, axis=self._axis(i), audio=self._axis(i) == "spatial",
-                  qk_norm=config.qk_norm, backend=config.attention_backend)
+            Block(dim, heads, size.mlp_ratio, self._axis(i), joins(config.portrait_fusion, i),
+                  joins(config.audio_fusion, i), config.qk_norm, config.attention_backend)
             for i in range(size.depth)
         )
         self.final = FinalLayer(dim, c * p * p)
+
+        def twin(scheme: str) -> nn.ModuleDict:  # twin block i feeds main block i
+            if scheme != "siamese":
+                return nn.ModuleDict()
+            return nn.ModuleDict({str(i): TwinBlock(dim, heads, size.mlp_ratio, config.qk_norm,
+                                                    config.attention_backend) for i in spatial})
+
+        self.ref_twin, self.audio_twin = twin(config.portrait_fusion), twin(config.audio_fusion)
         nn.init.normal_(self.time.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time.mlp[2].weight, std=0.02)
+        if config.compile:
+            for module in (*self.blocks, *self.ref_twin.values(), *self.audio_twin.values()):
+                module.compile()
 
     def _axis(self, index: int) -> str:
         return "spatial" if index % 2 == 0 or not self.config.temporal_attention else "temporal"
@@ -190,6 +298,25 @@ class LetsTalkDiT(nn.Module):
         x = x.reshape(b, t, h // p, w // p, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, t, c, h, w)
 
+    def _rope(self, frames: torch.Tensor, r: int, gh: int, gw: int) -> Rope:
+        """RoPE angles for a sequence of `frames` (indices [T]) of gh×gw patches and R portrait frames."""
+        cfg = self.config
+        if cfg.pos_encoding != "rope":
+            return Rope()
+        cells = grid(gh, gw, frames.device)  # [S, 2]
+        frame = F.pad(cells, (1, 0))  # [S, 3] at (0, i, j)
+        if cfg.audio_fusion == "symbiotic":
+            frame = torch.cat([frame, frame.new_zeros(cfg.audio_tokens, 3)])  # [S+W, 3]
+        time = F.pad(frames[:, None], (0, 2))  # [T, 3] at (t, 0, 0)
+        ref = torch.cat([torch.arange(r, device=frames.device).repeat_interleave(gh * gw)[:, None],
+                         cells.repeat(r, 1)], dim=1)  # [R·S, 3] at (r, i, j)
+        return Rope(*(rope_angles(coords, cfg.head_dim) for coords in (frame, time, ref)))
+
+    def _run(self, module: nn.Module, *args) -> torch.Tensor:
+        if self.config.grad_checkpointing and self.training:
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor,
                 drop_ref: torch.Tensor | None = None, drop_audio: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the diffusion target for a clip.
@@ -198,6 +325,7 @@ class LetsTalkDiT(nn.Module):
         latents; audio [B, F, W, Da]; drop_ref / drop_audio [B] bool: replace that condition
         by its null embedding (classifier-free guidance). Returns [B, F, C, h, w].
         """
+        cfg = self.config
         b, f, _, h, w = x.shape
         r = ref.shape[1]
         video = self.patchify(x)  # [B, F, S, Cp²]
@@ -205,43 +333,82 @@ class LetsTalkDiT(nn.Module):
         if drop_ref is not None:
             ref_patches = torch.where(drop_ref[:, None, None, None], self.null_ref.to(ref_patches.dtype), ref_patches)
         tokens = self.patch(torch.cat([ref_patches, video], dim=1))  # [B, R+F, S, D]
-        s = tokens.shape[2]
-        p = self.config.patch_size
-        pos = sincos_2d(h // p, w // p, self.hidden, x.device)[None, None]  # [1, 1, S, D]
-        frame = sincos(torch.arange(r + f, device=x.device), self.hidden)[None, :, None]  # [1, R+F, 1, D]
-        kind = torch.cat([self.ref_type.expand(r, -1), torch.zeros_like(self.ref_type).expand(f, -1)])
-        tokens = tokens + (pos + frame + kind[None, :, None]).to(tokens.dtype)
+        s, p = tokens.shape[2], cfg.patch_size
+        index = torch.arange(r + f, device=x.device)  # frame indices: portrait 0..R-1, video R..R+F-1
+        embed = torch.cat([self.ref_type.expand(r, -1), torch.zeros_like(self.ref_type).expand(f, -1)])[None, :, None]
+        if cfg.pos_encoding == "sincos":  # + (height, width) [1, 1, S, D] + frame index [1, R+F, 1, D]
+            embed = (sincos_2d(h // p, w // p, self.hidden, x.device)[None, None]
+                     + sincos(index, self.hidden)[None, :, None] + embed)
+        tokens = tokens + embed.to(tokens.dtype)
+        if cfg.portrait_fusion == "symbiotic":
+            ref_tokens = None
+        else:  # the portrait leaves the sequence: [B, R·S, D] and video [B, F, S, D]
+            ref_tokens, tokens, index = tokens[:, :r].flatten(1, 2), tokens[:, r:], index[r:]
 
         if drop_audio is not None:
             audio = torch.where(drop_audio[:, None, None, None], self.null_audio.to(audio.dtype), audio)
-        audio = torch.cat([self.null_audio.expand(b, r, -1, -1).to(audio.dtype), audio], dim=1)  # [B, R+F, W, Da]
+        if cfg.portrait_fusion == "symbiotic":  # portrait frames hear nothing
+            audio = torch.cat([self.null_audio.expand(b, r, -1, -1).to(audio.dtype), audio], dim=1)  # [B, T, W, Da]
         wpos = sincos(torch.arange(audio.shape[2], device=x.device), self.hidden)
-        audio = self.audio_in(audio) + wpos.to(audio.dtype)  # [B, R+F, W, D]
+        audio = self.audio_in(audio) + wpos.to(audio.dtype)  # [B, T, W, D]
+        if cfg.audio_fusion == "symbiotic":
+            if cfg.pos_encoding == "sincos":
+                audio = audio + sincos(index, self.hidden)[None, :, None].to(audio.dtype)
+            tokens, audio = torch.cat([tokens, audio], dim=2), None  # [B, T, S+W, D]
+        else:
+            audio = audio.flatten(0, 1)  # [B·T, W, D]: one window per frame
 
+        rope = self._rope(index, r, h // p, w // p)
         c = self.time(t)  # [B, D]
-        for block in self.blocks:
-            if self.config.grad_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, c, audio, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, audio)
-        out = self.final(tokens[:, r:], c)  # [B, F, S, Cp²]
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.ref_twin:
+                ref_tokens = self._run(self.ref_twin[str(i)], ref_tokens, rope.ref)
+            if str(i) in self.audio_twin:
+                audio = self._run(self.audio_twin[str(i)], audio)
+            tokens = self._run(block, tokens, c, ref_tokens, audio, rope)
+        out = self.final(tokens[:, -f:, :s], c)  # [B, F, S, Cp²]: video tokens only
         return self.unpatchify(out, h, w)
 
     def flops_per_clip(self, frames: int, h: int, w: int) -> int:
-        """Forward FLOPs (2 per multiply-add) of one clip of `frames` latent frames of h×w: matmuls
-        and attention, the terms that dominate; used for throughput and MFU."""
+        """Forward FLOPs (2 per multiply-add) of one clip of `frames` latent frames of h×w: every matmul
+        (projections and attention), as torch.utils.flop_counter counts them; for throughput and MFU."""
         cfg, size = self.config, get_size(self.config.size)
-        d, s = self.hidden, (h // cfg.patch_size) * (w // cfg.patch_size)
-        t = frames + cfg.ref_frames
-        n, wa, mlp = t * s, cfg.audio_tokens, int(d * size.mlp_ratio)
+        d, hd, mlp = self.hidden, cfg.head_dim, int(self.hidden * size.mlp_ratio)
+        s, r, wa = (h // cfg.patch_size) * (w // cfg.patch_size), cfg.ref_frames, cfg.audio_tokens
+        t = frames + r if cfg.portrait_fusion == "symbiotic" else frames  # frames in the sequence
+        n = s + wa if cfg.audio_fusion == "symbiotic" else s  # tokens per frame
         cp2 = cfg.latent_channels * cfg.patch_size ** 2
-        total = 2 * n * cp2 * d + 2 * frames * s * d * cp2  # patch embed + final projection
-        total += 2 * t * wa * (cfg.audio_dim * d + d * d)  # audio MLP
-        for i in range(size.depth):
-            total += 2 * n * (3 * d * d + d * d + 2 * d * mlp)  # qkv, out, mlp
-            spatial = self._axis(i) == "spatial"
-            seq, num = (s, t) if spatial else (t, s)
-            total += num * 4 * seq * seq * d  # q·kᵀ and attn·v
-            if spatial:  # audio cross-attention
-                total += 2 * n * (2 * d * d) + 2 * t * wa * 2 * d * d + t * 4 * s * wa * d
+
+        def linear(tokens: int, fan_in: int, fan_out: int) -> int:
+            return 2 * tokens * fan_in * fan_out
+
+        def core(seqs: int, queries: int, keys: int) -> int:  # q·kᵀ and weights·v, or linear attention's products
+            if cfg.attention_backend == "linear":
+                return 2 * seqs * d * (hd + 1) * (queries + keys)
+            return 4 * seqs * queries * keys * d
+
+        def twin(seqs: int, length: int) -> int:
+            m = seqs * length
+            return linear(m, d, 4 * d) + core(seqs, length, length) + 2 * linear(m, d, mlp)
+
+        total = linear((r + frames) * s, cp2, d) + linear(frames * s, d, cp2)  # patch embedding, final projection
+        total += linear(1, 256, d) + linear(1, d, d) + linear(1, d, 2 * d)  # timestep MLP, final adaLN
+        total += linear(t * wa, cfg.audio_dim, d) + linear(t * wa, d, d)  # audio MLP
+        for block in self.blocks:
+            total += linear(1, d, 6 * d) + linear(t * n, d, 4 * d) + 2 * linear(t * n, d, mlp)  # adaLN, qkv+out, MLP
+            if block.axis == "temporal":
+                total += core(n, t, t)
+                continue
+            keys = n
+            if block.portrait == "siamese":
+                keys += r * s
+                total += twin(1, r * s) + linear(r * s, d, 2 * d)
+            if block.audio == "siamese":
+                keys += wa
+                total += twin(t, wa) + linear(t * wa, d, 2 * d)
+            total += core(t, n, keys)
+            if block.portrait == "direct":
+                total += linear(t * n, d, 2 * d) + linear(r * s, d, 2 * d) + core(t, n, r * s)
+            if block.audio == "direct":
+                total += linear(t * n, d, 2 * d) + linear(t * wa, d, 2 * d) + core(t, n, wa)
         return int(total)
