@@ -1,0 +1,343 @@
+"""`letstalk evaluate`: generate a fixed, seeded subset of a dataset's segments and score the results.
+
+For each chosen segment the model gets the segment's first ground-truth frame as the portrait and
+the segment's audio (`audio.flac`), exactly as `letstalk generate` would; the generated frames are
+compared with the ground-truth frames of the same segment:
+
+    fid             FID of generated vs ground-truth frames (`pipeline.metrics.inception`)
+    fvd             FVD of their 16-frame clips (`pipeline.metrics.i3d`)
+    sync_c, sync_d  Sync-C / Sync-D of the generated videos (`pipeline.metrics.syncnet`);
+                    sync_c_real / sync_d_real: the same for the ground truth (the reference row)
+    sync_synthetic  on synthetic data: correlation of mouth opening and loudness (`pipeline.sync`);
+                    sync_synthetic_real: the same for the ground truth (its ceiling)
+
+A network metric runs only when its weights file is configured (`MetricsConfig`); otherwise it is
+skipped with a note saying which file it needs, never estimated some other way.
+
+Ground-truth frames are the segment's frames re-read from the source video named in its metadata
+(`json.source`, from `start_frame`) at the dataset's fps and size; where that file is gone they are
+the VAE decode of the stored latents, and the result says how many clips used which.
+Synthetic ground truth is found the way `letstalk synth` writes it: `<source video>.json` next to
+the video, holding per-frame `mouth_box`es (mapped through the segment's `face_box` crop).
+
+The subset: all complete samples of the dataset in manifest order, `num_clips` of them chosen by
+`numpy.random.default_rng(seed)`; clip i is generated with seed `seed + i`. Point `data` at held-out
+shards (prepared from videos the model was not trained on); the chosen keys are in the result.
+`MetricSuite` is the reusable part (also for validation during training): `clip_stats` turns one
+clip into plain arrays and numbers that can be gathered across ranks, `summarize` turns the
+gathered list into metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import media
+from pipeline.generate import CheckpointError, generate_frames, load_generator
+from pipeline.metrics.frechet import feature_distance
+from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clips
+from pipeline.metrics.inception import inception_features, load_fid_inception
+from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
+from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
+from pipeline.shards import META, WAVEFORM, Manifest, Segment, ShardFormatError, iter_tar
+from pipeline.sync import Box, loudness_envelope, mouth_opening, mouth_region, sync_score
+from pipeline.vae import decode_latents, load_vae
+
+# name -> (table label, better): every metric `evaluate` can report, in table order
+METRICS: dict[str, tuple[str, str]] = {
+    "fid": ("FID", "lower"),
+    "fvd": ("FVD", "lower"),
+    "sync_c": ("Sync-C (SyncNet confidence)", "higher"),
+    "sync_d": ("Sync-D (SyncNet distance)", "lower"),
+    "sync_synthetic": ("synthetic lip sync (r)", "higher"),
+}
+
+
+@dataclass
+class MetricsConfig:
+    """Which metrics run. FID, FVD and Sync-C/D need their reference weights (see README, Evaluation).
+
+    fid_weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+    fvd_weights: `i3d_pretrained_400.pt` (piergiaj/pytorch-i3d `InceptionI3d` layout).
+    syncnet_weights: syncnet_python's `syncnet_v2.model`.
+    synthetic_sync: score lip sync against synthetic ground truth where the data has it.
+    fid_frames_per_clip: evenly spaced frames per clip that enter FID (None: every frame).
+    vshift: SyncNet offset search range in frames (syncnet_python: 15).
+    batch_size: frames (Inception), clips (I3D) or windows (SyncNet) per forward pass.
+    """
+
+    fid_weights: str | None = None
+    fvd_weights: str | None = None
+    syncnet_weights: str | None = None
+    synthetic_sync: bool = True
+    fid_frames_per_clip: int | None = None
+    vshift: int = VSHIFT
+    batch_size: int = 16
+
+
+@dataclass
+class EvalClip:
+    """One segment to evaluate: its ground truth and what generation needs."""
+
+    key: str
+    real: np.ndarray  # uint8 [T, H, W, 3] ground-truth frames
+    waveform: np.ndarray  # float32 [N] 16 kHz mono
+    fps: float
+    reference: str  # where `real` came from: "source video" | "VAE reconstruction"
+    mouth_box: Box | None = None  # synthetic ground truth: a fixed box holding the mouth
+
+
+class MetricSuite:
+    """The configured metric networks; `skipped` names each metric that cannot run and why."""
+
+    def __init__(self, config: MetricsConfig, device: str = "cpu"):
+        if config.fid_frames_per_clip is not None and config.fid_frames_per_clip < 2:
+            raise ValueError(f"fid_frames_per_clip must be >= 2 or None, got {config.fid_frames_per_clip}")
+        self.config = config
+        self.skipped: dict[str, str] = {}
+        self.inception = load_fid_inception(config.fid_weights, device) if config.fid_weights else None
+        self.i3d = load_i3d(config.fvd_weights, device) if config.fvd_weights else None
+        self.syncnet = load_syncnet(config.syncnet_weights, device) if config.syncnet_weights else None
+        if self.inception is None:
+            self.skipped["fid"] = "no Inception weights configured (--fid-weights pt_inception-2015-12-05-6726825d.pth)"
+        if self.i3d is None:
+            self.skipped["fvd"] = "no I3D weights configured (--fvd-weights i3d_pretrained_400.pt)"
+        if self.syncnet is None:
+            self.skipped["sync_c"] = self.skipped["sync_d"] = \
+                "no SyncNet weights configured (--syncnet-weights syncnet_v2.model)"
+        if not config.synthetic_sync:
+            self.skipped["sync_synthetic"] = "disabled in the metrics config"
+
+    def clip_stats(self, generated: np.ndarray, clip: EvalClip) -> dict[str, Any]:
+        """Per-clip statistics (numpy arrays and floats, gatherable across ranks) for `summarize`."""
+        if generated.shape != clip.real.shape:
+            raise ValueError(f"{clip.key}: generated frames {generated.shape} != ground truth {clip.real.shape}")
+        stats: dict[str, Any] = {"key": clip.key, "frames": len(generated), "reference": clip.reference}
+        size = self.config.batch_size
+        if self.inception is not None:
+            count = self.config.fid_frames_per_clip
+            index = np.arange(len(generated)) if count is None else \
+                np.unique(np.linspace(0, len(generated) - 1, min(count, len(generated))).round().astype(int))
+            stats["fid_fake"] = inception_features(self.inception, generated[index], size)
+            stats["fid_real"] = inception_features(self.inception, clip.real[index], size)
+        if self.i3d is not None:
+            stats["fvd_fake"] = i3d_features(self.i3d, video_clips(generated), max(1, size // CLIP_FRAMES))
+            stats["fvd_real"] = i3d_features(self.i3d, video_clips(clip.real), max(1, size // CLIP_FRAMES))
+        if self.syncnet is not None and clip.fps == SYNCNET_FPS and len(generated) > WINDOW:
+            for suffix, frames in (("", generated), ("_real", clip.real)):
+                result = sync_scores(self.syncnet, frames, clip.waveform, vshift=self.config.vshift, batch_size=size)
+                stats.update({f"sync_c{suffix}": result.sync_c, f"sync_d{suffix}": result.sync_d,
+                              f"sync_offset{suffix}": result.offset})
+        if self.config.synthetic_sync and clip.mouth_box is not None:
+            envelope = loudness_envelope(clip.waveform, media.SAMPLE_RATE, clip.fps, len(generated))
+            stats["sync_synthetic"] = sync_score(mouth_opening(generated, clip.mouth_box), envelope)
+            stats["sync_synthetic_real"] = sync_score(mouth_opening(clip.real, clip.mouth_box), envelope)
+        return stats
+
+    def summarize(self, stats: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
+        """(metrics, skipped): dataset-level values from the clips' `clip_stats`, and why any is missing."""
+        if not stats:
+            raise ValueError("no clip statistics to summarize")
+        metrics: dict[str, float] = {}
+        skipped = dict(self.skipped)
+        if self.inception is not None:
+            fake = np.concatenate([s["fid_fake"] for s in stats])
+            real = np.concatenate([s["fid_real"] for s in stats])
+            if min(len(fake), len(real)) >= 2:
+                metrics["fid"] = feature_distance(fake, real)
+            else:
+                skipped["fid"] = f"only {len(fake)} frame(s); FID needs at least 2"
+        if self.i3d is not None:
+            fake = np.concatenate([s["fvd_fake"] for s in stats])
+            real = np.concatenate([s["fvd_real"] for s in stats])
+            if min(len(fake), len(real)) >= 2:
+                metrics["fvd"] = feature_distance(fake, real)
+            else:
+                skipped["fvd"] = f"only {len(fake)} {CLIP_FRAMES}-frame clip(s); FVD needs at least 2"
+        if self.syncnet is not None:
+            scored = [s for s in stats if "sync_c" in s]
+            for name in ("sync_c", "sync_d", "sync_c_real", "sync_d_real"):
+                if scored:
+                    metrics[name] = float(np.mean([s[name] for s in scored]))
+            if not scored:
+                skipped["sync_c"] = skipped["sync_d"] = \
+                    f"SyncNet needs {SYNCNET_FPS:g} fps clips of more than {WINDOW} frames; none qualified"
+        if self.config.synthetic_sync:
+            truth = [s for s in stats if "sync_synthetic" in s]
+            if truth:
+                metrics["sync_synthetic"] = float(np.mean([s["sync_synthetic"] for s in truth]))
+                metrics["sync_synthetic_real"] = float(np.mean([s["sync_synthetic_real"] for s in truth]))
+            else:
+                skipped["sync_synthetic"] = "no clip has synthetic ground truth (<source video>.json with mouth_box)"
+        return metrics, skipped
+
+
+def _sample_keys(path: str) -> list[str]:
+    """Keys of the samples in a shard, in order, from the tar headers (samples are keyed by their json member)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            names = [m.name.partition(".") for m in tar if m.isreg()]  # "<key>.<member>", as `iter_tar` splits
+    except (OSError, tarfile.TarError) as err:
+        raise ShardFormatError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from err
+    return [key for key, _, member in names if member == META]
+
+
+def select_segments(data: str | Path, num_clips: int, seed: int) -> list[Segment]:
+    """`num_clips` segments of the dataset at `data`, chosen by `seed` (all of them if there are fewer)."""
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    manifest = Manifest.load(data)
+    keyed = [(path, key) for path in manifest.shard_paths(data) for key in _sample_keys(path)]
+    if not keyed:
+        raise ShardFormatError(f"{data}: the dataset has no samples")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(keyed), size=min(num_clips, len(keyed)), replace=False).tolist())
+    wanted = [keyed[i] for i in chosen]
+    found: dict[str, Segment] = {}
+    for path in dict.fromkeys(p for p, _ in wanted):
+        keys = {k for p, k in wanted if p == path}
+        found.update({s.key: s for s in iter_tar(path) if s.key in keys})
+    return [found[key] for _, key in wanted]
+
+
+def _mouth_box(meta: dict[str, Any], size: int) -> Box | None:
+    """The synthetic mouth region of a segment in its frames' pixels, or None without synthetic ground truth."""
+    side_path = Path(str(meta.get("source", ""))).with_suffix(".json")
+    if not side_path.is_file():
+        return None
+    try:
+        side = json.loads(side_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(side, dict) or "mouth_box" not in side:
+        return None
+    start, frames = int(meta.get("start_frame", 0)), int(meta["frames"])
+    boxes = np.asarray(side["mouth_box"], dtype=np.float64)[start : start + frames]  # [T, 4] source pixels
+    if boxes.shape != (frames, 4):
+        raise ShardFormatError(f"{side_path}: mouth_box has {len(side['mouth_box'])} frames, the segment needs "
+                               f"frames {start}..{start + frames - 1}")
+    x0, y0, x1, _ = np.asarray(meta.get("face_box") or [0, 0, side["size"], side["size"]], dtype=np.float64)
+    boxes = (boxes - [x0, y0, x0, y0]) * (size / (x1 - x0))  # the segment's crop, resized to `size`
+    return mouth_region({"mouth_box": np.round(boxes).astype(int).tolist(), "size": size}, margin=2)
+
+
+class ClipLoader:
+    """Turns segments into `EvalClip`s, reading each source video once and the data's VAE only if needed."""
+
+    def __init__(self, manifest: Manifest, size: int):
+        self.manifest, self.size = manifest, size
+        self._source: tuple[str, np.ndarray] | None = None
+        self._vae = None
+
+    def _source_frames(self, path: str) -> np.ndarray | None:
+        if self._source is None or self._source[0] != path:
+            try:
+                self._source = (path, media.read_video(path, fps=self.manifest.fps, size=self.size))
+            except media.MediaError:
+                self._source = (path, np.zeros((0, self.size, self.size, 3), np.uint8))
+        return self._source[1]
+
+    def __call__(self, segment: Segment) -> EvalClip:
+        meta = segment.meta
+        frames = int(meta["frames"])
+        start = int(meta.get("start_frame", 0))
+        real = self._source_frames(str(meta.get("source", "")))[start : start + frames]
+        reference = "source video"
+        if len(real) != frames:
+            if self._vae is None:
+                if not self.manifest.vae.get("path"):
+                    raise ShardFormatError(f"{segment.key}: source video {meta.get('source')} is unreadable and the "
+                                           "manifest names no VAE to decode the latents with")
+                self._vae = load_vae(self.manifest.vae["path"])
+            real, reference = decode_latents(self._vae, segment.latents.astype(np.float32)), "VAE reconstruction"
+        waveform, rate = media.decode_flac(segment.waveform_flac, source=f"{segment.key}.{WAVEFORM}")
+        if rate != media.SAMPLE_RATE:
+            raise ShardFormatError(f"{segment.key}: audio.flac is {rate} Hz, expected {media.SAMPLE_RATE}")
+        return EvalClip(segment.key, real, waveform, float(meta.get("fps", self.manifest.fps)), reference,
+                        _mouth_box(meta, self.size))
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed: int = 0,
+             metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int = 25,
+             sampler: str | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, ema: bool = True,
+             vae_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) if
+    given, prints the table, returns the result (metrics, skip notes, per-clip scores, settings, timings)."""
+    t_start = time.perf_counter()
+    metrics = metrics or MetricsConfig()
+    suite = MetricSuite(metrics, device)
+    gen = load_generator(checkpoint, ema=ema, device=device)
+    info = gen.data_info
+    manifest = Manifest.load(data)
+    if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):
+        raise ValueError(f"{data}: frames are {manifest.size}px at {manifest.fps:g} fps, but {checkpoint} was "
+                         f"trained on {info['size']}px at {info['fps']:g} fps")
+    vae_path = vae_path or info["vae"].get("path")
+    if vae_path is None:
+        raise CheckpointError(f"{checkpoint}: the training data's manifest names no VAE path; pass vae_path")
+    vae = load_vae(vae_path, device=device)
+    load = ClipLoader(manifest, int(info["size"]))
+    stats: list[dict[str, Any]] = []
+    seconds = {"setup": time.perf_counter() - t_start, "generate": 0.0, "metrics": 0.0}
+    for i, segment in enumerate(select_segments(data, num_clips, seed)):
+        clip = load(segment)
+        t0 = time.perf_counter()
+        generated = generate_frames(gen, clip.real[:1], clip.waveform, vae, sampler, steps, audio_scale, ref_scale,
+                                    seed + i, device)[: len(clip.real)]
+        t1 = time.perf_counter()
+        stats.append(suite.clip_stats(generated, clip))
+        seconds["generate"] += t1 - t0
+        seconds["metrics"] += time.perf_counter() - t1
+    values, skipped = suite.summarize(stats)
+    seconds["total"] = time.perf_counter() - t_start
+    references = [s["reference"] for s in stats]
+    result = {
+        "checkpoint": str(checkpoint), "data": str(data), "seed": seed, "num_clips": len(stats),
+        "metrics": values, "skipped": skipped,
+        "reference_frames": {name: references.count(name) for name in dict.fromkeys(references)},
+        "generation": {"steps": steps, "sampler": sampler, "audio_scale": audio_scale, "ref_scale": ref_scale,
+                       "ema": ema},
+        "metrics_config": asdict(metrics),
+        "clips": [{k: v for k, v in s.items() if not isinstance(v, np.ndarray)} for s in stats],
+        "seconds": seconds,
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+        result["out"] = str(out)
+    print(format_table(result))
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a text table: each metric for the generated and the ground-truth videos, then skip notes."""
+    values, skipped = result["metrics"], result["skipped"]
+    rows = [("metric", "generated", "ground truth", "better")]
+    for name, (label, better) in METRICS.items():
+        if name in values:
+            real = values.get(f"{name}_real")
+            rows.append((label, f"{values[name]:.4f}", "-" if real is None else f"{real:.4f}", better))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    refs = ", ".join(f"{n} from {k}" for k, n in result["reference_frames"].items())
+    count = result["num_clips"]
+    lines.insert(0, f"evaluated {count} clip{'s' * (count != 1)} of {result['data']} (seed {result['seed']}; "
+                    f"ground truth: {refs})")
+    notes: dict[str, list[str]] = {}
+    for name, note in skipped.items():
+        notes.setdefault(note, []).append(METRICS[name][0])
+    lines += [f"skipped {', '.join(labels)}: {note}" for note, labels in notes.items()]
+    if "out" in result:
+        lines.append(f"wrote {result['out']}")
+    return "\n".join(lines)
