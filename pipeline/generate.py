@@ -16,13 +16,10 @@ import torch
 
 from pipeline import media
 from pipeline.audio_encoders import audio_windows, build_audio_encoder
+from pipeline.checkpoints import CheckpointError, read_weights
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for generation."""
 
 
 @dataclass
@@ -36,26 +33,15 @@ class Generator:
 
 
 def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu") -> Generator:
-    """Load a `letstalk fit` checkpoint safely (``weights_only=True``) and build the network from its config."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    hparams = ckpt.get("hyper_parameters", {})
-    if "net" not in hparams or not hparams.get("data_info"):
-        raise CheckpointError(f"{path}: no LetsTalk model config in the checkpoint (was it written by `letstalk fit`?)")
-    net = LetsTalkDiT(DiTConfig(**hparams["net"]))
-    prefix = "ema." if ema else "net."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    """Build the network from a checkpoint's config and load its weights (`pipeline.checkpoints.read_weights`)."""
+    config, state = read_weights(checkpoint, ema=ema)
+    net = LetsTalkDiT(DiTConfig(**config["net"]))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model config "
+        raise CheckpointError(f"{checkpoint}: weights do not match the model config "
                               f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
     net.eval().to(device)
-    return Generator(net, Diffusion(DiffusionConfig(**hparams["diffusion"])), hparams["data_info"])
+    return Generator(net, Diffusion(DiffusionConfig(**config["diffusion"])), config["data_info"])
 
 
 def read_portrait(path: str | Path, size: int) -> np.ndarray:

