@@ -7,6 +7,7 @@
     letstalk validate  validate a checkpoint (LightningCLI)
     letstalk generate  portrait + audio -> talking video
     letstalk evaluate  FID / FVD / Sync-C / Sync-D of a checkpoint on a seeded subset of a dataset
+    letstalk sweep     one SLURM training job per grid point (model sizes by default)
     letstalk export    a training checkpoint -> model.safetensors + its config (for generate)
     letstalk demo      the whole pipeline end to end on synthetic data
 """
@@ -91,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors; the config goes beside it as .json")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (default: the live weights)")
 
+    p = sub.add_parser("sweep", help="submit one SLURM job (slurm/train.sbatch) per grid point")
+    p.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2",
+                   help="a config key and its values; repeat for a product grid (default: model.net.size=S,B,L,XL)")
+    p.add_argument("--runs", default="runs/sweep", help="parent folder of the runs")
+    p.add_argument("--name", default="sweep", help="job-name prefix and W&B group")
+    p.add_argument("--sbatch", default="", help="extra sbatch options, e.g. '--nodes=2 --time=24:00:00'")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+    p.add_argument("fit_args", nargs=argparse.REMAINDER, help="`letstalk fit` arguments after --")
+
     p = sub.add_parser("demo", help="synthesise, fit VAE, prepare, train, generate, measure lip sync")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="a much shorter run (for tests); sync scores are not meaningful")
@@ -152,6 +162,13 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.checkpoints import export
 
         export(args.checkpoint, args.out, ema=args.ema)
+    elif args.command == "sweep":
+        import shlex
+
+        from pipeline.cli.sweep import run_sweep
+
+        fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
+        run_sweep(fit_args, args.grid, args.runs, args.name, shlex.split(args.sbatch), args.dry_run)
     elif args.command == "demo":
         from pipeline.cli.demo import run_demo
 
