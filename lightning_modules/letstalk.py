@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.throughput import peak_flops, throughput
 
 
 @dataclass
@@ -112,8 +113,13 @@ class LetsTalkModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         now = time.perf_counter()
         if self._tick is not None:
-            clips_per_s = b * self.trainer.world_size / (now - self._tick)
-            self.log("train/clips_per_s", clips_per_s, prog_bar=True, batch_size=b)
+            frames, _, h, w = batch["latents"].shape[1:]
+            p = self.net.config.patch_size
+            world, peak = self.trainer.world_size, peak_flops(self.device)  # MFU over all ranks' devices
+            rates = throughput(b * world, now - self._tick, 3 * self.net.flops_per_clip(frames, h, w),
+                               frames * (h // p) * (w // p), peak * world if peak else None)
+            for name, value in rates.items():
+                self.log(f"train/{name}", value, prog_bar=name == "clips_per_s", batch_size=b)
         self._tick = now
         return loss
 

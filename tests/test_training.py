@@ -124,7 +124,13 @@ def test_letstalk_fit_cli_writes_checkpoints_logs_and_resumes(shards: Path, tmp_
     metrics = [row for path in sorted(run.glob("lightning_logs/version_*/metrics.csv"))
                for row in csv.DictReader(open(path))]
     keys = {key for row in metrics for key, value in row.items() if value}
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/clips_per_s", "val/loss"} <= keys
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/clips_per_s", "train/tokens_per_s",
+            "train/tflops_per_s", "val/loss"} <= keys
+    assert "train/mfu" not in keys  # no peak FLOP/s is known for a CPU
+    rates = [r for r in metrics if r.get("train/tokens_per_s")]
+    tokens_per_clip = 4 * (HW // 2) ** 2  # 4 frames of 8x8 latents, patch 2
+    assert all(float(r["train/tokens_per_s"]) == pytest.approx(float(r["train/clips_per_s"]) * tokens_per_clip, rel=1e-4)
+               for r in rates)
     steps = [int(r["step"]) for r in metrics if r.get("train/loss")]
     assert max(steps) >= 4  # the resumed run logged past the saved step
     assert list(run.glob("wandb/offline-run-*/run-*.wandb"))
