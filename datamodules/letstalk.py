@@ -8,6 +8,14 @@ Every sample of the stream is one clip cut from one segment (one WebDataset samp
     audio    float32 [B, F, W, D]     W = (2 * audio_radius + 1) * K audio vectors around each clip frame
     key      list[str]                the segment's "<video id>/<segment index>"
     start    int64   [B]              index of the clip's first frame in the segment
+    motion   float32 [B, M, C, h, w]  only if the model has motion frames: the M frames right before the clip
+    memory   float32 [B, N, C, h, w]  only if the model has a memory bank: frames `DiTConfig.memory_indices(start)`
+
+Long videos: the model's config is the one source of M, N and the memory stride; the
+LetsTalkModule hands it over with `set_context` when it is set up (before any batch is made).
+Clips then start at frame M or later, so segments need clip_frames + M frames; memory frames
+that would fall before the segment's first frame are clamped to it, exactly as generation does
+at the start of a video, so no segment is skipped for lack of memory history.
 
 Training streams shards endlessly in a (seed, epoch)-seeded order, partitioned over ranks and
 workers, and stops each rank after exactly `train_batches_per_epoch` batches, so ranks with
@@ -37,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.audio_encoders import audio_windows
+from pipeline.models.dit import DiTConfig
 from pipeline.shards import LATENTS, MANIFEST, MEMBERS, Manifest, Segment, ShardFormatError
 from pipeline.vae import scale_latents
 
@@ -116,13 +125,14 @@ def index_shards(paths: list[str]) -> list[IndexedSample]:
     return found
 
 
-def choose_window(rng: np.random.Generator, frames: int, clip_frames: int, ref_mode: str) -> tuple[int, int]:
-    """A random clip start and reference frame index for a segment of `frames` frames.
+def choose_window(rng: np.random.Generator, frames: int, clip_frames: int, ref_mode: str,
+                  lead: int = 0) -> tuple[int, int]:
+    """A random clip start (>= `lead`, room for motion frames) and reference frame index for a segment of `frames` frames.
 
     ref_mode "outside": the reference comes from outside [start, start + clip_frames) when the
     segment has such frames, else from inside it; "any": any frame of the segment.
     """
-    start = int(rng.integers(0, frames - clip_frames + 1))
+    start = int(rng.integers(lead, frames - clip_frames + 1))
     outside = [i for i in range(frames) if not start <= i < start + clip_frames]
     if ref_mode == "outside" and outside:
         return start, int(rng.choice(outside))
@@ -130,9 +140,11 @@ def choose_window(rng: np.random.Generator, frames: int, clip_frames: int, ref_m
 
 
 def make_clip(
-    segment: Segment, start: int, ref: int, clip_frames: int, radius: int, vae: dict[str, Any]
+    segment: Segment, start: int, ref: int, clip_frames: int, radius: int, vae: dict[str, Any],
+    context: DiTConfig | None = None,
 ) -> dict[str, Any]:
-    """One training/validation sample: scaled latents, scaled reference frame and audio windows of one clip.
+    """One training/validation sample: scaled latents, scaled reference frame and audio windows of one clip,
+    plus the motion and memory frames `context` (the model config) asks for.
 
     The audio windows are `audio_windows` of the whole segment sliced to the clip; computing them
     on frames [start - radius, start + clip_frames + radius) clipped to the segment gives the
@@ -144,13 +156,20 @@ def make_clip(
     lo, hi = max(0, start - radius), min(len(segment.audio), end + radius)
     audio = torch.from_numpy(segment.audio[lo:hi].astype(np.float32))  # [hi - lo, K, D]
     windows = audio_windows(audio, radius)[start - lo : end - lo]  # [F, (2r+1)*K, D]
-    return {
+    clip = {
         "latents": scale_latents(latents, vae),
         "ref": scale_latents(reference, vae),
         "audio": windows,
         "key": segment.key,
         "start": start,
     }
+    if context is not None and context.motion_frames:
+        motion = segment.latents[start - context.motion_frames : start].astype(np.float32)  # [M, C, h, w]
+        clip["motion"] = scale_latents(torch.from_numpy(motion), vae)
+    if context is not None and context.memory_frames:
+        memory = segment.latents[context.memory_indices(start)].astype(np.float32)  # [N, C, h, w]
+        clip["memory"] = scale_latents(torch.from_numpy(memory), vae)
+    return clip
 
 
 class _SkipCounter:
@@ -233,8 +252,10 @@ class TrainClips(IterableDataset):
         rank: int,
         world_size: int,
         epoch: int = 0,
+        context: DiTConfig | None = None,
     ) -> None:
         super().__init__()
+        self.context = context
         self.shards, self.vae = shards, vae
         self.clip_frames, self.audio_radius, self.ref_mode = clip_frames, audio_radius, ref_mode
         self.batch_size, self.batches = batch_size, batches
@@ -274,16 +295,18 @@ class TrainClips(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         produced = [0]
 
+        lead = self.context.motion_frames if self.context is not None else 0
+
         def to_clip(segment: Segment) -> dict[str, Any]:
-            start, ref = choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode)
-            clip = make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.vae)
+            start, ref = choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode, lead)
+            clip = make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.vae, self.context)
             produced[0] += 1
             return clip
 
         urls = self._shard_urls(epoch, self.rank * workers + worker, self.world_size * workers, lambda: produced[0])
         segments = _segments(lambda: urls, self.handler, lambda s: not is_val_video(s["__key__"], self.val_percent))
         stages = [
-            wds.select(lambda segment: len(segment.latents) >= self.clip_frames),
+            wds.select(lambda segment: len(segment.latents) >= self.clip_frames + lead),
             wds.map(to_clip, handler=self.handler),
         ]
         if self.shuffle_buffer > 1:
@@ -352,7 +375,9 @@ class LetsTalkDataModule(L.LightningDataModule):
         self.seed, self.val_batches, self.ref_mode = seed, val_batches, ref_mode
         self._rank, self._world_size = rank, world_size
         self._epoch = 0
+        self.context: DiTConfig | None = None
         self.manifest: Manifest | None = None
+        self.samples: list[IndexedSample] = []
         self.train_samples: list[IndexedSample] = []
         self.val_samples: list[IndexedSample] = []
         self._val_cache: list[dict[str, Any]] | None = None
@@ -376,16 +401,37 @@ class LetsTalkDataModule(L.LightningDataModule):
                 f"{wrong.shard}: sample {wrong.key} has {wrong.channels} latent channels, "
                 f"the manifest's VAE has {channels}"
             )
-        longest = max(s.frames for s in samples)
-        if longest < self.clip_frames:
+        self.samples, self.manifest = samples, manifest
+        self._split()
+
+    @property
+    def min_frames(self) -> int:
+        """Frames a segment needs: clip_frames, plus the model's motion frames before the clip."""
+        return self.clip_frames + (self.context.motion_frames if self.context is not None else 0)
+
+    def _split(self) -> None:
+        """Keep the segments long enough for a clip (and its motion frames), split by video into train/val."""
+        longest = max(s.frames for s in self.samples)
+        if longest < self.min_frames:
+            motion = self.min_frames - self.clip_frames
+            need = f"clip_frames={self.clip_frames}"
+            if motion:
+                need += f" + model.net.motion_frames={motion} = {self.min_frames} frames"
             raise ValueError(
-                f"{root}: clip_frames={self.clip_frames} is longer than every segment (longest: {longest} frames); "
-                f"set clip_frames <= {longest} or prepare the dataset with longer segments"
+                f"{self.root}: {need} is longer than every segment (longest: {longest} frames); "
+                f"set clip_frames <= {longest - motion} or prepare the dataset with longer segments"
             )
-        usable = [s for s in samples if s.frames >= self.clip_frames]
+        usable = [s for s in self.samples if s.frames >= self.min_frames]
         self.val_samples = [s for s in usable if is_val_video(s.key, self.val_percent)]
         self.train_samples = [s for s in usable if not is_val_video(s.key, self.val_percent)]
-        self.manifest = manifest
+
+    def set_context(self, net: DiTConfig) -> None:
+        """Take the model's long-video settings (motion_frames, memory_frames, memory_stride): batches then carry
+        `motion` / `memory` and clips leave room for the motion frames. Called by LetsTalkModule.setup."""
+        self.context = net if net.motion_frames or net.memory_frames else None
+        self._val_cache = None
+        if self.manifest is not None:
+            self._split()
 
     def _dist(self) -> tuple[int, int]:
         """(rank, world_size): from the trainer, else the constructor overrides, else torch.distributed."""
@@ -417,7 +463,7 @@ class LetsTalkDataModule(L.LightningDataModule):
         self.setup("fit")
         if not self.train_samples:
             raise ValueError(
-                f"{self.root}: no training segment of >= {self.clip_frames} frames outside the validation split "
+                f"{self.root}: no training segment of >= {self.min_frames} frames outside the validation split "
                 f"(val_percent={self.val_percent}); lower val_percent or clip_frames"
             )
         return max(1, len(self.train_samples) // (self._dist()[1] * self.batch_size))
@@ -446,6 +492,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             rank,
             world_size,
             epoch,
+            self.context,
         )
         return DataLoader(
             dataset,
@@ -456,7 +503,8 @@ class LetsTalkDataModule(L.LightningDataModule):
         )
 
     def _build_val_batches(self) -> list[dict[str, Any]]:
-        """The fixed validation clips: start 0, reference = last frame, batched in index order."""
+        """The fixed validation clips: start at frame M (0 without motion frames), reference = last frame,
+        batched in index order."""
         wanted = self.val_samples[: self.val_batches * self.batch_size]
         if not wanted:
             warnings.warn(
@@ -469,9 +517,10 @@ class LetsTalkDataModule(L.LightningDataModule):
         shards = wds.SimpleShardList(list(dict.fromkeys(s.shard for s in wanted)))
         clips: dict[str, dict[str, Any]] = {}
         vae = self.manifest.vae
+        start = self.context.motion_frames if self.context is not None else 0
         for segment in _segments(shards, _SkipCounter(), lambda sample: sample["__key__"] in keys):
             last = len(segment.latents) - 1
-            clips[segment.key] = make_clip(segment, 0, last, self.clip_frames, self.audio_radius, vae)
+            clips[segment.key] = make_clip(segment, start, last, self.clip_frames, self.audio_radius, vae, self.context)
         ordered = [clips[s.key] for s in wanted if s.key in clips]
         return [default_collate(ordered[i : i + self.batch_size]) for i in range(0, len(ordered), self.batch_size)]
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.diffusion import Diffusion, DiffusionConfig
-from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.throughput import peak_flops, throughput
 
 
@@ -75,6 +75,12 @@ class LetsTalkModule(L.LightningModule):
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.hparams["net"] = asdict(net)
 
+    def setup(self, stage: str) -> None:
+        """Hand the model's long-video settings to the DataModule (its one source), before any batch is made."""
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "set_context"):
+            datamodule.set_context(DiTConfig(**self.hparams["net"]))
+
     def configure_model(self) -> None:
         if self.net is not None:
             return
@@ -100,8 +106,32 @@ class LetsTalkModule(L.LightningModule):
             drop_ref, drop_audio = self.diffusion.dropout_masks(b, generator, x0.device)
         else:
             drop_ref = drop_audio = None
-        pred = self.net(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio)
+        context = self._context(batch, generator, training=dropout)
+        pred = self.net(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio, **context)
         return self.diffusion.loss(pred.float(), target.float(), t)  # min-SNR weighted when configured
+
+    def _context(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
+                 training: bool) -> dict[str, torch.Tensor | None]:
+        """Motion/memory inputs of the batch, noised by `noise_context` (training: random level up to
+        cond_noise_max, plus motion dropout; otherwise the generation level cond_noise_infer)."""
+        cfg = self.net.config
+        if not (cfg.motion_frames or cfg.memory_frames):
+            return {}
+        device = batch["latents"].device
+        b = batch["latents"].shape[0]
+        if training:
+            level = torch.rand(b, generator=generator, device=device) * cfg.cond_noise_max
+            drop = torch.rand(b, generator=generator, device=device) < cfg.motion_dropout
+        else:
+            level, drop = cfg.cond_noise_infer, None
+        context = {"drop_motion": drop}
+        for key, count in (("motion", cfg.motion_frames), ("memory", cfg.memory_frames)):
+            if count:
+                if key not in batch:
+                    raise ValueError(f"the model has {key}_frames={count} but the batch has no {key!r}; "
+                                     "call LetsTalkDataModule.set_context with the model config")
+                context[key] = noise_context(self.diffusion, batch[key], level, generator)
+        return context
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -1,7 +1,10 @@
 """`letstalk generate`: one portrait + one audio file -> a talking video (no Lightning needed).
 
 Audio longer than one clip is covered by consecutive clips that share the portrait,
-the seed stream and the guidance settings; the output's length matches the audio.
+the seed stream and the guidance settings; the output's length matches the audio. A model with
+long-video options chains the clips: each clip after the first is conditioned on the last
+motion_frames latents generated so far and on a memory bank of earlier generated latents
+(`DiTConfig.memory_indices`), both noised to cond_noise_infer (`noise_context`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pipeline import media
 from pipeline.audio_encoders import audio_windows, build_audio_encoder
 from pipeline.checkpoints import CheckpointError, read_weights
 from pipeline.diffusion import Diffusion, DiffusionConfig
-from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
 
 
@@ -53,6 +56,43 @@ def read_portrait(path: str | Path, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
+                   steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0) -> torch.Tensor:
+    """Scaled latents [T, C, h, w] for portrait latents ref [R, C, h, w] and audio windows [T, W, D], clip by clip.
+
+    Clips of clip_frames follow each other (the last one is padded with the last audio window and
+    cut); with motion frames / a memory bank, clip i is conditioned on the latents generated before it.
+    """
+    cfg, clip = gen.net.config, int(gen.data_info["clip_frames"])
+    num_frames = windows.shape[0]
+    clips = math.ceil(num_frames / clip)
+    pad = clips * clip - num_frames
+    windows = torch.cat([windows, windows[-1:].expand(pad, -1, -1)]) if pad else windows
+    audio = windows.view(clips, clip, *windows.shape[1:])  # [N, F, W, D]
+    shape = (1, clip, *ref.shape[1:])
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    latents: list[torch.Tensor] = []  # [1, F, C, h, w] each
+    for i in range(clips):
+        context = {}
+        if i and (cfg.motion_frames or cfg.memory_frames):
+            history, start = torch.cat(latents, dim=1), i * clip  # [1, i·F, C, h, w]
+            motion = [max(0, start - cfg.motion_frames + k) for k in range(cfg.motion_frames)]
+            for key, index in (("motion", motion), ("memory", cfg.memory_indices(start))):
+                if index:
+                    context[key] = noise_context(gen.diffusion, history[:, index], cfg.cond_noise_infer, rng)
+
+        def denoiser(x, t, drop_ref, drop_audio, a=audio[i:i + 1], context=context):
+            n = x.shape[0]
+            batch = {key: value.expand(n, -1, -1, -1, -1) for key, value in context.items()}
+            return gen.net(x, t, ref[None].expand(n, -1, -1, -1, -1), a.expand(n, -1, -1, -1), drop_ref, drop_audio,
+                           **batch)
+
+        noise = torch.randn(shape, generator=rng).to(ref.device)
+        latents.append(gen.diffusion.sample(denoiser, shape, sampler, steps, audio_scale, ref_scale, noise=noise))
+    return torch.cat(latents, dim=1)[0, :num_frames]
+
+
+@torch.no_grad()
 def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
                     steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
                     device: str = "cpu") -> np.ndarray:
@@ -66,25 +106,11 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
     encoder = build_audio_encoder(info["audio_encoder"]["name"], info["audio_encoder"].get("path"), fps=fps, device=device)
     features = torch.from_numpy(encoder.encode(waveform, num_frames, fps))  # [T, K, D]
     windows = audio_windows(features, int(info["audio_radius"]))  # [T, W, D]
-    clips = math.ceil(num_frames / clip)
-    pad = clips * clip - num_frames
-    windows = torch.cat([windows, windows[-1:].expand(pad, -1, -1)]) if pad else windows
-    audio = windows.view(clips, clip, *windows.shape[1:]).to(device)  # [N, F, W, D]
     ref = scale_latents(torch.from_numpy(encode_frames(vae, portrait)).float(), info["vae"]).to(device)  # [1, C, h, w]
     gen.timings["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    shape = (1, clip, *ref.shape[1:])
-    rng = torch.Generator(device="cpu").manual_seed(seed)
-    latents = []
-    for i in range(clips):
-        def denoiser(x, t, drop_ref, drop_audio, a=audio[i:i + 1]):
-            n = x.shape[0]
-            return gen.net(x, t, ref[None].expand(n, -1, -1, -1, -1), a.expand(n, -1, -1, -1), drop_ref, drop_audio)
-
-        noise = torch.randn(shape, generator=rng).to(device)
-        latents.append(gen.diffusion.sample(denoiser, shape, sampler, steps, audio_scale, ref_scale, noise=noise))
-    z = torch.cat(latents, dim=1)[0, :num_frames]  # [T, C, h, w]
+    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed)  # [T, C, h, w]
     gen.timings["denoise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -33,6 +33,23 @@ embedding of their index in the window and, under RoPE, sit at the grid origin o
 
 Condition dropout (for classifier-free guidance) swaps in learned null embeddings, never masks,
 so the hot path has no padding.
+
+Long videos (paper v2/v3; off by default, so older configs and checkpoints are unchanged):
+
+* motion frames (``motion_frames`` = M): the last M latent frames of the previous clip, fused
+  exactly like the portrait — they are patchified with it and placed right after its R frames
+  (R+M "context frames", marked by their own motion-type embedding), so symbiotic fusion
+  prepends them to the sequence and direct/siamese fusion takes them as extra portrait tokens.
+  Frame indices run 0..R-1 portrait, R..R+M-1 motion, R+M..R+M+F-1 video.
+* memory bank (``memory_frames`` = N): N earlier latent frames, ``memory_stride`` frames apart,
+  2× average-pooled in latent space (a quarter of the tokens) and embedded by the same patch
+  layer, with a memory-type embedding and a sin-cos embedding of the slot. Every spatial block's
+  self-attention takes them as extra keys/values (the siamese path, without a twin branch),
+  so the video reads the memory at a quarter of a frame's cost per memory frame and the memory
+  never grows with the video.
+
+Either one missing (the first clip, or ``drop_motion`` in training) is replaced by its learned
+null, as for guidance; `noise_context` holds the noise-regularisation rule for both.
 """
 
 from __future__ import annotations
@@ -45,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.diffusion import Diffusion
 from pipeline.models.attention import Attention, Context, check_backend, rope_angles
 from pipeline.models.sizes import get_size
 
@@ -75,6 +93,13 @@ class DiTConfig:
     temporal_attention: bool = True  # False: every block is spatial, so frames never exchange information
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile each block in place (state-dict keys unchanged)
+    # Long videos (see the module docstring and `noise_context`); 0 frames = off.
+    motion_frames: int = 0  # M: last latent frames of the previous clip
+    memory_frames: int = 0  # N: strided earlier latent frames, 2x pooled (latent size / patch_size must be even)
+    memory_stride: int = 4  # latent frames between memory frames, for data sampling and generation alike
+    motion_dropout: float = 0.1  # P(a training clip gets null motion and memory, as a video's first clip does)
+    cond_noise_max: float = 0.3  # training: motion/memory noised to a level ~ U(0, cond_noise_max)
+    cond_noise_infer: float = 0.05  # generation: motion/memory noised to this fixed level
 
     def validate(self) -> None:
         hidden = get_size(self.size).hidden
@@ -84,6 +109,14 @@ class DiTConfig:
         for name in ("latent_channels", "patch_size", "audio_dim", "audio_tokens", "ref_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("motion_frames", "memory_frames"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model config: {name} must be >= 0, got {getattr(self, name)}")
+        if self.memory_stride < 1:
+            raise ValueError(f"model config: memory_stride must be >= 1, got {self.memory_stride}")
+        for name in ("motion_dropout", "cond_noise_max", "cond_noise_infer"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model config: {name} must be in [0, 1], got {getattr(self, name)}")
         for name, options in (("portrait_fusion", FUSIONS), ("audio_fusion", FUSIONS), ("pos_encoding", POS_ENCODINGS)):
             if getattr(self, name) not in options:
                 raise ValueError(f"model config: {name} must be one of {options}, got {getattr(self, name)!r}")
@@ -95,6 +128,36 @@ class DiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def history_frames(self) -> int:
+        """Frames before a clip that its motion and memory can reach: M + N·memory_stride."""
+        return self.motion_frames + self.memory_frames * self.memory_stride
+
+    def memory_indices(self, start: int) -> list[int]:
+        """Frame indices of the memory of a clip starting at `start` (motion = start-M..start-1): N frames,
+        oldest first, `memory_stride` apart, ending one stride before the motion frames; indices before the
+        video's first frame are clamped to it (the start of a video or segment has no earlier history)."""
+        last = start - self.motion_frames - self.memory_stride
+        return [max(0, last - self.memory_stride * j) for j in reversed(range(self.memory_frames))]
+
+
+def noise_context(diffusion: Diffusion, latents: torch.Tensor, level: torch.Tensor | float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise-regularised conditioning: motion/memory latents [B, K, C, h, w] diffused to `level`.
+
+    At inference the motion and memory frames are the model's own samples, with sampling errors;
+    training on clean ground truth would teach the model to trust them too much, and errors would
+    pile up clip after clip. So they are put through the diffusion's forward process at a small
+    level u (a fraction of the training timesteps, t = u·N; for flow u is σ): in training u ~
+    U(0, cond_noise_max) per sample ([B] tensor), in generation the fixed u = cond_noise_infer.
+    The model is not told u. Returns latents of the same shape and dtype.
+    """
+    b = latents.shape[0]
+    u = torch.as_tensor(level, dtype=torch.float32, device=latents.device).expand(b)
+    device = generator.device if generator is not None else latents.device  # a CPU generator may drive GPU latents
+    noise = torch.randn(latents.shape, generator=generator, device=device).to(latents.device, latents.dtype)
+    return diffusion.noise_and_target(latents, noise, u * diffusion.config.num_train_timesteps)[0]
 
 
 def sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -128,6 +191,7 @@ class Rope:
     frame: torch.Tensor | None = None  # [N, d/2] one frame's tokens in spatial blocks: patches at (0, i, j), audio at 0
     time: torch.Tensor | None = None  # [T, d/2] the sequence's frames in temporal blocks, at (t, 0, 0)
     ref: torch.Tensor | None = None  # [R·S, d/2] portrait tokens (direct, siamese), at (r, i, j)
+    memory: torch.Tensor | None = None  # [N·S/4, d/2] pooled memory tokens, at (0, 2i+½, 2j+½) of the frame grid
 
 
 class TimestepEmbedder(nn.Module):
@@ -164,12 +228,14 @@ class Block(nn.Module):
     regression starts at zero, so every block is the identity at initialisation. ``portrait`` and
     ``audio`` say how a spatial block takes in that condition: ``direct`` (cross-attention),
     ``siamese`` (twin features as extra keys/values) or None (temporal blocks, symbiotic fusion).
+    ``memory``: a spatial block whose self-attention also takes the memory bank as keys/values.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, axis: str, portrait: str | None,
-                 audio: str | None, qk_norm: bool, backend: str):
+                 audio: str | None, qk_norm: bool, backend: str, memory: bool = False):
         super().__init__()
         self.axis, self.portrait, self.audio = axis, portrait, audio
+        self.memory_norm = nn.LayerNorm(dim, eps=1e-6) if memory else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm=qk_norm, backend=backend)
         self.ref_norm, self.ref_attn = _fusion_layers(portrait, dim, heads, qk_norm, backend)
@@ -181,7 +247,7 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada[1].bias)
 
     def _attend(self, x: torch.Tensor, ref: torch.Tensor | None, audio: torch.Tensor | None,
-                rope: Rope) -> torch.Tensor:
+                rope: Rope, memory: torch.Tensor | None) -> torch.Tensor:
         b, t, n, d = x.shape
         if self.axis == "temporal":  # each position is a sequence of T tokens
             y = self.attn(x.transpose(1, 2).reshape(b * n, t, d), rope.time)
@@ -191,14 +257,17 @@ class Block(nn.Module):
             context.append(Context(self.ref_norm(ref), rope.ref))  # [B, R·S, D], shared by the T frames
         if self.audio == "siamese":
             context.append(Context(self.audio_norm(audio)))  # [B·T, W, D], one window per frame
+        if self.memory_norm is not None:
+            context.append(Context(self.memory_norm(memory), rope.memory))  # [B, N·S/4, D], shared by the T frames
         return self.attn(x.reshape(b * t, n, d), rope.frame, context).view(b, t, n, d)  # each frame is a sequence
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ref: torch.Tensor | None, audio: torch.Tensor | None,
-                rope: Rope) -> torch.Tensor:
+                rope: Rope, memory: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, N, D], c [B, D]; ref [B, R·S, D] portrait tokens (direct) or twin features
-        (siamese); audio [B·T, W, D] likewise, one window per frame -> [B, T, N, D]."""
+        (siamese); audio [B·T, W, D] likewise, one window per frame; memory [B, N·S/4, D] memory-bank
+        tokens -> [B, T, N, D]."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None, None].chunk(6, dim=-1)
-        x = x + gate1 * self._attend(modulate(self.norm1(x), shift1, scale1), ref, audio, rope)
+        x = x + gate1 * self._attend(modulate(self.norm1(x), shift1, scale1), ref, audio, rope, memory)
         b, t, n, d = x.shape
         if self.ref_attn is not None:  # every frame's tokens query the portrait's tokens
             x = x + self.ref_attn(self.ref_norm(x).view(b * t, n, d), rope.frame, [Context(ref, rope.ref)]).view_as(x)
@@ -251,6 +320,12 @@ class LetsTalkDiT(nn.Module):
         self.patch = nn.Linear(c * p * p, dim)
         self.ref_type = nn.Parameter(torch.zeros(dim))  # marks reference tokens apart from video tokens
         self.null_ref = nn.Parameter(torch.zeros(c * p * p))  # the "no portrait" patch, for guidance
+        if config.motion_frames:  # created only when used, so older checkpoints keep their exact keys
+            self.motion_type = nn.Parameter(torch.zeros(dim))
+            self.null_motion = nn.Parameter(torch.zeros(c * p * p))  # "no previous clip"
+        if config.memory_frames:
+            self.memory_type = nn.Parameter(torch.zeros(dim))
+            self.null_memory = nn.Parameter(torch.zeros(c * p * p))  # "no earlier clips"
         self.time = TimestepEmbedder(dim)
         self.audio_in = nn.Sequential(nn.Linear(config.audio_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.null_audio = nn.Parameter(torch.zeros(config.audio_tokens, config.audio_dim))
@@ -261,7 +336,8 @@ class LetsTalkDiT(nn.Module):
 
         self.blocks = nn.ModuleList(
             Block(dim, heads, size.mlp_ratio, self._axis(i), joins(config.portrait_fusion, i),
-                  joins(config.audio_fusion, i), config.qk_norm, config.attention_backend)
+                  joins(config.audio_fusion, i), config.qk_norm, config.attention_backend,
+                  memory=bool(config.memory_frames) and i in spatial)
             for i in range(size.depth)
         )
         self.final = FinalLayer(dim, c * p * p)
@@ -299,7 +375,8 @@ class LetsTalkDiT(nn.Module):
         return x.reshape(b, t, c, h, w)
 
     def _rope(self, frames: torch.Tensor, r: int, gh: int, gw: int) -> Rope:
-        """RoPE angles for a sequence of `frames` (indices [T]) of gh×gw patches and R portrait frames."""
+        """RoPE angles for a sequence of `frames` (indices [T]) of gh×gw patches, R portrait (and motion)
+        frames and the pooled memory frames."""
         cfg = self.config
         if cfg.pos_encoding != "rope":
             return Rope()
@@ -310,32 +387,81 @@ class LetsTalkDiT(nn.Module):
         time = F.pad(frames[:, None], (0, 2))  # [T, 3] at (t, 0, 0)
         ref = torch.cat([torch.arange(r, device=frames.device).repeat_interleave(gh * gw)[:, None],
                          cells.repeat(r, 1)], dim=1)  # [R·S, 3] at (r, i, j)
-        return Rope(*(rope_angles(coords, cfg.head_dim) for coords in (frame, time, ref)))
+        memory = None
+        if cfg.memory_frames:  # pooled cell (i, j) covers frame cells 2i..2i+1, 2j..2j+1
+            memory = F.pad(grid(gh // 2, gw // 2, frames.device) * 2 + 0.5, (1, 0)).repeat(cfg.memory_frames, 1)
+        return Rope(*(rope_angles(coords, cfg.head_dim) for coords in (frame, time, ref)),
+                    None if memory is None else rope_angles(memory, cfg.head_dim))
 
     def _run(self, module: nn.Module, *args) -> torch.Tensor:
         if self.config.grad_checkpointing and self.training:
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
+    def _context_patches(self, frames: torch.Tensor | None, count: int, null: torch.Tensor,
+                         drop: torch.Tensor | None, like: torch.Tensor, name: str) -> torch.Tensor:
+        """Motion or memory latents [B, K, C, h', w'] (None: absent) -> patches [B, K, S', Cp²], with the
+        learned null patch where absent or dropped (drop [B] bool)."""
+        b, _, c, h, w = like.shape
+        if frames is None:
+            s = (h // self.config.patch_size) * (w // self.config.patch_size)
+            return null.to(like.dtype).expand(b, count, s, -1)
+        if frames.shape[0] != b or frames.shape[1] != count or frames.shape[2] != c:
+            raise ValueError(f"{name} must be [B={b}, {count}, C={c}, h, w] latents, got {list(frames.shape)}")
+        patches = self.patchify(frames)
+        if drop is not None:
+            patches = torch.where(drop[:, None, None, None], null.to(patches.dtype), patches)
+        return patches
+
+    def _memory_tokens(self, memory: torch.Tensor | None, drop: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Memory latents [B, N, C, h, w] -> 2×-pooled memory tokens [B, N·S/4, D] (see the module docstring)."""
+        cfg, (b, _, c, h, w) = self.config, x.shape
+        n, p = cfg.memory_frames, cfg.patch_size
+        if h % (2 * p) or w % (2 * p):
+            raise ValueError(f"memory_frames needs latent size {h}x{w} divisible by 2·patch_size = {2 * p}")
+        if memory is not None:
+            if memory.shape[0] != b or memory.shape[1:] != (n, c, h, w):
+                raise ValueError(f"memory must be [B={b}, {n}, {c}, {h}, {w}] latents, got {list(memory.shape)}")
+            memory = F.avg_pool2d(memory.flatten(0, 1), 2).unflatten(0, (b, n))  # [B, N, C, h/2, w/2]
+        like = x[:, :1, :, : h // 2, : w // 2]
+        tokens = self.patch(self._context_patches(memory, n, self.null_memory, drop, like, "memory"))  # [B, N, S/4, D]
+        embed = self.memory_type + sincos(torch.arange(n, device=x.device), self.hidden)[:, None]  # [N, 1, D]
+        if cfg.pos_encoding == "sincos":  # pooled cell (i, j) sits at (2i+½, 2j+½) of the frame grid
+            cells = grid(h // (2 * p), w // (2 * p), x.device) * 2 + 0.5
+            embed = embed + torch.cat([sincos(cells[:, 0], self.hidden // 2), sincos(cells[:, 1], self.hidden // 2)], -1)
+        return (tokens + embed.to(tokens.dtype)).flatten(1, 2)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor,
-                drop_ref: torch.Tensor | None = None, drop_audio: torch.Tensor | None = None) -> torch.Tensor:
+                drop_ref: torch.Tensor | None = None, drop_audio: torch.Tensor | None = None,
+                motion: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                drop_motion: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the diffusion target for a clip.
 
         x [B, F, C, h, w] noisy latents; t [B] timesteps; ref [B, R, C, h, w] clean portrait
         latents; audio [B, F, W, Da]; drop_ref / drop_audio [B] bool: replace that condition
-        by its null embedding (classifier-free guidance). Returns [B, F, C, h, w].
+        by its null embedding (classifier-free guidance). With long-video options: motion
+        [B, M, C, h, w] the previous clip's last latent frames, memory [B, N, C, h, w] earlier
+        frames (None: absent, the learned nulls); drop_motion [B] bool nulls both, per sample
+        (motion dropout: "this is a first clip"). Returns [B, F, C, h, w].
         """
         cfg = self.config
         b, f, _, h, w = x.shape
-        r = ref.shape[1]
+        m = cfg.motion_frames
+        if (motion is not None and not m) or (memory is not None and not cfg.memory_frames):
+            raise ValueError("motion/memory given to a model built with motion_frames=0/memory_frames=0")
         video = self.patchify(x)  # [B, F, S, Cp²]
         ref_patches = self.patchify(ref)  # [B, R, S, Cp²]
         if drop_ref is not None:
             ref_patches = torch.where(drop_ref[:, None, None, None], self.null_ref.to(ref_patches.dtype), ref_patches)
-        tokens = self.patch(torch.cat([ref_patches, video], dim=1))  # [B, R+F, S, D]
+        frames = [ref_patches]
+        if m:  # motion frames follow the portrait: R+M context frames, fused by the portrait's scheme
+            frames.append(self._context_patches(motion, m, self.null_motion, drop_motion, x, "motion"))
+        tokens = self.patch(torch.cat([*frames, video], dim=1))  # [B, R+M+F, S, D]
         s, p = tokens.shape[2], cfg.patch_size
-        index = torch.arange(r + f, device=x.device)  # frame indices: portrait 0..R-1, video R..R+F-1
-        embed = torch.cat([self.ref_type.expand(r, -1), torch.zeros_like(self.ref_type).expand(f, -1)])[None, :, None]
+        types = [self.ref_type.expand(ref.shape[1], -1)] + ([self.motion_type.expand(m, -1)] if m else [])
+        r = ref.shape[1] + m  # context frames from here on
+        index = torch.arange(r + f, device=x.device)  # frame indices: context 0..R+M-1, video R+M..R+M+F-1
+        embed = torch.cat([*types, torch.zeros_like(self.ref_type).expand(f, -1)])[None, :, None]
         if cfg.pos_encoding == "sincos":  # + (height, width) [1, 1, S, D] + frame index [1, R+F, 1, D]
             embed = (sincos_2d(h // p, w // p, self.hidden, x.device)[None, None]
                      + sincos(index, self.hidden)[None, :, None] + embed)
@@ -347,7 +473,7 @@ class LetsTalkDiT(nn.Module):
 
         if drop_audio is not None:
             audio = torch.where(drop_audio[:, None, None, None], self.null_audio.to(audio.dtype), audio)
-        if cfg.portrait_fusion == "symbiotic":  # portrait frames hear nothing
+        if cfg.portrait_fusion == "symbiotic":  # portrait and motion frames hear nothing
             audio = torch.cat([self.null_audio.expand(b, r, -1, -1).to(audio.dtype), audio], dim=1)  # [B, T, W, Da]
         wpos = sincos(torch.arange(audio.shape[2], device=x.device), self.hidden)
         audio = self.audio_in(audio) + wpos.to(audio.dtype)  # [B, T, W, D]
@@ -359,13 +485,14 @@ class LetsTalkDiT(nn.Module):
             audio = audio.flatten(0, 1)  # [B·T, W, D]: one window per frame
 
         rope = self._rope(index, r, h // p, w // p)
+        memory_tokens = self._memory_tokens(memory, drop_motion, x) if cfg.memory_frames else None
         c = self.time(t)  # [B, D]
         for i, block in enumerate(self.blocks):
             if str(i) in self.ref_twin:
                 ref_tokens = self._run(self.ref_twin[str(i)], ref_tokens, rope.ref)
             if str(i) in self.audio_twin:
                 audio = self._run(self.audio_twin[str(i)], audio)
-            tokens = self._run(block, tokens, c, ref_tokens, audio, rope)
+            tokens = self._run(block, tokens, c, ref_tokens, audio, rope, memory_tokens)
         out = self.final(tokens[:, -f:, :s], c)  # [B, F, S, Cp²]: video tokens only
         return self.unpatchify(out, h, w)
 
@@ -374,7 +501,9 @@ class LetsTalkDiT(nn.Module):
         (projections and attention), as torch.utils.flop_counter counts them; for throughput and MFU."""
         cfg, size = self.config, get_size(self.config.size)
         d, hd, mlp = self.hidden, cfg.head_dim, int(self.hidden * size.mlp_ratio)
-        s, r, wa = (h // cfg.patch_size) * (w // cfg.patch_size), cfg.ref_frames, cfg.audio_tokens
+        s, wa = (h // cfg.patch_size) * (w // cfg.patch_size), cfg.audio_tokens
+        r = cfg.ref_frames + cfg.motion_frames  # context frames: portrait and motion
+        mem = cfg.memory_frames * s // 4  # pooled memory tokens
         t = frames + r if cfg.portrait_fusion == "symbiotic" else frames  # frames in the sequence
         n = s + wa if cfg.audio_fusion == "symbiotic" else s  # tokens per frame
         cp2 = cfg.latent_channels * cfg.patch_size ** 2
@@ -391,7 +520,7 @@ class LetsTalkDiT(nn.Module):
             m = seqs * length
             return linear(m, d, 4 * d) + core(seqs, length, length) + 2 * linear(m, d, mlp)
 
-        total = linear((r + frames) * s, cp2, d) + linear(frames * s, d, cp2)  # patch embedding, final projection
+        total = linear((r + frames) * s + mem, cp2, d) + linear(frames * s, d, cp2)  # patch embedding, final projection
         total += linear(1, 256, d) + linear(1, d, d) + linear(1, d, 2 * d)  # timestep MLP, final adaLN
         total += linear(t * wa, cfg.audio_dim, d) + linear(t * wa, d, d)  # audio MLP
         for block in self.blocks:
@@ -400,6 +529,9 @@ class LetsTalkDiT(nn.Module):
                 total += core(n, t, t)
                 continue
             keys = n
+            if block.memory_norm is not None:
+                keys += mem
+                total += linear(mem, d, 2 * d)
             if block.portrait == "siamese":
                 keys += r * s
                 total += twin(1, r * s) + linear(r * s, d, 2 * d)
