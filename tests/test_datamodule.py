@@ -17,6 +17,7 @@ import torch
 from datamodules import LetsTalkDataModule
 from datamodules.letstalk import DataWarning, is_val_video
 from pipeline.audio_encoders import audio_windows
+from pipeline.models.dit import DiTConfig
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key
 from pipeline.vae import unscale_latents
 
@@ -360,3 +361,47 @@ def test_lightning_fit_epochs_and_resume_follow_the_trainer_epoch(dataset, tmp_p
     (ckpt,) = (tmp_path / "b").rglob("*.ckpt")
     resumed, _ = _fit(root, 2, tmp_path / "c", ckpt_path=str(ckpt))
     assert resumed.train_keys == {1: model.train_keys[1]}
+
+
+LONG = DiTConfig(motion_frames=2, memory_frames=2, memory_stride=2)
+
+
+def _check_context(batch: dict, i: int, segments: dict[str, Segment]) -> None:
+    """Motion = the M frames right before the clip; memory = `memory_indices(start)`, clamped at frame 0."""
+    key, start = batch["key"][i], int(batch["start"][i])
+    assert start >= LONG.motion_frames
+    motion = unscale_latents(batch["motion"][i], VAE)[:, 0, 0, 0]  # channel 0 = frame index
+    assert motion.tolist() == list(range(start - LONG.motion_frames, start))
+    memory = unscale_latents(batch["memory"][i], VAE)[:, 0, 0, 0]
+    assert memory.tolist() == LONG.memory_indices(start)
+    assert torch.all(unscale_latents(batch["memory"][i], VAE)[:, 1] == segments[key].latents[0, 1, 0, 0].item())
+
+
+def test_model_context_adds_motion_and_memory_frames_from_the_same_segment(dataset):
+    root, segments = dataset
+    dm = _module(root)
+    dm.set_context(LONG)
+    batches = _epoch(dm.train_dataloader())
+    assert len(batches) == dm.train_batches_per_epoch > 0
+    for batch in batches:
+        assert batch["motion"].shape == (2, 2, C, H, H) and batch["memory"].shape == (2, 2, C, H, H)
+        for i in range(len(batch["key"])):
+            _check_clip(batch, i, segments)
+            _check_context(batch, i, segments)
+    assert all(len(segments[key].latents) >= F + 2 for batch in batches for key in batch["key"])
+    val = list(dm.val_dataloader())
+    assert val and all(torch.all(batch["start"] == LONG.motion_frames) for batch in val)
+    for batch in val:
+        for i in range(len(batch["key"])):
+            _check_context(batch, i, segments)
+    plain = _module(root)
+    plain.set_context(DiTConfig())  # no long-video options: batches as before
+    assert "motion" not in next(iter(plain.train_dataloader()))
+
+
+def test_motion_frames_count_against_segment_length(dataset):
+    root, _ = dataset
+    dm = _module(root, clip_frames=9)
+    dm.set_context(LONG)
+    with pytest.raises(ValueError, match=r"clip_frames=9 \+ model.net.motion_frames=2 = 11 frames.*clip_frames <= 8"):
+        dm.setup("fit")

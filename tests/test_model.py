@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models.attention import Attention, Context, apply_rope, attention, rope_angles
-from pipeline.models.dit import FUSIONS, DiTConfig, LetsTalkDiT
+from pipeline.models.dit import FUSIONS, DiTConfig, LetsTalkDiT, noise_context
 from pipeline.models.sizes import SIZES, get_size
 
 B, F, C, H, W, WA, DA = 2, 4, 4, 8, 8, 6, 16
@@ -259,8 +259,11 @@ def test_rope_scores_depend_only_on_relative_positions(head_dim):
 def flops_ratio(model: LetsTalkDiT, frames: int, h: int, w: int, audio_dim: int, audio_tokens: int) -> float:
     x, ref = torch.randn(1, frames, C, h, w), torch.randn(1, model.config.ref_frames, C, h, w)
     audio = torch.randn(1, frames, audio_tokens, audio_dim)
+    cfg = model.config
+    extra = {name: torch.randn(1, count, C, h, w) for name, count in
+             (("motion", cfg.motion_frames), ("memory", cfg.memory_frames)) if count}  # long-video inputs
     with FlopCounterMode(display=False) as counter:
-        model(x, torch.tensor([500.0], device=x.device), ref, audio)
+        model(x, torch.tensor([500.0], device=x.device), ref, audio, **extra)
     return model.flops_per_clip(frames, h, w) / counter.get_total_flops()
 
 
@@ -345,3 +348,107 @@ def test_compiled_model_matches_eager():
     compiled.load_state_dict(eager.state_dict())
     args = inputs()
     torch.testing.assert_close(compiled(*args), eager(*args), rtol=1e-4, atol=1e-5)
+
+
+# Long videos: motion frames (M) and a memory bank (N), see pipeline/models/dit.py.
+LONG = {"motion_frames": 2, "memory_frames": 3, "memory_stride": 2}
+
+
+def context(seed: int = 5, m: int = 2, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return {"motion": torch.randn(B, m, C, H, W, generator=g), "memory": torch.randn(B, n, C, H, W, generator=g)}
+
+
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_long_video_model_is_zero_at_init_and_every_parameter_learns(scheme, pos):
+    model = make(**scheme, pos_encoding=pos, **LONG)
+    assert torch.count_nonzero(model(*inputs(), **context())) == 0
+    perturb(model).train()
+    drop = torch.tensor([True, False])
+    model(*inputs(), drop_ref=drop, drop_audio=drop, drop_motion=drop, **context()).square().mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
+
+
+def test_long_video_options_off_keep_the_state_dict_keys():
+    """Checkpoints of models without motion/memory load unchanged: the options add parameters only when on."""
+    plain, long = set(make().state_dict()), set(make(**LONG).state_dict())
+    assert plain < long
+    assert {k.split(".")[0] for k in long - plain} == {"motion_type", "null_motion", "memory_type", "null_memory",
+                                                       "blocks"}
+    assert all(k.endswith(("memory_norm.weight", "memory_norm.bias")) for k in long - plain if k.startswith("blocks"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_motion_and_memory_each_reach_the_output_and_dropping_nulls_them(scheme):
+    model = perturb(make(**scheme, **LONG)).eval()
+    x, t, ref, audio = inputs()
+    ctx, other = context(5), context(6)
+    base = model(x, t, ref, audio, **ctx)
+    assert not torch.allclose(base, model(x, t, ref, audio, motion=other["motion"], memory=ctx["memory"]), atol=1e-5)
+    assert not torch.allclose(base, model(x, t, ref, audio, motion=ctx["motion"], memory=other["memory"]), atol=1e-5)
+    # dropped: the learned nulls, whatever was given, exactly as if nothing was given (a video's first clip)
+    drop = torch.tensor([True, False])
+    a, b = model(x, t, ref, audio, drop_motion=drop, **ctx), model(x, t, ref, audio, drop_motion=drop, **other)
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1], atol=1e-5)
+    torch.testing.assert_close(a[0], model(x, t, ref, audio)[0])
+
+
+@pytest.mark.parametrize("pos", ["sincos", "rope"])
+def test_long_video_sdpa_and_math_backends_agree(pos):
+    model = perturb(make(**LONG, pos_encoding=pos, portrait_fusion="siamese")).eval()
+    reference = make(**LONG, pos_encoding=pos, portrait_fusion="siamese", attention_backend="math").eval()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(*inputs(), **context()), reference(*inputs(), **context()),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_flop_counter_matches_torch_with_motion_and_memory(scheme):
+    with torch.device("meta"):
+        model = make(**scheme, **LONG)
+        ratio = flops_ratio(model, F, H, W, DA, WA)
+    assert abs(ratio - 1) < 0.05, ratio
+
+
+def test_memory_indices_are_strided_before_the_motion_frames_and_clamped_at_the_start():
+    config = DiTConfig(motion_frames=2, memory_frames=3, memory_stride=4)
+    assert config.memory_indices(40) == [26, 30, 34]  # motion: 38, 39
+    assert config.memory_indices(8) == [0, 0, 2]
+    assert config.memory_indices(0) == [0, 0, 0]
+    assert config.history_frames == 2 + 3 * 4
+
+
+def test_noise_context_levels():
+    from pipeline.diffusion import Diffusion, DiffusionConfig
+
+    latents = torch.randn(4, 2, C, H, W, generator=torch.Generator().manual_seed(9))
+    flow = Diffusion(DiffusionConfig(objective="flow"))
+    assert torch.equal(noise_context(flow, latents, 0.0), latents)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    level = torch.tensor([0.0, 0.1, 0.3, 1.0])
+    out = noise_context(flow, latents, level, g)
+    u = level.view(4, 1, 1, 1, 1)
+    torch.testing.assert_close(out, (1 - u) * latents + u * noise)  # flow: x_σ = (1-σ)·x0 + σ·ε
+    eps = Diffusion(DiffusionConfig(objective="eps"))
+    noisy = noise_context(eps, latents, 0.05, torch.Generator().manual_seed(0))
+    assert 0.9 < torch.nn.functional.cosine_similarity(noisy.flatten(), latents.flatten(), dim=0) < 1
+
+
+def test_long_video_input_errors_name_the_fix():
+    model = make(**LONG)
+    x, t, ref, audio = inputs()
+    with pytest.raises(ValueError, match="motion must be"):
+        model(x, t, ref, audio, motion=torch.randn(B, 1, C, H, W))
+    with pytest.raises(ValueError, match="memory must be"):
+        model(x, t, ref, audio, memory=torch.randn(B, 3, C, H // 2, W))
+    with pytest.raises(ValueError, match="memory_frames=0"):
+        make()(x, t, ref, audio, memory=torch.randn(B, 3, C, H, W))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(*inputs(h=H + 2, w=W + 2)[:1], t, torch.randn(B, 1, C, H + 2, W + 2), audio)
+    with pytest.raises(ValueError, match="memory_stride"):
+        DiTConfig(memory_stride=0).validate()
+    with pytest.raises(ValueError, match="cond_noise_max"):
+        DiTConfig(cond_noise_max=1.5).validate()
