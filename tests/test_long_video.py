@@ -1,0 +1,78 @@
+"""Long videos: generation chains clips through motion frames and the memory bank; the seam metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.diffusion import Diffusion, DiffusionConfig
+from pipeline.generate import Generator, sample_latents
+from pipeline.metrics.seams import seam_ratio
+from pipeline.models.dit import DiTConfig, LetsTalkDiT
+
+C, S, WIN, DA, CLIP = 4, 8, 3, 6, 4
+
+
+class Recorder(torch.nn.Module):
+    """Wraps the network and records the motion/memory each denoiser call receives."""
+
+    def __init__(self, net: LetsTalkDiT):
+        super().__init__()
+        self.net, self.config, self.calls = net, net.config, []
+
+    def forward(self, x, t, ref, audio, drop_ref=None, drop_audio=None, motion=None, memory=None, drop_motion=None):
+        self.calls.append((motion, memory))
+        return self.net(x, t, ref, audio, drop_ref, drop_audio, motion=motion, memory=memory, drop_motion=drop_motion)
+
+
+def generator(**long) -> Generator:
+    torch.manual_seed(0)
+    net = LetsTalkDiT(DiTConfig(latent_channels=C, audio_dim=DA, audio_tokens=WIN, **long)).eval()
+    with torch.no_grad():  # non-zero output, so consecutive clips differ
+        net.final.proj.weight.normal_(0, 0.02)
+    return Generator(Recorder(net), Diffusion(DiffusionConfig(objective="flow")), {"clip_frames": CLIP})
+
+
+def sample(gen: Generator, frames: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ref, windows = torch.randn(1, C, S, S, generator=g), torch.randn(frames, WIN, DA, generator=g)
+    return sample_latents(gen, ref, windows, steps=3, audio_scale=1.0, ref_scale=1.0, seed=seed)
+
+
+def test_each_clip_is_conditioned_on_the_latents_generated_before_it():
+    long = {"motion_frames": 2, "memory_frames": 2, "memory_stride": 2, "cond_noise_infer": 0.0}
+    gen = generator(**long)
+    z = sample(gen, 3 * CLIP - 1)  # 3 clips, the last one padded and cut
+    assert z.shape == (3 * CLIP - 1, C, S, S)
+    calls = gen.net.calls
+    assert len(calls) == 3 * 3  # 3 clips x 3 steps (guidance scale 1: one call per step)
+    assert all(motion is None and memory is None for motion, memory in calls[:3])  # the first clip: nulls
+    config = gen.net.config
+    for clip in (1, 2):
+        start = clip * CLIP
+        for motion, memory in calls[3 * clip : 3 * clip + 3]:
+            torch.testing.assert_close(motion[0], z[start - 2 : start])  # the last M frames so far
+            torch.testing.assert_close(memory[0], z[config.memory_indices(start)])
+    noisy = generator(**{**long, "cond_noise_infer": 0.2})
+    z = sample(noisy, 2 * CLIP)
+    motion, clean = noisy.net.calls[3][0][0], z[CLIP - 2 : CLIP]  # flow: (1 - 0.2)·z + 0.2·ε
+    assert not torch.allclose(motion, clean) and torch.corrcoef(torch.stack([motion.flatten(), clean.flatten()]))[0, 1] > 0.9
+
+
+def test_without_long_video_options_clips_are_independent():
+    gen = generator()
+    z = sample(gen, 2 * CLIP)
+    assert all(motion is None and memory is None for motion, memory in gen.net.calls)
+    torch.testing.assert_close(z, sample(generator(), 2 * CLIP))  # a fixed seed gives the same video
+
+
+def test_seam_ratio_measures_jumps_at_clip_boundaries():
+    t = np.arange(12, dtype=np.float32)
+    smooth = np.broadcast_to(t[:, None, None, None] * 2, (12, 4, 4, 3))
+    assert seam_ratio(smooth, 4) == {"seam": 2.0, "inside": 2.0, "ratio": 1.0}
+    jumpy = smooth + np.repeat(np.array([0, 10, 0], np.float32), 4)[:, None, None, None]  # clip 2 is offset by 10
+    result = seam_ratio(jumpy, 4)
+    assert result["seam"] == pytest.approx((12 + 8) / 2) and result["inside"] == 2.0 and result["ratio"] == 5.0
+    with pytest.raises(ValueError, match="more than one clip"):
+        seam_ratio(smooth[:4], 4)
