@@ -14,6 +14,7 @@ from torch import nn
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.throughput import peak_flops, throughput
+from pipeline.vae import recommended_patch_size
 
 
 @dataclass
@@ -91,6 +92,8 @@ class LetsTalkModule(L.LightningModule):
         net = DiTConfig(**self.hparams["net"])
         for key in ("latent_channels", "audio_dim", "audio_tokens"):
             setattr(net, key, int(info[key]))
+        if net.patch_size == "auto":  # tokens per frame independent of the VAE's downsampling
+            net.patch_size = recommended_patch_size(info["vae"])
         self.hparams["data_info"] = info
         self._build(net)
 

@@ -452,3 +452,23 @@ def test_long_video_input_errors_name_the_fix():
         DiTConfig(memory_stride=0).validate()
     with pytest.raises(ValueError, match="cond_noise_max"):
         DiTConfig(cond_noise_max=1.5).validate()
+
+
+@pytest.mark.parametrize("downsample, patch", [(8, 2), (4, 4), (32, 1)])
+def test_patch_size_auto_follows_the_data_vae(downsample, patch):
+    """`patch_size: auto` keeps tokens per frame independent of the VAE: f8 SD-VAE -> 2, f4 -> 4, f32 DC-AE -> 1."""
+    from types import SimpleNamespace
+
+    from lightning_modules.letstalk import LetsTalkModule
+
+    info = {"latent_channels": 32 if downsample == 32 else 4, "audio_dim": DA, "audio_tokens": WA,
+            "vae": {"downsample": downsample}}
+    module = LetsTalkModule(net={"patch_size": "auto"})
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(data_info=info))
+    module.configure_model()
+    assert module.net.config.patch_size == patch and module.hparams["net"]["patch_size"] == patch
+    assert module.net.patch.in_features == info["latent_channels"] * patch * patch
+    with pytest.raises(ValueError, match="patch_size='auto' is resolved from the data"):
+        LetsTalkDiT(DiTConfig(patch_size="auto"))
+    with pytest.raises(ValueError, match="patch_size must be an int >= 1 or 'auto'"):
+        DiTConfig(patch_size="big").validate()

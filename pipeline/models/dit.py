@@ -76,7 +76,7 @@ class DiTConfig:
 
     size: str = "tiny"  # a key of pipeline.models.sizes.SIZES
     latent_channels: int = 4  # C of the VAE latents (from the shard manifest)
-    patch_size: int = 2
+    patch_size: int | str = 2  # "auto": from the data's VAE (pipeline.vae.recommended_patch_size), set by LetsTalkModule
     audio_dim: int = 80  # D of the audio features (from the shard manifest)
     audio_tokens: int = 20  # W: audio vectors per frame window ((2·radius+1)·K)
     ref_frames: int = 1  # R reference portrait frames
@@ -106,7 +106,9 @@ class DiTConfig:
         if self.head_dim < 2 or self.head_dim % 2 or hidden % self.head_dim:
             raise ValueError(f"model config: size {self.size} (hidden {hidden}) cannot use head_dim {self.head_dim}; "
                              f"set head_dim to an even divisor of {hidden}, e.g. 64 or 128")
-        for name in ("latent_channels", "patch_size", "audio_dim", "audio_tokens", "ref_frames"):
+        if self.patch_size != "auto" and (not isinstance(self.patch_size, int) or self.patch_size < 1):
+            raise ValueError(f"model config: patch_size must be an int >= 1 or 'auto', got {self.patch_size!r}")
+        for name in ("latent_channels", "audio_dim", "audio_tokens", "ref_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("motion_frames", "memory_frames"):
@@ -313,6 +315,10 @@ class LetsTalkDiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         config.validate()
+        if config.patch_size == "auto":
+            raise ValueError("model config: patch_size='auto' is resolved from the data's VAE when training "
+                             "(LetsTalkModule); to build LetsTalkDiT directly give an int, e.g. "
+                             "pipeline.vae.recommended_patch_size(manifest.vae)")
         self.config = config
         size = get_size(config.size)
         dim, p, c, heads = size.hidden, config.patch_size, config.latent_channels, config.heads
