@@ -19,7 +19,10 @@ at the start of a video, so no segment is skipped for lack of memory history.
 
 Training streams shards endlessly in a (seed, epoch)-seeded order, partitioned over ranks and
 workers, and stops each rank after exactly `train_batches_per_epoch` batches, so ranks with
-uneven data never hang. Validation is a fixed set of clips (first frames of the first
+uneven data never hang. A run resumed in the middle of an epoch continues exactly where it
+stopped: the loader reads and drops the batches the checkpoint had already trained on (it never
+trains on them twice), so a resumed run sees the same batches as one that never stopped.
+Validation is a fixed set of clips (first frames of the first
 validation segments), identical on every run and every rank. Videos are split between train and
 validation by a stable hash of their id, so no video is in both.
 """
@@ -43,6 +46,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+# TrainClips fast-forwards a mid-epoch resume itself (see `TrainClips`), so Lightning's warning
+# that this loader "is not resumable" does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
@@ -235,6 +242,11 @@ class TrainClips(IterableDataset):
     windows and the shuffle buffer use RNGs seeded from (seed, epoch, rank, worker). The epoch is
     `epoch` plus the number of times this object was iterated (workers are persistent, so this
     advances each epoch in worker processes too).
+
+    Batch k of an epoch comes from worker k % num_workers (the DataLoader's round robin). `skip`
+    (a mid-epoch resume) drops the first `skip` batches of the first epoch: each worker reads and
+    drops its share of them, and worker w plays the part of worker (w + skip) % num_workers, so the
+    round robin continues with batch `skip` and the order equals an uninterrupted run's.
     """
 
     def __init__(
@@ -253,9 +265,10 @@ class TrainClips(IterableDataset):
         world_size: int,
         epoch: int = 0,
         context: DiTConfig | None = None,
+        skip: int = 0,
     ) -> None:
         super().__init__()
-        self.context = context
+        self.context, self.skip = context, skip
         self.shards, self.vae = shards, vae
         self.clip_frames, self.audio_radius, self.ref_mode = clip_frames, audio_radius, ref_mode
         self.batch_size, self.batches = batch_size, batches
@@ -290,8 +303,11 @@ class TrainClips(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch + self.iterations
+        skip = self.skip if self.iterations == 0 else 0
         self.iterations += 1
+        worker = (worker + skip) % workers  # the worker whose batch comes next in the round robin goes first
         share = self.batches // workers + (worker < self.batches % workers)
+        done = skip // workers + (worker < skip % workers)  # batches of this worker already trained on
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         produced = [0]
 
@@ -314,7 +330,7 @@ class TrainClips(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
         stages.append(wds.batched(self.batch_size, collation_fn=default_collate, partial=False))
         pipeline = wds.DataPipeline(segments, *stages)
-        yield from islice(iter(pipeline), share)
+        yield from islice(iter(pipeline), done, share)
 
 
 class LetsTalkDataModule(L.LightningDataModule):
@@ -475,8 +491,14 @@ class LetsTalkDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         rank, world_size = self._dist()
-        # epochs already started, restored from a checkpoint before this is called (`current_epoch` is not yet)
-        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else self._epoch
+        # epochs and batches already trained, restored from a checkpoint before this is called
+        # (`current_epoch` is not yet); `processed` counts a batch whose on_train_batch_end saved the checkpoint
+        epoch, skip = self._epoch, 0
+        if self.trainer is not None:
+            epochs = self.trainer.fit_loop.epoch_progress.current
+            epoch = epochs.processed
+            if epochs.started > epochs.processed:  # stopped inside epoch `processed`
+                skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         shards = list(dict.fromkeys(s.shard for s in self.train_samples))
         dataset = TrainClips(
             shards,
@@ -493,6 +515,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             world_size,
             epoch,
             self.context,
+            skip,
         )
         return DataLoader(
             dataset,

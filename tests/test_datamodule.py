@@ -321,10 +321,12 @@ class _Recorder(L.LightningModule):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.train_keys: dict[int, list[str]] = {}
+        self.train_clips: list[tuple[str, int]] = []
         self.val_keys: list[str] = []
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.train_keys.setdefault(self.current_epoch, []).extend(batch["key"])
+        self.train_clips.extend(zip(batch["key"], batch["start"].tolist()))
         return (self.weight * batch["latents"].mean()) ** 2
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -334,11 +336,13 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(root: Path, epochs: int, ckpt_dir: Path, ckpt_path: str | None = None) -> tuple[_Recorder, LetsTalkDataModule]:
-    model, dm = _Recorder(), _module(root, seed=1)
+def _fit(root: Path, epochs: int, ckpt_dir: Path, ckpt_path: str | None = None, callbacks: list | None = None,
+         **data) -> tuple[_Recorder, LetsTalkDataModule]:
+    model, dm = _Recorder(), _module(root, seed=1, **data)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
+        callbacks=callbacks,
         logger=False,
         default_root_dir=ckpt_dir,
         enable_progress_bar=False,
@@ -361,6 +365,19 @@ def test_lightning_fit_epochs_and_resume_follow_the_trainer_epoch(dataset, tmp_p
     (ckpt,) = (tmp_path / "b").rglob("*.ckpt")
     resumed, _ = _fit(root, 2, tmp_path / "c", ckpt_path=str(ckpt))
     assert resumed.train_keys == {1: model.train_keys[1]}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_continues_with_the_next_batch_and_never_repeats_one(dataset, tmp_path, workers):
+    root, _ = dataset
+    every = L.pytorch.callbacks.ModelCheckpoint(every_n_train_steps=1, save_top_k=-1, save_on_train_epoch_end=False)
+    full, dm = _fit(root, 2, tmp_path / "full", num_workers=workers, callbacks=[every])
+    per_epoch = dm.train_batches_per_epoch
+    assert per_epoch >= 3
+    for stop in (2, per_epoch + 1):  # inside the first epoch, one batch into the second
+        (ckpt,) = (tmp_path / "full").rglob(f"*-step={stop}.ckpt")  # saved on_train_batch_end, mid-epoch
+        resumed, _ = _fit(root, 2, tmp_path / f"resumed{stop}", ckpt_path=str(ckpt), num_workers=workers)
+        assert resumed.train_clips == full.train_clips[stop * dm.batch_size :]
 
 
 LONG = DiTConfig(motion_frames=2, memory_frames=2, memory_stride=2)
