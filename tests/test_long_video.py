@@ -76,3 +76,22 @@ def test_seam_ratio_measures_jumps_at_clip_boundaries():
     assert result["seam"] == pytest.approx((12 + 8) / 2) and result["inside"] == 2.0 and result["ratio"] == 5.0
     with pytest.raises(ValueError, match="more than one clip"):
         seam_ratio(smooth[:4], 4)
+
+
+@pytest.mark.slow
+def test_chained_clips_of_a_briefly_trained_long_video_model_have_no_visible_seams(tmp_path):
+    """The full demo, then `benchmarks/long_video_seams.py` (~25 min on 2 cores): seams <= 1.5x inside-clip motion."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.cli.demo import run_demo
+
+    run_demo(tmp_path / "demo")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "long_video_seams.py"
+    subprocess.run([sys.executable, str(script), "--demo", str(tmp_path / "demo"), "--out", str(tmp_path / "long"),
+                    "--steps", "600", "--json", str(tmp_path / "seams.json")], check=True)
+    models = json.loads((tmp_path / "seams.json").read_text())["models"]
+    long, independent = models["long_video (motion + memory)"], models["demo model (independent clips)"]
+    assert long["ratio"] <= 1.5 and long["ratio"] < independent["ratio"]
