@@ -39,6 +39,8 @@ _BATCH = 64  # frames decoded per decord call: bounds memory to one batch at sou
 _STREAM_LINE = re.compile(r"Stream #\d+:\d+\S*: (Video|Audio): (\w+)(.*)")
 _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _DURATION_LINE = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
+_ROTATION_LINE = re.compile(r"[Dd]isplay ?[Mm]atrix: rotation of (-?\d+(?:\.\d+)?) degrees")
+_SIZE = re.compile(r", (\d+)x(\d+)[ ,]")
 
 
 class MediaError(ValueError):
@@ -53,6 +55,7 @@ class VideoInfo:
     height: int
     duration_s: float
     has_audio: bool
+    rotation: int = 0  # degrees (0, 90, 180, 270) of the container's display matrix; width/height are as displayed
 
 
 def ffmpeg_exe() -> str:
@@ -65,6 +68,11 @@ def _check_file(path: Path) -> None:
         raise MediaError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: empty file (0 bytes)")
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except PermissionError as err:
+        raise MediaError(f"{path}: permission denied (file not readable)") from err
 
 
 def _open_video(path: Path) -> decord.VideoReader:
@@ -113,12 +121,21 @@ def _nearest_frames(starts: np.ndarray, duration: float, fps: float) -> np.ndarr
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, average fps, size and duration of a video (decord), and whether it has audio."""
+    """Frame count, average fps, displayed size, duration and rotation of a video, and whether it has audio.
+
+    A file whose container holds audio but no video stream raises "no video stream".
+    """
     path = Path(path)
-    reader = _open_video(path)
-    height, width = reader[0].shape[:2]
-    _, duration = _frame_starts(reader, path)
+    _check_file(path)
     streams = _ffmpeg_header(path)
+    if streams["video_streams"] == 0 and streams["audio_streams"] > 0:
+        raise MediaError(f"{path}: no video stream (audio only)")
+    reader = _open_video(path)
+    _, duration = _frame_starts(reader, path)
+    rotation = streams["rotation"]
+    width, height = streams["video_size"] or reader[0].shape[1::-1]
+    if rotation in (90, 270):
+        width, height = height, width
     return VideoInfo(
         num_frames=len(reader),
         fps=float(reader.get_avg_fps()),
@@ -126,6 +143,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         height=int(height),
         duration_s=duration,
         has_audio=streams["audio_streams"] > 0,
+        rotation=rotation,
     )
 
 
@@ -145,9 +163,12 @@ def _square_resize(frames: np.ndarray, size: int) -> np.ndarray:
 def read_video(path: str | os.PathLike, fps: float = FPS, size: int | None = None) -> np.ndarray:
     """Decode a video to uint8 [T, H, W, 3] RGB at a constant `fps`, T = floor(duration * fps).
 
-    Output frame k is the source frame whose timestamp is nearest to k / fps. Frames are decoded
-    in increasing order in batches (sequential, no random access). With `size`, each frame is
-    centre-cropped to a square and resized to size x size.
+    Output frame k is the source frame whose timestamp is nearest to k / fps, using the
+    container's timestamps, so variable frame rate sources are timed correctly. Frames are
+    decoded in increasing order in batches (sequential, no random access). A video with a
+    display-matrix rotation is decoded by the ffmpeg CLI, which turns it upright (decord
+    ignores the rotation and fails on it). With `size`, each frame is centre-cropped to a
+    square and resized to size x size.
     """
     path = Path(path)
     if fps <= 0:
@@ -157,14 +178,61 @@ def read_video(path: str | os.PathLike, fps: float = FPS, size: int | None = Non
     indices = _nearest_frames(starts, duration, fps)
     if len(indices) == 0:
         raise MediaError(f"{path}: video shorter than one frame at {fps} fps ({duration:.3f} s)")
+    header = _ffmpeg_header(path)
+    if header["rotation"]:
+        return _ffmpeg_frames(path, indices, header["video_size"], header["rotation"], size)
     chunks = []
     try:
         for begin in range(0, len(indices), _BATCH):
             batch = reader.get_batch(indices[begin : begin + _BATCH]).asnumpy()  # [b, H, W, 3]
-            chunks.append(batch if size is None else _square_resize(batch, size))
+            chunks.append(_resized(batch, size))
     except (RuntimeError, DECORDError) as err:
         raise MediaError(f"{path}: unreadable or corrupt video ({_first_line(err)})") from err
     return np.concatenate(chunks)
+
+
+def _ffmpeg_frames(
+    path: Path, indices: np.ndarray, coded_size: tuple[int, int] | None, rotation: int, size: int | None
+) -> np.ndarray:
+    """Source frames `indices` (non-decreasing) as upright uint8 [T, H, W, 3], streamed from the ffmpeg CLI."""
+    if coded_size is None:
+        raise MediaError(f"{path}: rotated video without a readable frame size")
+    width, height = coded_size if rotation in (0, 180) else coded_size[::-1]
+    frame_bytes = width * height * 3
+    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough"]
+    command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+    wanted = np.bincount(indices, minlength=int(indices[-1]) + 1)  # times each source frame is used
+    chunks, batch = [], []
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty decoder cannot block on it
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+        try:
+            for source in range(len(wanted)):
+                data = process.stdout.read(frame_bytes)
+                if len(data) < frame_bytes:
+                    break
+                if wanted[source]:
+                    frame = np.frombuffer(data, np.uint8).reshape(height, width, 3)
+                    batch.extend([frame] * int(wanted[source]))
+                if len(batch) >= _BATCH:
+                    chunks.append(_resized(np.stack(batch), size))
+                    batch = []
+        finally:
+            process.stdout.close()
+            process.kill()
+            process.wait()
+        log.seek(0)
+        stderr = log.read().decode("utf-8", "replace").strip()
+    if batch:
+        chunks.append(_resized(np.stack(batch), size))
+    got = sum(len(c) for c in chunks)
+    if got < len(indices):
+        detail = "; ".join([f"decoded {got} of {len(indices)} frames", *stderr.splitlines()[:2]])[:300]
+        raise MediaError(f"{path}: unreadable or corrupt video ({detail})")
+    return np.concatenate(chunks)
+
+
+def _resized(frames: np.ndarray, size: int | None) -> np.ndarray:
+    return frames if size is None else _square_resize(frames, size)
 
 
 def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
@@ -242,13 +310,16 @@ def write_video(
     audio: np.ndarray | None = None,
     sample_rate: int = SAMPLE_RATE,
     crf: int = 18,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Encode uint8 [T, H, W, 3] RGB frames as H.264 (yuv420p) with optional AAC audio.
 
     yuv420p needs even dimensions: an odd height or width is padded by repeating the last row or
     column, so the file is at most one pixel larger than `frames`. The audio is trimmed or
     zero-padded to exactly T / fps seconds before muxing. Writing goes to a temporary file in
-    the same folder that is renamed at the end, so a failure leaves no partial file.
+    the same folder that is renamed at the end, so a failure leaves no partial file. mp4 output
+    is "faststart" (index first, playable while downloading); `metadata` becomes container tags
+    (in mp4 as `mdta` keys, so custom keys survive).
     """
     path = Path(path)
     frames = np.asarray(frames)
@@ -279,8 +350,10 @@ def write_video(
     if audio is not None:
         command += ["-i", str(wav), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
     command += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int(crf)), "-g", str(max(1, round(2 * fps)))]
+    for key, value in (metadata or {}).items():
+        command += ["-metadata", f"{key}={value}"]
     if tmp.suffix.lower() in _MP4_SUFFIXES:
-        command += ["-movflags", "+faststart"]
+        command += ["-movflags", "+faststart+use_metadata_tags" if metadata else "+faststart"]
     command.append(str(tmp))
     try:
         if audio is not None:
@@ -297,6 +370,31 @@ def write_video(
     finally:
         tmp.unlink(missing_ok=True)
         wav.unlink(missing_ok=True)
+
+
+def read_tags(path: str | os.PathLike) -> dict[str, str]:
+    """Container metadata tags of a media file (what `write_video(metadata=...)` stored), via ffmetadata."""
+    path = Path(path)
+    _check_file(path)
+    result = subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-f", "ffmetadata", "pipe:1"],
+                            capture_output=True)
+    if result.returncode != 0:
+        detail = " | ".join(result.stderr.decode("utf-8", "replace").strip().splitlines()[:2])[:300]
+        raise MediaError(f"{path}: cannot read container metadata ({detail or f'ffmpeg exit {result.returncode}'})")
+    tags: dict[str, str] = {}
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("["):  # stream or chapter sections follow the global tags
+            break
+        if line.startswith(";") or "=" not in line:
+            continue
+        key, _, value = re.split(r"(?<!\\)(=)", line, maxsplit=1)
+        tags[_unescape(key)] = _unescape(value)
+    return tags
+
+
+def _unescape(text: str) -> str:
+    """Undo ffmetadata escaping of '=', ';', '#' and '\\'."""
+    return re.sub(r"\\(.)", r"\1", text)
 
 
 def flac_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
@@ -323,7 +421,7 @@ def _ffmpeg_header(path: Path) -> dict[str, Any]:
     result = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", str(path)], capture_output=True)
     info: dict[str, Any] = {
         "video_streams": 0, "audio_streams": 0, "video_codec": None, "audio_codec": None,
-        "audio_sample_rate": None, "duration_s": None,
+        "audio_sample_rate": None, "duration_s": None, "rotation": 0, "video_size": None,
     }  # fmt: skip
     for line in result.stderr.decode("utf-8", "replace").splitlines():
         stream = _STREAM_LINE.search(line)
@@ -335,6 +433,12 @@ def _ffmpeg_header(path: Path) -> dict[str, Any]:
                 rate = re.search(r"(\d+) Hz", stream.group(3))
                 if kind == "audio" and rate:
                     info["audio_sample_rate"] = int(rate.group(1))
+                dims = _SIZE.search(stream.group(3))
+                if kind == "video" and dims:
+                    info["video_size"] = (int(dims.group(1)), int(dims.group(2)))
+        rotation = _ROTATION_LINE.search(line)
+        if rotation and info["video_streams"] == 1 and not info["rotation"]:
+            info["rotation"] = round(float(rotation.group(1)) / 90) % 4 * 90
         duration = _DURATION_LINE.search(line)
         if duration:
             hours, minutes, seconds = duration.groups()

@@ -1,54 +1,201 @@
-"""`letstalk prepare`: raw talking-head videos -> WebDataset shards + manifest.json.
+"""`letstalk prepare`: raw talking-head videos -> WebDataset shards + a manifest.
 
-Each input video is decoded at a constant fps (centre square crop, resized), its audio at
-16 kHz mono; the video is cut into segments of at most `segment_seconds`; each segment's
-frames are VAE-encoded and its audio encoded into per-frame features, and the segment is
-written as one sample (schema in `pipeline.shards`). An input that cannot be used is
-recorded in `manifest.failed` with a short reason and the run goes on.
+Each input video is decoded at a constant `fps` (default 25) whatever its source frame rate,
+variable frame rate included: output frame k is the source frame whose container timestamp
+is nearest to k / fps (`pipeline.media.read_video`); a display-matrix rotation is honoured.
+Its audio is decoded to 16 kHz mono. Frames are cropped (`crop="center"`: the centre square;
+`crop="face"`: a smoothed square box around the one dominant face, `pipeline.faces`, where
+stretches without exactly one dominant face are cut out) and resized to `size`.
+
+Alignment: video frame k owns audio samples [k * spf, (k + 1) * spf) with
+spf = sample_rate / fps, which must be an integer (640 at 16 kHz / 25 fps; 30 fps is refused
+because 16000 / 30 is not). A video is cut into segments of at most `segment_seconds`
+(`int(segment_seconds * fps)` frames; a trailing rest under `min_segment_seconds` is dropped),
+so a segment of T frames holds exactly T * spf audio samples. Audio shorter than the video by
+at most `MAX_AUDIO_SHORTFALL_S` (0.5 s) is zero-padded; more than that fails the input.
+
+Each segment's frames are VAE-encoded and its audio encoded into per-frame features, and the
+segment is written as one sample (schema in `pipeline.shards`). An input that cannot be used
+is recorded in `manifest.failed` with a short reason and the run goes on.
+
+Splits are by speaker: a `split` column wins; otherwise the crc32 of the speaker id (the
+video id when the input list has no speaker column) sends `val_percent` % of speakers to
+"val", the same hash `datamodules.letstalk.is_val_video` applies to video ids.
+
+Cluster scale: with `num_tasks > 1`, an input goes to task sha1(path) % num_tasks (a stable
+hash, so adding inputs does not move the others; crc32 is linear and splits numbered file
+names unevenly), video ids are made unique over the whole
+list, and task t writes `task-000t-shard-NNNNNN.tar` and `task-000t.json`; `merge` joins the
+task manifests into `manifest.json`. A single task (the default) writes `shard-NNNNNN.tar`
+and `manifest.json` directly. The task manifest is rewritten atomically after every finished
+shard: finished shards, inputs done (all their segments in finished shards), segments
+already finished of inputs not yet done (`partial`), and failed inputs. A rerun deletes
+unlisted leftovers of its task, skips done and failed inputs and finished segments, and
+continues the shard numbering, so a killed task loses at most the shard it was writing.
+Settings (VAE, including a hash of its files, audio encoder, fps, size, segment lengths, crop,
+val_percent, num_tasks) must match the earlier run's: a single-task run with changed settings
+prepares everything again, a task of an array job refuses.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+import os
+import re
 import sys
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
-from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key, video_id
+from pipeline.shards import MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, video_id
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
+
+if TYPE_CHECKING:
+    from pipeline.faces import FaceDetector
+
+MAX_AUDIO_SHORTFALL_S = 0.5
+CROPS = ("center", "face")
+SPLITS = ("train", "val")
+_DETECT_BATCH = 64  # frames per face-detector call
+_TASK_MANIFEST = re.compile(r"task-(\d{4})\.json")
 
 
 class InputError(ValueError):
     """One input that cannot be turned into segments; its message is the manifest's reason."""
 
 
-def list_inputs(inputs: str | Path) -> list[Path]:
-    """Video files under a folder (recursive, sorted), or the paths in a list file, in its order.
+@dataclass(frozen=True)
+class InputItem:
+    """One listed input: its path, speaker id and split when the list gives them."""
 
-    A list file holds one path per line; blank lines and lines starting with '#' are skipped,
-    relative paths are taken relative to the list file's folder, repeats are dropped.
+    path: Path
+    speaker: str | None = None
+    split: str | None = None
+
+
+def list_inputs(inputs: str | Path) -> list[InputItem]:
+    """The inputs named by a folder, a text list, or a CSV/JSONL list, with repeats dropped.
+
+    A folder is searched recursively for video files (sorted). A `.csv` (header row) or `.jsonl`
+    (one object per line) list has a `path` and optional `speaker` and `split` (train|val);
+    any other file is a text list of one path per line ('#' comments and blank lines skipped).
+    Relative paths are taken relative to the list file's folder. A split given for a speaker
+    holds for all that speaker's rows. A malformed row, or a speaker put in both splits, raises
+    ValueError naming the file and line.
     """
     root = Path(inputs)
     if root.is_dir():
         found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in media.VIDEO_EXTENSIONS)
         if not found:
             raise ValueError(f"{root}: no video files ({' '.join(sorted(media.VIDEO_EXTENSIONS))}) in this folder")
-        return found
+        return [InputItem(p) for p in found]
     if not root.is_file():
         raise FileNotFoundError(f"{root}: no such folder or list file")
     try:
-        lines = root.read_text(encoding="utf-8").splitlines()
+        text = root.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{root}: not a text list of video paths ({err.reason})") from err
-    paths = [Path(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
-    paths = list(dict.fromkeys(p if p.is_absolute() else root.parent / p for p in paths))
-    if not paths:
+    suffix = root.suffix.lower()
+    rows = _csv_rows(root, text) if suffix == ".csv" else _jsonl_rows(root, text) if suffix == ".jsonl" else _text_rows(text)
+    items: dict[Path, InputItem] = {}
+    given: dict[str, tuple[str, int]] = {}  # speaker -> (split, line) where the list sets it
+    for line, row in rows:
+        text_path = str(row.get("path") or "").strip()
+        if not text_path:
+            raise ValueError(f"{root}:{line}: empty path")
+        path = Path(text_path)
+        split = str(row["split"]).strip() if row.get("split") not in (None, "") else None
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"{root}:{line}: split must be train or val, got {split!r}")
+        speaker = str(row["speaker"]).strip() if row.get("speaker") not in (None, "") else None
+        if speaker is not None and split is not None:
+            earlier, at = given.setdefault(speaker, (split, line))
+            if earlier != split:
+                raise ValueError(f"{root}:{line}: speaker {speaker!r} put in {split}, but in {earlier} at line {at}")
+        path = path if path.is_absolute() else root.parent / path
+        items.setdefault(path, InputItem(path, speaker, split))
+    if not items:
         raise ValueError(f"{root}: list file names no video paths")
-    return paths
+    # a speaker's rows without a split follow the split the list gives that speaker elsewhere
+    return [InputItem(i.path, i.speaker, i.split or given.get(i.speaker or "", (None, 0))[0]) for i in items.values()]
+
+
+def _text_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, raw in enumerate(text.splitlines(), 1):
+        if raw.strip() and not raw.strip().startswith("#"):
+            yield line, {"path": raw.strip()}
+
+
+def _csv_rows(file: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(text.splitlines())
+    if "path" not in (reader.fieldnames or []):
+        raise ValueError(f"{file}:1: CSV header needs a 'path' column (found {reader.fieldnames})")
+    for row in reader:
+        if None in row:
+            raise ValueError(f"{file}:{reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
+        if any(v for v in row.values()):
+            yield reader.line_num, row
+
+
+def _jsonl_rows(file: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{line}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise ValueError(f"{file}:{line}: each line must be an object with a \"path\" string")
+        yield line, row
+
+
+def speaker_split(speaker: str, val_percent: float) -> str:
+    """"val" for the speakers whose crc32 falls in the first `val_percent` % (stable across runs), else "train"."""
+    bucket = zlib.crc32(speaker.encode("utf-8")) % 10000
+    return "val" if bucket < round(val_percent * 100) else "train"
+
+
+def task_of(path: Path, num_tasks: int) -> int:
+    """The task an input belongs to: the first 8 bytes of sha1(path as listed) modulo `num_tasks`."""
+    return int.from_bytes(hashlib.sha1(str(path).encode("utf-8")).digest()[:8], "big") % num_tasks
+
+
+def slurm_task(environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """(task index, task count) of a SLURM array job, counted from the array's first id; (0, 1) outside one."""
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+
+
+def task_files(task_index: int, num_tasks: int) -> tuple[str, str]:
+    """(manifest file name, shard name prefix) of one task; a single task writes the final manifest."""
+    if num_tasks == 1:
+        return MANIFEST, ""
+    return f"task-{task_index:04d}.json", f"task-{task_index:04d}-"
+
+
+def samples_per_frame(sample_rate: int, fps: float) -> int:
+    """Audio samples per video frame; refuses a pair whose ratio is not an integer."""
+    ratio = sample_rate / fps
+    if fps <= 0 or abs(ratio - round(ratio)) > 1e-9:
+        raise ValueError(
+            f"fps {fps} does not divide the audio sample rate {sample_rate}: audio samples per frame must be an "
+            f"integer for exact alignment (e.g. 25 or 20 fps at {sample_rate} Hz)"
+        )
+    return int(round(ratio))
 
 
 def unique_ids(paths: list[Path]) -> list[str]:
@@ -82,67 +229,212 @@ def crop_box(width: int, height: int) -> list[int]:
     return [x0, y0, x0 + side, y0 + side]
 
 
-def _decode(path: Path, fps: float, size: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Frames uint8 [T, size, size, 3], audio float32 [N] and the crop box, or InputError with a reason."""
+@dataclass
+class _Piece:
+    """One segment's cropped frames before encoding."""
+
+    index: int
+    start: int  # first frame, in the video's constant-fps frames
+    frames: np.ndarray  # uint8 [T, size, size, 3]
+    boxes: list[list[int]]  # per frame [x0, y0, x1, y1] in source pixels
+
+
+def _decode(path: Path, fps: float) -> tuple[media.VideoInfo, np.ndarray]:
+    """Probe and read the audio (float32 [N] at 16 kHz), or InputError with a reason."""
     if path.suffix.lower() not in media.VIDEO_EXTENSIONS:
         raise InputError(f"not a video file (extension {path.suffix or 'none'})")
+    info = media.probe_video(path)
+    if not info.has_audio:
+        raise InputError("no audio stream")
+    return info, media.read_audio(path, sample_rate=media.SAMPLE_RATE)
+
+
+def _check_audio(audio: np.ndarray, num_frames: int, fps: float) -> None:
+    heard, seen = len(audio) / media.SAMPLE_RATE, num_frames / fps
+    if seen - heard > MAX_AUDIO_SHORTFALL_S:
+        raise InputError(f"audio much shorter than video ({heard:.2f} s vs {seen:.2f} s)")
+
+
+def _pieces(
+    path: Path, fps: float, size: int, crop: str, bounds_of: Callable[[int], list[tuple[int, int]]],
+    detector: FaceDetector | None,
+) -> tuple[list[_Piece], np.ndarray, list[list[Any]]]:
+    """Cropped segments of one input, its audio, and the frame ranges cut out ([start, end, reason])."""
     try:
-        info = media.probe_video(path)
-        if not info.has_audio:
-            raise InputError("no audio stream")
-        audio = media.read_audio(path, sample_rate=media.SAMPLE_RATE)
-        frames = media.read_video(path, fps=fps, size=size)
+        info, audio = _decode(path, fps)
+        if crop == "center":
+            frames = media.read_video(path, fps=fps, size=size)  # [T, size, size, 3]
+            _check_audio(audio, len(frames), fps)
+            box = crop_box(info.width, info.height)
+            pieces = [_Piece(i, s, frames[s:e], [box] * (e - s)) for i, (s, e) in enumerate(bounds_of(len(frames)))]
+            if not pieces:
+                raise InputError(f"shorter than min_segment_seconds ({len(frames) / fps:.2f} s)")
+            return pieces, audio, []
+        from pipeline import faces
+
+        frames = media.read_video(path, fps=fps)  # [T, H, W, 3] at source resolution
     except media.MediaError as err:
         reason = str(err)  # "<path>: <problem>"; the manifest keeps the path separately
         raise InputError(reason.removeprefix(f"{path}: ")) from err
-    expected = len(frames) * media.SAMPLE_RATE / fps
-    if len(audio) < 0.5 * expected:
-        raise InputError(
-            f"audio much shorter than video ({len(audio) / media.SAMPLE_RATE:.2f} s vs {len(frames) / fps:.2f} s)"
-        )
-    return frames, audio, crop_box(info.width, info.height)
+    _check_audio(audio, len(frames), fps)
+    pieces: list[_Piece] = []
+    try:
+        batches = range(0, len(frames), _DETECT_BATCH)
+        detections = [d for i in batches for d in detector.detect(frames[i : i + _DETECT_BATCH])]  # per frame [K, 5]
+        tracks, cuts = faces.face_tracks(detections, frames.shape[2], frames.shape[1], fps)
+        for track in tracks:
+            cropped = faces.crop_track(frames, track, size)  # [end - start, size, size, 3]
+            for s, e in bounds_of(track.end - track.start):
+                boxes = [[int(v) for v in b] for b in track.boxes[s:e]]
+                pieces.append(_Piece(len(pieces), track.start + s, cropped[s:e], boxes))
+    except faces.NoFaceError as err:
+        raise InputError(f"no usable face ({err})") from err
+    if not pieces:
+        reasons = sorted({reason for _, _, reason in cuts}) or ["no face track long enough"]
+        raise InputError(f"no usable face ({', '.join(reasons)})")
+    return pieces, audio, [[int(s), int(e), str(r)] for s, e, r in cuts]
 
 
-def _segments(
-    path: Path,
-    vid: str,
-    frames: np.ndarray,
-    audio: np.ndarray,
-    box: list[int],
-    bounds: list[tuple[int, int]],
-    vae: VAE,
-    vae_id: str,
-    encoder: AudioEncoder,
-    fps: float,
-    batch_size: int,
-) -> Iterator[Segment]:
-    """Encode one decoded video's segments, one at a time. Audio features are computed from the
-    FLAC-decoded waveform stored in the sample, so re-encoding `audio.flac` reproduces `audio.npy`."""
-    sr = media.SAMPLE_RATE
-    for index, (start, end) in enumerate(bounds):
-        lo, hi = round(start * sr / fps), round(end * sr / fps)
-        wave = np.zeros(hi - lo, np.float32)
-        piece = audio[lo:hi]
-        wave[: len(piece)] = piece  # zero-pad a slightly short audio stream
-        flac = media.flac_bytes(wave, sr)
-        wave = media.decode_flac(flac)[0]
-        yield Segment(
-            key=sample_key(vid, index),
-            latents=encode_frames(vae, frames[start:end], batch_size=batch_size),  # [T, C, h, w]
-            audio=encoder.encode(wave, end - start, fps).astype(np.float16),  # [T, K, D]
-            waveform_flac=flac,
-            meta={
-                "fps": fps,
-                "sample_rate": sr,
-                "frames": end - start,
-                "face_box": box,
-                "source": str(path),
-                "segment": index,
-                "start_frame": start,
-                "vae": vae_id,
-                "audio_encoder": encoder.id,
-            },
-        )
+def _segment(
+    piece: _Piece, audio: np.ndarray, spf: int, vid: str, meta: dict[str, Any], vae: VAE, encoder: AudioEncoder,
+    fps: float, batch_size: int,
+) -> Segment:
+    """Encode one piece. Audio features come from the FLAC-decoded waveform stored in the sample,
+    so re-encoding `audio.flac` reproduces `audio.npy`."""
+    count = len(piece.frames)
+    lo = piece.start * spf
+    wave = np.zeros(count * spf, np.float32)
+    part = audio[lo : lo + count * spf]
+    wave[: len(part)] = part  # zero-pad a slightly short audio stream
+    flac = media.flac_bytes(wave, media.SAMPLE_RATE)
+    wave = media.decode_flac(flac)[0]
+    extra = {"face_boxes": piece.boxes} if meta["crop"] == "face" else {}
+    return Segment(
+        key=sample_key(vid, piece.index),
+        latents=encode_frames(vae, piece.frames, batch_size=batch_size),  # [T, C, h, w]
+        audio=encoder.encode(wave, count, fps).astype(np.float16),  # [T, K, D]
+        waveform_flac=flac,
+        meta={**meta, "frames": count, "face_box": piece.boxes[0], "segment": piece.index, "start_frame": piece.start,
+              **extra},
+    )
+
+
+class _TaskLog:
+    """The task manifest kept in step with the shard writer: an input is done only once every one
+    of its segments is in a finished shard; the manifest is rewritten after every finished shard."""
+
+    def __init__(self, out: Path, name: str, manifest: Manifest, writer: AtomicShardWriter):
+        self.out, self.name, self.manifest, self.writer = out, name, manifest, writer
+        self.open: dict[str, list[int]] = {}  # input path -> its segments in the open shard
+        self.waiting: list[dict[str, Any]] = []  # inputs fully written, some segments in the open shard
+
+    def write(self, source: str, index: int, segment: Segment) -> None:
+        self.open.setdefault(source, []).append(index)
+        finished = len(self.writer.shards)
+        self.writer.write(segment)
+        if len(self.writer.shards) > finished:
+            self._shard_finished()
+
+    def input_done(self, record: dict[str, Any]) -> None:
+        if record["path"] in self.open:
+            self.waiting.append(record)
+        else:
+            self._done(record)
+            self.save()
+
+    def failed(self, path: str, reason: str) -> None:
+        self.manifest.failed.append({"path": path, "reason": reason})
+        self.save()
+
+    def finish(self) -> None:
+        finished = len(self.writer.shards)
+        self.writer.flush()
+        if len(self.writer.shards) > finished:
+            self._shard_finished()
+        self.manifest.complete = True
+        self.save()
+
+    def _shard_finished(self) -> None:
+        self.manifest.shards = list(self.writer.shards)
+        for path, indices in self.open.items():
+            self.manifest.partial[path] = sorted(set(self.manifest.partial.get(path, [])) | set(indices))
+        self.open = {}
+        for record in self.waiting:
+            self._done(record)
+        self.waiting = []
+        self.save()
+
+    def _done(self, record: dict[str, Any]) -> None:
+        self.manifest.partial.pop(record["path"], None)
+        self.manifest.inputs.append(record)
+
+    def save(self) -> None:
+        self.manifest.save(self.out, self.name)
+
+
+def vae_fingerprint(vae_path: str | Path) -> str:
+    """sha1 over the names and bytes of the VAE folder's files (config and weights), so a retrained
+    VAE of the same name is told apart from the one earlier shards were encoded with."""
+    root = Path(vae_path)
+    folder = root if (root / "config.json").is_file() else root / "vae"
+    digest = hashlib.sha1()
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(file.name.encode("utf-8"))
+        with open(file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha1").digest())
+    return digest.hexdigest()
+
+
+def _resume(out: Path, name: str, prefix: str, fresh: Manifest, retry_failed: bool, progress: bool) -> Manifest:
+    """The task's manifest from an earlier run with the same settings, else `fresh`; removes this
+    task's shards and temporaries the manifest does not list.
+
+    Earlier shards made with other settings are replaced in a single-task run (as a plain rerun
+    always did) and refused in a task of an array job, whose siblings would not match.
+    """
+    path = out / name
+    manifest = fresh
+    if path.exists():
+        try:
+            earlier = Manifest.load(path)
+            differs = _differences(earlier, fresh)
+            single = earlier.settings.get("num_tasks", 1) == 1
+        except ShardFormatError as err:
+            earlier, differs, single = None, [str(err)], True
+        if not differs:
+            manifest = earlier
+            if retry_failed:
+                manifest.failed = []
+            manifest.complete = False
+        elif fresh.task is None and single:
+            if progress:
+                print(f"{path}: settings changed ({'; '.join(differs)}): preparing again", file=sys.stderr)
+        else:
+            raise ValueError(
+                f"{path}: an earlier run here used different settings ({'; '.join(differs)}); "
+                "use another --out or delete its files"
+            )
+    listed = {s["path"] for s in manifest.shards}
+    pattern = re.compile(re.escape(prefix) + r"shard-\d{6}\.tar(\.tmp)?")
+    for leftover in out.iterdir() if out.is_dir() else []:
+        if pattern.fullmatch(leftover.name) and leftover.name not in listed:
+            leftover.unlink()
+    return manifest
+
+
+_SETTINGS = ("vae", "audio_encoder", "fps", "sample_rate", "size", "settings")
+
+
+def _differences(a: Manifest, b: Manifest) -> list[str]:
+    """"key: a vs b" for each setting that differs (dict settings compared key by key)."""
+    found = []
+    for key in _SETTINGS:
+        x, y = getattr(a, key), getattr(b, key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found += [f"{key}.{k}: {x.get(k)} vs {y.get(k)}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            found.append(f"{key}: {x} vs {y}")
+    return found
 
 
 def prepare(
@@ -159,44 +451,48 @@ def prepare(
     batch_size: int = 16,
     device: str = "cpu",
     progress: bool = True,
+    crop: str = "center",
+    val_percent: float = 10.0,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    retry_failed: bool = False,
 ) -> Manifest:
-    """Turn videos into shards under `out` and write `out/manifest.json`; returns the manifest.
+    """Turn this task's share of the inputs into shards under `out`; returns the task manifest.
 
-    `inputs` is a folder (searched recursively for video files) or a text file listing paths.
-    `vae_path` is a diffusers `AutoencoderKL` or `AutoencoderDC` folder (`pipeline.vae.load_vae`);
-    the manifest's `vae` entry records which latent space ("type") the shards hold.
-    Failed inputs are listed in `manifest.failed` as {path, reason}. With `progress`, shows a
-    bar over inputs and prints a one-line summary.
+    `inputs` is a folder, a text list, or a CSV/JSONL list (`list_inputs`). `vae_path` is a
+    diffusers `AutoencoderKL` or `AutoencoderDC` folder (`pipeline.vae.load_vae`); the
+    manifest's `vae` entry records which latent space ("type") the shards hold. With
+    `num_tasks` 1 the manifest is `out/manifest.json`; else `out/task-NNNN.json` (join with
+    `merge`). Failed inputs are listed in `manifest.failed` as {path, reason}; a rerun skips
+    them unless `retry_failed`. With `progress`, shows a bar and prints `summary`.
     """
     if min_segment_seconds > segment_seconds:
         raise ValueError(f"min_segment_seconds {min_segment_seconds} exceeds segment_seconds {segment_seconds}")
-    paths = list_inputs(inputs)
+    if crop not in CROPS:
+        raise ValueError(f"crop {crop!r}: choose one of {', '.join(CROPS)}")
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1} (num_tasks {num_tasks})")
+    if not 0.0 <= val_percent <= 100.0:
+        raise ValueError(f"val_percent {val_percent} is outside 0..100")
+    spf = samples_per_frame(media.SAMPLE_RATE, fps)
+    segment_bounds(1, fps, segment_seconds, 0.0)  # refuses a segment shorter than one frame
+    items = list_inputs(inputs)
+    ids = unique_ids([item.path for item in items])  # unique over the whole list, so tasks agree
     vae = load_vae(vae_path, device=device)
     vae_id = Path(vae_path).resolve().name
     info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve())}  # generation finds the decoder here
     if size % info["downsample"]:
         raise ValueError(f"size {size} is not divisible by the VAE downsampling factor {info['downsample']} ({vae_path})")
     encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device)
+    detector = None
+    if crop == "face":
+        from pipeline.faces import FaceDetector
 
-    failed: list[dict[str, str]] = []
-    ok = 0
-    with AtomicShardWriter(out, max_samples=samples_per_shard) as writer:
-        for path, vid in tqdm(list(zip(paths, unique_ids(paths))), desc="prepare", unit="video", disable=not progress):
-            try:
-                frames, audio, box = _decode(path, fps, size)
-                bounds = segment_bounds(len(frames), fps, segment_seconds, min_segment_seconds)
-                if not bounds:
-                    raise InputError(f"shorter than min_segment_seconds ({len(frames) / fps:.2f} s)")
-            except InputError as err:
-                failed.append({"path": str(path), "reason": str(err)})
-                if progress:
-                    tqdm.write(f"skipped {path}: {err}", file=sys.stderr)
-                continue
-            for segment in _segments(path, vid, frames, audio, box, bounds, vae, vae_id, encoder, fps, batch_size):
-                writer.write(segment)
-            ok += 1
-    manifest = Manifest(
-        shards=writer.shards,
+        detector = FaceDetector(device=device)
+
+    out = Path(out)
+    name, prefix = task_files(task_index, num_tasks)
+    fresh = Manifest(
         vae=info,
         audio_encoder={
             "id": encoder.id, "name": audio_encoder, "path": str(audio_encoder_path) if audio_encoder_path else None,
@@ -205,18 +501,97 @@ def prepare(
         fps=fps,
         sample_rate=media.SAMPLE_RATE,
         size=size,
-        failed=failed,
-    )
-    manifest.save(out)
+        settings={"segment_seconds": segment_seconds, "min_segment_seconds": min_segment_seconds, "crop": crop,
+                  "val_percent": val_percent, "num_tasks": num_tasks, "vae_sha1": vae_fingerprint(vae_path)},
+        task=task_index if num_tasks > 1 else None,
+        complete=False,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _resume(out, name, prefix, fresh, retry_failed, progress)
+    skip = {r["path"] for r in manifest.inputs} | {f["path"] for f in manifest.failed}
+    mine = [(item, vid) for item, vid in zip(items, ids)
+            if task_of(item.path, num_tasks) == task_index and str(item.path) not in skip]  # fmt: skip
+    start = max((int(s["path"][-10:-4]) for s in manifest.shards), default=-1) + 1
+    bounds_of = partial(segment_bounds, fps=fps, segment_seconds=segment_seconds, min_segment_seconds=min_segment_seconds)
+
+    with AtomicShardWriter(out, max_samples=samples_per_shard, start_index=start, prefix=prefix) as writer:
+        writer.shards = list(manifest.shards)
+        log = _TaskLog(out, name, manifest, writer)
+        for item, vid in tqdm(mine, desc="prepare", unit="video", disable=not progress):
+            source = str(item.path)
+            try:
+                pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detector)
+            except InputError as err:
+                log.failed(source, str(err))
+                if progress:
+                    tqdm.write(f"skipped {source}: {err}", file=sys.stderr)
+                continue
+            speaker = item.speaker or vid
+            split = item.split or speaker_split(speaker, val_percent)
+            meta = {"fps": fps, "sample_rate": media.SAMPLE_RATE, "source": source, "vae": vae_id,
+                    "audio_encoder": encoder.id, "speaker": speaker, "split": split, "crop": crop}  # fmt: skip
+            finished = set(manifest.partial.get(source, []))
+            for piece in pieces:
+                if piece.index not in finished:
+                    log.write(source, piece.index, _segment(piece, audio, spf, vid, meta, vae, encoder, fps, batch_size))
+            record = {"path": source, "id": vid, "speaker": speaker, "split": split, "segments": len(pieces),
+                      "frames": sum(len(p.frames) for p in pieces)}  # fmt: skip
+            if cuts:
+                record["cut"] = cuts
+            log.input_done(record)
+        log.finish()
     if progress:
-        print(summary(manifest, ok))
+        print(summary(manifest))
     return manifest
 
 
-def summary(manifest: Manifest, ok: int) -> str:
-    """One line: videos ok / failed, segments, frames, bytes written."""
+def merge(out: str | Path) -> Manifest:
+    """Join the task manifests `out/task-NNNN.json` into `out/manifest.json`; returns it.
+
+    Refuses task manifests with different settings, a missing task, or a task that has not finished.
+    """
+    out = Path(out)
+    found = sorted(p for p in out.glob("task-*.json") if _TASK_MANIFEST.fullmatch(p.name)) if out.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{out}: no task manifests (task-NNNN.json) to merge")
+    tasks = [Manifest.load(p) for p in found]
+    first, first_path = tasks[0], found[0]
+    for path, task in zip(found[1:], tasks[1:]):
+        differs = _differences(task, first)
+        if differs:
+            raise ValueError(f"{path}: settings differ from {first_path.name} ({'; '.join(differs)}); cannot merge")
+    count = int(first.settings.get("num_tasks", 0))
+    indices = [task.task for task in tasks]
+    missing = sorted(set(range(count)) - set(indices))
+    if missing:
+        raise ValueError(f"{out}: task manifests missing for task(s) {missing} of {count}; run those tasks first")
+    unfinished = [p.name for p, t in zip(found, tasks) if not t.complete]
+    if unfinished:
+        raise ValueError(f"{out}: task(s) still running or killed, rerun them first: {', '.join(unfinished)}")
+    tasks.sort(key=lambda t: t.task)
+    merged = Manifest(
+        shards=[s for t in tasks for s in t.shards],
+        vae=first.vae,
+        audio_encoder=first.audio_encoder,
+        fps=first.fps,
+        sample_rate=first.sample_rate,
+        size=first.size,
+        failed=[f for t in tasks for f in t.failed],
+        inputs=[r for t in tasks for r in t.inputs],
+        settings=first.settings,
+    )
+    merged.save(out)
+    return merged
+
+
+def summary(manifest: Manifest) -> str:
+    """Two lines: inputs ok / failed (by reason), then segments, frames, hours and bytes written."""
+    reasons = Counter(f["reason"].split(" (")[0] for f in manifest.failed)
+    by_reason = f" ({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})" if reasons else ""
     size = sum(int(s["bytes"]) for s in manifest.shards)
+    hours = manifest.num_frames / manifest.fps / 3600
     return (
-        f"prepare: {ok} ok, {len(manifest.failed)} failed, {manifest.num_samples} segments, "
-        f"{manifest.num_frames} frames, {len(manifest.shards)} shards, {size} bytes"
+        f"prepare: {len(manifest.inputs)} ok, {len(manifest.failed)} failed{by_reason}\n"
+        f"prepare: {manifest.num_samples} segments, {manifest.num_frames} frames ({hours:.4f} h), "
+        f"{len(manifest.shards)} shards, {size} bytes"
     )

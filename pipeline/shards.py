@@ -209,9 +209,14 @@ def iter_tar(path: str | os.PathLike) -> Iterator[Segment]:
 
 @dataclass
 class Manifest:
-    """`manifest.json` at the dataset root: what training needs to know without scanning shards."""
+    """`manifest.json` at the dataset root: what training needs to know without scanning shards.
 
-    shards: list[dict[str, Any]] = field(default_factory=list)  # {path, samples, frames, bytes, split?}
+    `letstalk prepare` also writes one per task of an array job (`task-NNNN.json`, `task` set),
+    rewritten after every finished shard (`complete` false until the task ends). Fields added
+    after version 1 have defaults, so older manifests still load.
+    """
+
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {path, samples, frames, bytes}
     vae: dict[str, Any] = field(default_factory=dict)  # {id, scaling_factor, shift_factor, latent_channels, downsample}
     audio_encoder: dict[str, Any] = field(default_factory=dict)  # {id, K, D, sample_rate}
     fps: float = 25.0
@@ -219,6 +224,11 @@ class Manifest:
     size: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     version: int = MANIFEST_VERSION
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # done inputs {path, id, speaker, split, segments, frames}
+    partial: dict[str, list[int]] = field(default_factory=dict)  # input path -> segments in finished shards, not done
+    settings: dict[str, Any] = field(default_factory=dict)  # prepare settings that must agree across tasks
+    task: int | None = None  # task index, for a task manifest
+    complete: bool = True
 
     @property
     def num_samples(self) -> int:
@@ -228,13 +238,27 @@ class Manifest:
     def num_frames(self) -> int:
         return sum(int(s["frames"]) for s in self.shards)
 
-    def save(self, root: str | os.PathLike) -> Path:
-        """Write atomically (temp file + rename)."""
-        path = Path(root) / MANIFEST
+    def splits(self) -> dict[str, dict[str, Any]]:
+        """Per split of the done inputs: sorted speakers, and counts of videos, segments and frames."""
+        out: dict[str, dict[str, Any]] = {}
+        for record in self.inputs:
+            entry = out.setdefault(record["split"], {"speakers": set(), "videos": 0, "samples": 0, "frames": 0})
+            entry["speakers"].add(record["speaker"])
+            entry["videos"] += 1
+            entry["samples"] += int(record["segments"])
+            entry["frames"] += int(record["frames"])
+        return {k: {**v, "speakers": sorted(v["speakers"])} for k, v in sorted(out.items())}
+
+    def save(self, root: str | os.PathLike, name: str = MANIFEST) -> Path:
+        """Write `root/name` atomically (temp file + rename); an unchanged file is left untouched."""
+        path = Path(root) / name
         tmp = path.with_name(path.name + ".tmp")
         data = asdict(self)
-        data["num_samples"], data["num_frames"] = self.num_samples, self.num_frames
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        data["num_samples"], data["num_frames"], data["splits"] = self.num_samples, self.num_frames, self.splits()
+        text = json.dumps(data, indent=2, sort_keys=True)
+        if path.exists() and path.read_text() == text:
+            return path
+        tmp.write_text(text)
         os.replace(tmp, path)
         return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -220,3 +221,63 @@ def test_read_image(tmp_path):
         media.read_image(tmp_path / "bad.png")
     assert str(tmp_path / "bad.png") in str(info.value)
     assert ".mp4" in media.VIDEO_EXTENSIONS
+
+
+def test_variable_frame_rate_uses_real_timestamps(tmp_path):
+    """60 frames at 30 fps, then every 3rd kept after 1 s: output frame k is the kept frame nearest k / 25."""
+    source = np.stack([np.full((32, 32, 3), 4 * i, np.uint8) for i in range(60)])  # brightness = 4 * index
+    path = tmp_path / "vfr.mp4"
+    command = [media.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "32x32",
+               "-r", "30", "-i", "pipe:0", "-vf", "select='lt(n\\,30)+not(mod(n\\,3))'", "-fps_mode", "vfr",
+               "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "10", str(path)]  # fmt: skip
+    subprocess.run(command, input=source.tobytes(), check=True)
+    kept = np.array([i for i in range(60) if i < 30 or i % 3 == 0])
+    decoded = media.read_video(path, fps=25)
+    assert len(decoded) == int(media.probe_video(path).duration_s * 25)
+    times = np.arange(len(decoded)) / 25
+    expected = kept[np.abs(kept[None, :] / 30 - times[:, None]).argmin(axis=1)]
+    picked = np.round(decoded.astype(float).mean(axis=(1, 2, 3)) / 4).astype(int)
+    np.testing.assert_array_equal(picked, expected)
+    assert not np.array_equal(expected, kept[np.minimum(np.round(times * 20).astype(int), len(kept) - 1)])  # avg fps 20
+
+
+def test_rotated_video_is_read_upright(tmp_path):
+    plain = tmp_path / "plain.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           str(plain))
+    for degrees in (90, 180, 270):
+        path = tmp_path / f"rot{degrees}.mp4"
+        ffmpeg("-display_rotation", str(degrees), "-i", str(plain), "-c", "copy", str(path))
+        info = media.probe_video(path)
+        assert (info.rotation, info.num_frames) == (degrees, 25)
+        upright = subprocess.run([media.ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
+                                  "rgb24", "pipe:1"], capture_output=True, check=True).stdout  # ffmpeg autorotates
+        decoded = media.read_video(path)
+        shape = (25, 64, 48, 3) if degrees in (90, 270) else (25, 48, 64, 3)
+        assert decoded.shape == shape and (info.width, info.height) == (shape[2], shape[1])
+        np.testing.assert_array_equal(decoded, np.frombuffer(upright, np.uint8).reshape(shape))
+        assert media.read_video(path, size=32).shape == (25, 32, 32, 3)
+    assert media.probe_video(plain).rotation == 0
+    moved = tmp_path / "rot90_faststart.mp4"  # index first: decord or the ffmpeg path finds the damage
+    ffmpeg("-display_rotation", "90", "-i", str(plain), "-c", "copy", "-movflags", "+faststart", str(moved))
+    (tmp_path / "cut.mp4").write_bytes(moved.read_bytes()[: moved.stat().st_size // 2])
+    with pytest.raises(MediaError, match=r"cut.mp4: unreadable or corrupt video"):
+        media.read_video(tmp_path / "cut.mp4")
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    path = tmp_path / "speech.mp4"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=1", "-c:a", "aac", str(path))
+    with pytest.raises(MediaError, match="no video stream") as info:
+        media.probe_video(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+def test_unreadable_file(clip, tmp_path):
+    path = tmp_path / "locked.mp4"
+    path.write_bytes(clip[0].read_bytes())
+    path.chmod(0)
+    for reader in (media.read_video, media.read_audio, media.probe_video):
+        with pytest.raises(MediaError, match="permission denied"):
+            reader(path)

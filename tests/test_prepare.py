@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,11 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from pipeline import media
 from pipeline.audio_encoders import MelEncoder, Wav2Vec2Encoder
-from pipeline.prepare import crop_box, prepare, segment_bounds, unique_ids
+import pipeline
+from pipeline.prepare import (
+    InputItem, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds, slurm_task, speaker_split,
+    summary, task_of, unique_ids,
+)
 from pipeline.shards import Manifest, iter_tar
 from pipeline.synth import make_clip, synthesize
 from pipeline.vae import VAEError, demo_vae_config, encode_frames, load_vae, vae_info
@@ -199,7 +209,10 @@ def test_list_file_with_wav2vec2(tmp_path, videos, vae_dir, capsys):
                        size=SIZE, segment_seconds=1.0, progress=True)  # fmt: skip
     printed = capsys.readouterr()
     size = sum(s["bytes"] for s in manifest.shards)
-    assert printed.out == f"prepare: 1 ok, 2 failed, 2 segments, 50 frames, 1 shards, {size} bytes\n"
+    assert printed.out == (
+        "prepare: 1 ok, 2 failed (1 file not found, 1 not a video file)\n"
+        f"prepare: 2 segments, 50 frames (0.0006 h), 1 shards, {size} bytes\n"
+    )
     assert "skipped" in printed.err and "notes.txt: not a video file" in printed.err
     assert [(Path(f["path"]).name, f["reason"]) for f in manifest.failed] == [
         ("notes.txt", "not a video file (extension .txt)"), ("clip.mp4", "file not found"),
@@ -231,3 +244,398 @@ def test_bad_arguments_fail_before_writing(tmp_path, videos, vae_dir):
     with pytest.raises(ValueError, match="needs a path"):
         prepare(folder, out, vae_dir, audio_encoder="wav2vec2", progress=False)
     assert not out.exists()
+
+
+# ---- corpus of real ffmpeg-encoded videos: mixed fps, audio rates, VFR, rotation, and every bad kind ----
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def encode(path: Path, video: str | None, audio: str | None, *extra: str) -> Path:
+    """ffmpeg lavfi sources -> file: `video` a testsrc spec, `audio` a sine spec (None: no such stream)."""
+    command = [media.ffmpeg_exe(), "-y", "-loglevel", "error"]
+    if video:
+        command += ["-f", "lavfi", "-i", f"testsrc=size=64x48:{video}"]
+    if audio:
+        command += ["-f", "lavfi", "-i", f"sine=frequency=300:{audio}"]
+    if video:
+        command += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "10"]
+    if audio:
+        command += ["-c:a", "aac"]
+    subprocess.run(command + list(extra) + [str(path)], check=True)
+    return path
+
+
+# name -> expected constant-25-fps frame count (good inputs) with segment 1.0 s / min 0.5 s
+GOOD = {"fps24.mp4": 50, "fps30.mkv": 50, "fps25.mov": 40, "vfr.mp4": 48, "rotated.mp4": 50}  # vfr: last frame 1.9 s + 1/30 s
+BAD = {
+    "silent.mp4": "no audio stream",
+    "halfaudio.mp4": "audio much shorter than video (0.50 s vs 2.00 s)",
+    "audio_only.mp4": "no video stream (audio only)",
+    "truncated.mp4": "unreadable or corrupt video",
+    "empty.mp4": "empty file (0 bytes)",
+    "notes.mp4": "unreadable or corrupt video",
+    "slides.pdf": "not a video file (extension .pdf)",
+    "missing.mp4": "file not found",
+}
+SPEAKERS = {"fps24.mp4": "alice", "fps30.mkv": "alice", "fps25.mov": "bob", "vfr.mp4": "carol", "rotated.mp4": "dave"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A CSV list (relative paths, speakers, one forced split) over good and bad files."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "clips").mkdir()
+    c = root / "clips"
+    encode(c / "fps24.mp4", "rate=24:duration=2", "sample_rate=8000:duration=2")
+    encode(c / "fps30.mkv", "rate=30:duration=2", "sample_rate=44100:duration=2", "-ac", "2")
+    encode(c / "fps25.mov", "rate=25:duration=1.6", "sample_rate=48000:duration=1.6", "-ac", "2")
+    encode(c / "vfr.mp4", "rate=30:duration=2", "sample_rate=16000:duration=2",
+           "-vf", "select='lt(t\\,1)+not(mod(n\\,3))'", "-fps_mode", "vfr")  # 30 fps, then 10 fps
+    encode(c / "plain.mp4", "rate=25:duration=2", "sample_rate=16000:duration=2")
+    subprocess.run([media.ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation", "90", "-i",
+                    str(c / "plain.mp4"), "-c", "copy", str(c / "rotated.mp4")], check=True)
+    (c / "plain.mp4").unlink()
+    encode(c / "silent.mp4", "rate=25:duration=2", None)
+    encode(c / "halfaudio.mp4", "rate=25:duration=2", "sample_rate=16000:duration=0.5")
+    encode(c / "audio_only.mp4", None, "sample_rate=16000:duration=2")
+    whole = encode(root / "whole.mp4", "rate=25:duration=2", "sample_rate=16000:duration=2", "-movflags", "+faststart")
+    (c / "truncated.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    (c / "empty.mp4").write_bytes(b"")
+    (c / "notes.mp4").write_text("meeting notes, not a video\n")
+    (c / "slides.pdf").write_bytes(b"%PDF-1.4 not a video")
+    rows = ["path,speaker,split"] + [f"clips/{n},{SPEAKERS.get(n, '')},{'val' if n == 'fps25.mov' else ''}"
+                                      for n in list(GOOD) + list(BAD)]
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    return root / "list.csv"
+
+
+CORPUS_ARGS = dict(fps=FPS, size=SIZE, segment_seconds=1.0, min_segment_seconds=0.5, batch_size=25, val_percent=50.0)
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, corpus, vae_dir) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("corpus_out")
+    return out, prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+
+
+def all_samples(out: Path, manifest: Manifest) -> dict[str, object]:
+    return {seg.key: seg for path in manifest.shard_paths(out) for seg in iter_tar(path)}
+
+
+def test_corpus_frame_and_audio_counts_per_segment(corpus_run):
+    out, manifest = corpus_run
+    segs = all_samples(out, manifest)
+    expected = {}
+    for name, frames in GOOD.items():
+        for index, (start, end) in enumerate(segment_bounds(frames, FPS, 1.0, 0.5)):
+            expected[f"{Path(name).stem}/{index:04d}"] = (start, end - start)
+    assert {k: (s.meta["start_frame"], s.meta["frames"]) for k, s in segs.items()} == expected
+    assert expected["fps25/0001"] == (25, 15)  # 1.6 s: a 0.6 s rest is kept (min 0.5 s)
+    for key, seg in segs.items():
+        wave, rate = media.decode_flac(seg.waveform_flac)
+        assert rate == SR and len(wave) == seg.meta["frames"] * SPF == seg.meta["frames"] * 640
+        assert seg.latents.shape[0] == seg.audio.shape[0] == seg.meta["frames"]
+        assert np.abs(wave).max() > 0.1  # the sine is there, whatever the source rate or channel count
+    assert segs["rotated/0000"].meta["face_box"] == crop_box(48, 64) == [0, 8, 48, 56]  # upright: 48 wide, 64 high
+
+
+def test_corpus_bad_inputs_recorded_with_reasons(corpus_run):
+    _, manifest = corpus_run
+    reasons = {Path(f["path"]).name: f["reason"] for f in manifest.failed}
+    assert set(reasons) == set(BAD)
+    for name, reason in BAD.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+    assert [Path(r["path"]).name for r in manifest.inputs] == list(GOOD)
+    text = summary(manifest)
+    assert text.startswith(f"prepare: 5 ok, 8 failed (1 audio much shorter than video, 1 empty file, 1 file not found, "
+                           "1 no audio stream, 1 no video stream, 1 not a video file, 2 unreadable or corrupt video)\n")
+    assert f"{sum(GOOD.values())} frames ({sum(GOOD.values()) / FPS / 3600:.4f} h)" in text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+def test_unreadable_file_is_recorded(tmp_path, corpus, vae_dir):
+    locked = tmp_path / "locked.mp4"
+    locked.write_bytes((corpus.parent / "clips" / "fps24.mp4").read_bytes())
+    locked.chmod(0)
+    manifest = prepare(tmp_path, tmp_path / "out", vae_dir, progress=False, **CORPUS_ARGS)
+    assert manifest.failed == [{"path": str(locked), "reason": "permission denied (file not readable)"}]
+
+
+def test_corpus_speakers_and_splits(corpus_run, corpus):
+    out, manifest = corpus_run
+    segs = all_samples(out, manifest)
+    for seg in segs.values():
+        name = Path(seg.meta["source"]).name
+        assert seg.meta["speaker"] == SPEAKERS[name]
+        assert seg.meta["split"] == ("val" if name == "fps25.mov" else speaker_split(SPEAKERS[name], 50.0))
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    assert splits == manifest.splits()
+    assert "bob" in splits["val"]["speakers"]
+    train, val = set(splits.get("train", {}).get("speakers", [])), set(splits["val"]["speakers"])
+    assert not train & val and train | val == set(SPEAKERS.values())
+    assert sum(s["samples"] for s in splits.values()) == manifest.num_samples
+
+
+def test_second_run_writes_nothing(corpus_run, corpus, vae_dir):
+    out, manifest = corpus_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert again == manifest and again.complete
+
+
+def test_changed_settings_redo_a_single_run_and_stop_a_task(tmp_path, corpus, vae_dir, capsys):
+    listing = tmp_path / "one.txt"
+    listing.write_text(str(corpus.parent / "clips" / "fps24.mp4") + "\n")
+    out, retrained = tmp_path / "out", tmp_path / "tiny-vae"
+    shutil.copytree(vae_dir, retrained)
+    first = prepare(listing, out, retrained, samples_per_shard=1, progress=False, **CORPUS_ARGS)
+    torch.manual_seed(1)
+    AutoencoderKL(**demo_vae_config(block_out_channels=(8, 16, 16))).save_pretrained(retrained)  # same path, new weights
+    second = prepare(listing, out, retrained, samples_per_shard=2, progress=True, **CORPUS_ARGS)
+    assert "settings changed (settings.vae_sha1: " in capsys.readouterr().err
+    assert [s["path"] for s in first.shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s["path"] for s in second.shards] == ["shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]  # the stale shard is gone
+    segs = all_samples(out, second)
+    frames = media.read_video(corpus.parent / "clips" / "fps24.mp4", FPS, SIZE)
+    np.testing.assert_array_equal(segs["fps24/0000"].latents, encode_frames(load_vae(retrained), frames[:25], batch_size=25))
+    Manifest(**{**vars(second), "settings": {**second.settings, "num_tasks": 2}, "task": 0}).save(out, "task-0000.json")
+    with pytest.raises(ValueError, match=r"task-0000.json: an earlier run here used different settings \(vae.path: "
+                                         r".*; settings.vae_sha1: \w+ vs \w+\)"):
+        prepare(listing, out, vae_dir, num_tasks=2, task_index=0, progress=False, **CORPUS_ARGS)
+
+
+def test_tasks_partition_inputs_and_merge_equals_single_run(tmp_path, corpus_run, corpus, vae_dir):
+    paths = [Path(f"/data/vox/id{i // 20:05d}/{i % 20:05d}.mp4") for i in range(1600)]  # numbered, like real corpora
+    for num_tasks in (1, 2, 3, 7, 16):
+        counts = np.bincount([task_of(p, num_tasks) for p in paths], minlength=num_tasks)
+        assert len(counts) == num_tasks and counts.sum() == len(paths)  # each input in exactly one task
+        assert counts.min() > 0.75 * len(paths) / num_tasks  # and the tasks are about even
+    single_out, single = corpus_run
+    out = tmp_path / "tasks"
+    tasks = [prepare(corpus, out, vae_dir, samples_per_shard=2, progress=False, task_index=i, num_tasks=2,
+                     **CORPUS_ARGS) for i in range(2)]  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.json")) == ["task-0000.json", "task-0001.json"]
+    handled = [r["path"] for t in tasks for r in t.inputs] + [f["path"] for t in tasks for f in t.failed]
+    assert sorted(handled) == sorted(str(i.path) for i in list_inputs(corpus))  # each input in exactly one task
+    assert all(s["path"].startswith(f"task-000{t.task}-shard-") for t in tasks for s in t.shards)
+    merged = merge(out)
+    assert Manifest.load(out) == merged and merged.complete and merged.task is None
+    ours, reference = all_samples(out, merged), all_samples(single_out, single)
+    assert sorted(ours) == sorted(reference)
+    for key, seg in reference.items():
+        np.testing.assert_array_equal(ours[key].latents, seg.latents)
+        np.testing.assert_array_equal(ours[key].audio, seg.audio)
+        assert ours[key].meta == seg.meta
+    assert sorted(map(str, merged.failed)) == sorted(map(str, single.failed))
+    assert merged.splits() == single.splits()
+
+
+def test_merge_refuses_missing_unfinished_or_mismatched_tasks(tmp_path):
+    def task(index: int, **changes) -> None:
+        base = dict(vae={"latent_channels": 4, "downsample": 4, "scaling_factor": 1.0}, audio_encoder={"K": 4, "D": 80},
+                    size=32, settings={"num_tasks": 3}, task=index)  # fmt: skip
+        Manifest(**{**base, **changes}).save(tmp_path, f"task-{index:04d}.json")
+
+    with pytest.raises(FileNotFoundError, match="no task manifests"):
+        merge(tmp_path)
+    task(0), task(2)
+    with pytest.raises(ValueError, match=r"missing for task\(s\) \[1\] of 3"):
+        merge(tmp_path)
+    task(1, complete=False)
+    with pytest.raises(ValueError, match="still running or killed.*task-0001.json"):
+        merge(tmp_path)
+    task(1, size=64)
+    with pytest.raises(ValueError, match="task-0001.json: settings differ.*size: 64 vs 32"):
+        merge(tmp_path)
+    task(1)
+    assert merge(tmp_path).complete and (tmp_path / "manifest.json").exists()
+
+
+def test_interrupted_run_resumes_without_losing_or_repeating_segments(tmp_path, monkeypatch, corpus_run, corpus, vae_dir):
+    """In process: the run dies while encoding its 5th segment (input 3 is half in a finished shard)."""
+    import pipeline.prepare as prep
+
+    encode_segment, calls = prep._segment, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return encode_segment(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "_segment", dying)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+    interrupted = Manifest.load(out)
+    assert not interrupted.complete and [s["samples"] for s in interrupted.shards] == [3]
+    assert [Path(r["path"]).name for r in interrupted.inputs] == ["fps24.mp4"]
+    assert list(interrupted.partial.values()) == [[0]]  # fps30's first segment is in the finished shard
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]  # no .tmp left
+    monkeypatch.setattr(prep, "_segment", encode_segment)
+    resumed = prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+    assert resumed.complete and not resumed.partial and resumed.shards[0] == interrupted.shards[0]
+    ours, reference = all_samples(out, resumed), all_samples(*corpus_run)
+    assert sorted(ours) == sorted(reference)
+    assert len(ours) == resumed.num_samples
+    for key, seg in reference.items():
+        np.testing.assert_array_equal(ours[key].latents, seg.latents)
+    assert sorted(r["path"] for r in resumed.inputs) == sorted(r["path"] for r in corpus_run[1].inputs)
+
+
+@pytest.mark.slow
+def test_killed_task_resumes_to_the_uninterrupted_result(tmp_path, corpus_run, corpus, vae_dir):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "pipeline.cli", "prepare", str(corpus), "--out", str(out), "--vae", str(vae_dir),
+               "--size", str(SIZE), "--segment-seconds", "1.0", "--min-segment-seconds", "0.5", "--batch-size", "25",
+               "--val-percent", "50", "--samples-per-shard", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "shard-000001.tar").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    interrupted = Manifest.load(out)
+    assert not interrupted.complete and 1 <= len(interrupted.shards) < 9
+    finished = {s["path"] for s in interrupted.shards}
+    assert {p.name for p in out.glob("*.tar")} >= finished
+    (out / "shard-000777.tar.tmp").write_bytes(b"half a shard")  # what a kill mid-shard leaves
+    resumed = prepare(corpus, out, vae_dir, samples_per_shard=1, progress=False, **CORPUS_ARGS)
+    assert resumed.complete and not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["path"] for s in resumed.shards)
+    assert resumed.shards[: len(interrupted.shards)] == interrupted.shards  # numbering continues after them
+    ours, reference = all_samples(out, resumed), all_samples(*corpus_run)
+    assert sorted(ours) == sorted(reference) and len(ours) == resumed.num_samples  # no segment lost or repeated
+    for key, seg in reference.items():
+        np.testing.assert_array_equal(ours[key].latents, seg.latents)
+        np.testing.assert_array_equal(ours[key].audio, seg.audio)
+
+
+def test_cli_exit_codes_and_merge(tmp_path, corpus, vae_dir, capsys):
+    from pipeline.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("clips/empty.mp4\n")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "empty.mp4").write_bytes(b"")
+    common = ["--vae", str(vae_dir), "--size", str(SIZE)]
+    assert main(["prepare", str(bad), "--out", str(tmp_path / "o1"), *common]) == 1  # nothing could be prepared
+    assert main(["prepare", str(bad), "--out", str(tmp_path / "o2"), *common, "--num-tasks", "4", "--task-index", "9"]) == 1
+    assert "task index 9 is outside 0..3" in capsys.readouterr().err
+    assert main(["prepare", "--out", str(tmp_path / "o3")]) == 1
+    assert "needs INPUTS, --out and --vae (or --merge DIR)" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"path": str(corpus.parent / "clips" / "fps24.mp4"), "speaker": 7}) + "\n"
+                    + json.dumps({"path": "clips/empty.mp4"}) + "\n")
+    args = ["prepare", str(good), "--out", str(tmp_path / "o4"), *common, "--num-tasks", "1"]
+    assert main(args) == 0 and main(args + ["--strict"]) == 1
+    assert main(["prepare", "--merge", str(tmp_path / "o4")]) == 1
+    assert "no task manifests" in capsys.readouterr().err
+    assert Manifest.load(tmp_path / "o4").inputs[0]["speaker"] == "7"
+
+
+def test_fps_must_divide_the_sample_rate(tmp_path, vae_dir, corpus):
+    assert samples_per_frame(16000, 25) == 640 and samples_per_frame(16000, 20.0) == 800
+    with pytest.raises(ValueError, match="fps 30 does not divide the audio sample rate 16000"):
+        samples_per_frame(16000, 30)
+    with pytest.raises(ValueError, match="fps 24.0 does not divide"):
+        prepare(corpus, tmp_path / "out", vae_dir, fps=24.0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_task_from_environment():
+    assert slurm_task({}) == (0, 1)
+    assert slurm_task({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "16"}) == (3, 16)
+    assert slurm_task({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}) == (3, 4)
+
+
+def test_list_files_csv_jsonl_and_their_errors(tmp_path):
+    (tmp_path / "sub").mkdir()
+    csv_list = tmp_path / "sub" / "list.csv"
+    csv_list.write_text("path,speaker,split\nclips/a.mp4,s1,val\n/abs/b.mp4,,\n\nclips/a.mp4,s9,train\n")
+    assert list_inputs(csv_list) == [
+        InputItem(tmp_path / "sub" / "clips" / "a.mp4", "s1", "val"), InputItem(Path("/abs/b.mp4"), None, None),
+    ]  # fmt: skip
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text('{"path": "x.mp4", "speaker": "p1"}\n\n{"path": "y.mp4", "split": "train"}\n'
+                     '{"path": "z.mp4", "speaker": "p1", "split": "val"}\n')
+    assert list_inputs(jsonl) == [  # p1's split given on line 4 holds for x.mp4 too: no speaker in two splits
+        InputItem(tmp_path / "x.mp4", "p1", "val"), InputItem(tmp_path / "y.mp4", None, "train"),
+        InputItem(tmp_path / "z.mp4", "p1", "val"),
+    ]  # fmt: skip
+    cases = {
+        "nopath.csv": ("file,speaker\na.mp4,s\n", r"nopath.csv:1: CSV header needs a 'path' column"),
+        "split.csv": ("path,split\na.mp4,train\nb.mp4,test\n", r"split.csv:3: split must be train or val, got 'test'"),
+        "extra.csv": ("path,speaker\na.mp4,s,oops\n", r"extra.csv:2: more fields than the header's 2"),
+        "empty.csv": ("path,speaker\n,s1\n", r"empty.csv:2: empty path"),
+        "both.csv": ("path,speaker,split\na.mp4,s1,train\nb.mp4,s2,val\nc.mp4,s1,val\n",
+                     r"both.csv:4: speaker 's1' put in val, but in train at line 2"),
+        "bad.jsonl": ('{"path": "a.mp4"}\n{"path": \n', r"bad.jsonl:2: not valid JSON"),
+        "nopath.jsonl": ('{"path": "a.mp4"}\n\n["b.mp4"]\n', r'nopath.jsonl:3: each line must be an object with a "path"'),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            list_inputs(tmp_path / name)
+
+
+def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatch, corpus, vae_dir):
+    """`--crop face` through a local fake of pipeline.faces: one face except frames 10..19."""
+
+    class FaceDetector:
+        def __init__(self, device: str = "cpu", min_prob: float = 0.9):
+            self.seen = 0
+
+        def detect(self, frames: np.ndarray) -> list[np.ndarray]:
+            out = []
+            for _ in frames:
+                face = not 10 <= self.seen < 20
+                out.append(np.array([[8, 4, 40, 36, 0.99]]) if face else np.zeros((0, 5)))
+                self.seen += 1
+            return out
+
+    def face_tracks(detections, width, height, fps, margin=0.25, min_seconds=1.0, dominance=2.0):
+        has = [len(d) == 1 for d in detections] + [False]
+        tracks, cuts, start = [], [], None
+        for i, ok in enumerate(has):
+            if ok and start is None:
+                start = i
+            elif not ok and start is not None:
+                tracks.append(types.SimpleNamespace(start=start, end=i, boxes=np.tile([8, 4, 40, 36], (i - start, 1))))
+                start = None
+        cuts = [(10, 20, "no face")]
+        return tracks, cuts
+
+    def crop_track(frames, track, size):
+        return frames[track.start : track.end, 4:36, 8:40][:, :: 32 // size, :: 32 // size]
+
+    class NoFaceError(ValueError):
+        pass
+
+    fake = types.SimpleNamespace(FaceDetector=FaceDetector, face_tracks=face_tracks, crop_track=crop_track,
+                                 NoFaceError=NoFaceError)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pipeline.faces", fake)
+    monkeypatch.setattr(pipeline, "faces", fake, raising=False)
+    listing = tmp_path / "one.txt"
+    listing.write_text(str(corpus.parent / "clips" / "fps24.mp4") + "\n")
+    out = tmp_path / "out"
+    manifest = prepare(listing, out, vae_dir, crop="face", progress=False, **CORPUS_ARGS)
+    segs = all_samples(out, manifest)
+    # frames 0..9 (0.4 s, under min 0.5 s) dropped; track 20..49 -> segments of 25 + 5 (5 dropped)
+    assert [(k, s.meta["start_frame"], s.meta["frames"]) for k, s in segs.items()] == [("fps24/0000", 20, 25)]
+    assert manifest.inputs[0]["cut"] == [[10, 20, "no face"]]
+    seg = segs["fps24/0000"]
+    assert seg.meta["crop"] == "face" and seg.meta["face_boxes"] == [[8, 4, 40, 36]] * 25
+    audio = media.read_audio(corpus.parent / "clips" / "fps24.mp4")
+    wave = media.decode_flac(seg.waveform_flac)[0]
+    np.testing.assert_allclose(wave, audio[20 * SPF : 45 * SPF], atol=1 / 32768 + 1e-7)
+    frames = media.read_video(corpus.parent / "clips" / "fps24.mp4", FPS)[20:45, 4:36, 8:40]
+    np.testing.assert_array_equal(seg.latents, encode_frames(load_vae(vae_dir), frames, batch_size=25))
