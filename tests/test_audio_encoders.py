@@ -1,4 +1,4 @@
-"""Audio encoders: frame alignment, a real wav2vec2 checkpoint round trip, and windowing."""
+"""Audio encoders: frame alignment, real wav2vec2 and Whisper checkpoint round trips, and windowing."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torchaudio
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import (
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
 
 from pipeline.audio_encoders import (
     AudioEncoder,
     MelEncoder,
     Wav2Vec2Encoder,
+    WhisperEncoder,
     audio_windows,
     build_audio_encoder,
     fit_to_frames,
@@ -196,3 +204,59 @@ def test_audio_windows_unbatched_and_errors():
         audio_windows(feats, -1)
     with pytest.raises(ValueError, match="T, K, D"):
         audio_windows(torch.zeros(3, 4), 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    """A random tiny WhisperModel saved like a hub checkpoint, with 1-second windows (chunk_length=1) so
+    that a few seconds of audio exercise several windows quickly."""
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=64, pad_token_id=1, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2,
+        num_mel_bins=80, d_model=16, encoder_layers=2, encoder_attention_heads=2,
+        decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=50, max_target_positions=8,  # 50 states = 1 s of 100 mel frames
+    )
+    model = WhisperModel(config).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-whisper"
+    model.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(path)
+    return model, path
+
+
+def test_whisper_checkpoint_round_trip_matches_the_encoder_window_by_window(tiny_whisper):
+    model, path = tiny_whisper
+    enc = build_audio_encoder("whisper", str(path), layers=[1, 2])
+    assert isinstance(enc, WhisperEncoder)
+    assert (enc.id, enc.K, enc.D, enc.stride, enc.window) == ("tiny-whisper:layers=1+2", 2, 16, 320, 16000)
+    T = 62  # 2.48 s: windows [0, 1), [1, 2), [2, 2.48) s
+    wave = tone_burst(T, 30, 40)
+    out = enc.encode(wave, T, FPS)
+    assert out.shape == (T, 2, 16) and out.dtype == np.float32
+
+    # Reference: the in-memory encoder on each 1 s window (padded by the extractor), the states
+    # covering real audio kept, centred at 320 i + 160, interpolated onto the frame slots.
+    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=1)
+    feats, centres = [], []
+    for start, keep in ((0, 50), (16000, 50), (32000, 24)):
+        mel = extractor(wave[start : start + 16000], sampling_rate=SR, return_tensors="pt").input_features
+        with torch.inference_mode():
+            states = model.encoder(mel, output_hidden_states=True).hidden_states
+        feats.append(((states[1][0] + states[2][0]) / 2)[:keep])
+        centres.append(start + torch.arange(keep) * 320 + 160)
+    targets = (torch.arange(T * 2, dtype=torch.float64) + 0.5) * 320
+    ref = interpolate_time(torch.cat(feats), torch.cat(centres).double(), targets).reshape(T, 2, 16).numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        WhisperEncoder(path, layers=3)
+
+
+def test_hf_encoders_run_in_bfloat16_and_return_float32(tiny_wav2vec2, tiny_whisper):
+    for name, (_, path) in (("wav2vec2", tiny_wav2vec2), ("whisper", tiny_whisper)):
+        full = build_audio_encoder(name, str(path))
+        half = build_audio_encoder(name, str(path), dtype=torch.bfloat16)
+        assert full.model.dtype == torch.float32 and half.model.dtype == torch.bfloat16
+        wave = tone_burst(25, 5, 15)
+        a, b = full.encode(wave, 25, FPS), half.encode(wave, 25, FPS)
+        assert b.dtype == np.float32
+        assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # bf16 keeps ~3 significant digits
