@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -170,6 +171,13 @@ def read_video(path: str | os.PathLike, fps: float = FPS, size: int | None = Non
     ignores the rotation and fails on it). With `size`, each frame is centre-cropped to a
     square and resized to size x size.
     """
+    return np.concatenate(list(iter_video(path, fps, size)))
+
+
+def iter_video(path: str | os.PathLike, fps: float = FPS, size: int | None = None,
+               chunk: int = _BATCH) -> Iterator[np.ndarray]:
+    """`read_video` in consecutive chunks of at most `chunk` frames (uint8 [n, H, W, 3] each), so a
+    long video at source resolution never has to fit in memory at once."""
     path = Path(path)
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -180,21 +188,21 @@ def read_video(path: str | os.PathLike, fps: float = FPS, size: int | None = Non
         raise MediaError(f"{path}: video shorter than one frame at {fps} fps ({duration:.3f} s)")
     header = _ffmpeg_header(path)
     if header["rotation"]:
-        return _ffmpeg_frames(path, indices, header["video_size"], header["rotation"], size)
-    chunks = []
-    try:
-        for begin in range(0, len(indices), _BATCH):
-            batch = reader.get_batch(indices[begin : begin + _BATCH]).asnumpy()  # [b, H, W, 3]
-            chunks.append(_resized(batch, size))
-    except (RuntimeError, DECORDError) as err:
-        raise MediaError(f"{path}: unreadable or corrupt video ({_first_line(err)})") from err
-    return np.concatenate(chunks)
+        yield from _ffmpeg_frames(path, indices, header["video_size"], header["rotation"], size, chunk)
+        return
+    for begin in range(0, len(indices), chunk):
+        try:
+            batch = reader.get_batch(indices[begin : begin + chunk]).asnumpy()  # [b, H, W, 3]
+        except (RuntimeError, DECORDError) as err:
+            raise MediaError(f"{path}: unreadable or corrupt video ({_first_line(err)})") from err
+        yield _resized(batch, size)
 
 
 def _ffmpeg_frames(
-    path: Path, indices: np.ndarray, coded_size: tuple[int, int] | None, rotation: int, size: int | None
-) -> np.ndarray:
-    """Source frames `indices` (non-decreasing) as upright uint8 [T, H, W, 3], streamed from the ffmpeg CLI."""
+    path: Path, indices: np.ndarray, coded_size: tuple[int, int] | None, rotation: int, size: int | None,
+    chunk: int,
+) -> Iterator[np.ndarray]:
+    """Source frames `indices` (non-decreasing) as upright uint8 [n, H, W, 3] chunks, streamed from the ffmpeg CLI."""
     if coded_size is None:
         raise MediaError(f"{path}: rotated video without a readable frame size")
     width, height = coded_size if rotation in (0, 180) else coded_size[::-1]
@@ -202,7 +210,7 @@ def _ffmpeg_frames(
     command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough"]
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     wanted = np.bincount(indices, minlength=int(indices[-1]) + 1)  # times each source frame is used
-    chunks, batch = [], []
+    got, batch = 0, []
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty decoder cannot block on it
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
         try:
@@ -213,22 +221,22 @@ def _ffmpeg_frames(
                 if wanted[source]:
                     frame = np.frombuffer(data, np.uint8).reshape(height, width, 3)
                     batch.extend([frame] * int(wanted[source]))
-                if len(batch) >= _BATCH:
-                    chunks.append(_resized(np.stack(batch), size))
-                    batch = []
+                while len(batch) >= chunk:
+                    got += chunk
+                    yield _resized(np.stack(batch[:chunk]), size)
+                    batch = batch[chunk:]
         finally:
             process.stdout.close()
             process.kill()
             process.wait()
         log.seek(0)
         stderr = log.read().decode("utf-8", "replace").strip()
-    if batch:
-        chunks.append(_resized(np.stack(batch), size))
-    got = sum(len(c) for c in chunks)
+    got += len(batch)
     if got < len(indices):
         detail = "; ".join([f"decoded {got} of {len(indices)} frames", *stderr.splitlines()[:2]])[:300]
         raise MediaError(f"{path}: unreadable or corrupt video ({detail})")
-    return np.concatenate(chunks)
+    if batch:
+        yield _resized(np.stack(batch), size)
 
 
 def _resized(frames: np.ndarray, size: int | None) -> np.ndarray:

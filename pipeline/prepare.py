@@ -272,25 +272,44 @@ def _pieces(
             if not pieces:
                 raise InputError(f"shorter than min_segment_seconds ({len(frames) / fps:.2f} s)")
             return pieces, audio, []
-        from pipeline import faces
-
-        frames = media.read_video(path, fps=fps)  # [T, H, W, 3] at source resolution
+        return _face_pieces(path, info, audio, fps, size, bounds_of, detector)
     except media.MediaError as err:
         reason = str(err)  # "<path>: <problem>"; the manifest keeps the path separately
         raise InputError(reason.removeprefix(f"{path}: ")) from err
-    _check_audio(audio, len(frames), fps)
-    pieces: list[_Piece] = []
+
+
+def _face_pieces(
+    path: Path, info: media.VideoInfo, audio: np.ndarray, fps: float, size: int,
+    bounds_of: Callable[[int], list[tuple[int, int]]], detector: FaceDetector,
+) -> tuple[list[_Piece], np.ndarray, list[list[Any]]]:
+    """`_pieces` for `crop="face"`: segments of the smoothed dominant-face tracks (`pipeline.faces`).
+
+    Two passes over the video, each in chunks, so memory never holds the whole video at source
+    resolution: detect faces, then (after tracking) decode again and keep only the crops.
+    """
+    from pipeline import faces
+
+    detections = [d for chunk in media.iter_video(path, fps, chunk=_DETECT_BATCH) for d in detector.detect(chunk)]
+    _check_audio(audio, len(detections), fps)
     try:
-        batches = range(0, len(frames), _DETECT_BATCH)
-        detections = [d for i in batches for d in detector.detect(frames[i : i + _DETECT_BATCH])]  # per frame [K, 5]
-        tracks, cuts = faces.face_tracks(detections, frames.shape[2], frames.shape[1], fps)
-        for track in tracks:
-            cropped = faces.crop_track(frames, track, size)  # [end - start, size, size, 3]
-            for s, e in bounds_of(track.end - track.start):
-                boxes = [[int(v) for v in b] for b in track.boxes[s:e]]
-                pieces.append(_Piece(len(pieces), track.start + s, cropped[s:e], boxes))
+        tracks, cuts = faces.face_tracks(detections, info.width, info.height, fps)
     except faces.NoFaceError as err:
         raise InputError(f"no usable face ({err})") from err
+    crops: list[list[np.ndarray]] = [[] for _ in tracks]
+    position = 0
+    for chunk in media.iter_video(path, fps, chunk=_DETECT_BATCH) if tracks else ():
+        for track, out in zip(tracks, crops):
+            lo, hi = max(track.start, position), min(track.end, position + len(chunk))
+            if lo < hi:
+                part = faces.FaceTrack(lo - position, hi - position, track.boxes[lo - track.start : hi - track.start])
+                out.append(faces.crop_track(chunk, part, size))  # [hi - lo, size, size, 3]
+        position += len(chunk)
+    pieces: list[_Piece] = []
+    for track, out in zip(tracks, crops):
+        cropped = np.concatenate(out)  # [end - start, size, size, 3]
+        for s, e in bounds_of(track.end - track.start):
+            boxes = [[int(v) for v in b] for b in track.boxes[s:e]]
+            pieces.append(_Piece(len(pieces), track.start + s, cropped[s:e], boxes))
     if not pieces:
         reasons = sorted({reason for _, _, reason in cuts}) or ["no face track long enough"]
         raise InputError(f"no usable face ({', '.join(reasons)})")

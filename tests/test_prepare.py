@@ -149,7 +149,8 @@ def test_manifest_matches_shards_and_nothing_is_left_half_written(dataset, vae_d
     assert (manifest.num_samples, manifest.num_frames) == (5, 37 + 37 + 26 + 37 + 30)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [s["path"] for s in manifest.shards]
     assert manifest.vae == {**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve())}
-    assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "K": 4, "D": 80, "sample_rate": SR}
+    assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "layers": -1, "K": 4, "D": 80,
+                                      "sample_rate": SR}
     assert (manifest.fps, manifest.sample_rate, manifest.size) == (FPS, SR, SIZE)
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["num_samples"] == 5 and len(saved["failed"]) == 6
@@ -217,7 +218,7 @@ def test_list_file_with_wav2vec2(tmp_path, videos, vae_dir, capsys):
     assert [(Path(f["path"]).name, f["reason"]) for f in manifest.failed] == [
         ("notes.txt", "not a video file (extension .txt)"), ("clip.mp4", "file not found"),
     ]  # fmt: skip
-    assert manifest.audio_encoder == {"id": "tiny-w2v2", "name": "wav2vec2", "path": str(w2v), "K": 2, "D": 32,
+    assert manifest.audio_encoder == {"id": "tiny-w2v2", "name": "wav2vec2", "path": str(w2v), "layers": -1, "K": 2, "D": 32,
                                       "sample_rate": SR}  # fmt: skip
     segs = list(iter_tar(manifest.shard_paths(out)[0]))
     assert [s.key for s in segs] == ["talk/0000", "talk/0001"]
@@ -620,10 +621,13 @@ def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatc
     class NoFaceError(ValueError):
         pass
 
+    from pipeline.faces import FaceTrack
+
     fake = types.SimpleNamespace(FaceDetector=FaceDetector, face_tracks=face_tracks, crop_track=crop_track,
-                                 NoFaceError=NoFaceError)  # fmt: skip
+                                 NoFaceError=NoFaceError, FaceTrack=FaceTrack)  # fmt: skip
     monkeypatch.setitem(sys.modules, "pipeline.faces", fake)
     monkeypatch.setattr(pipeline, "faces", fake, raising=False)
+    monkeypatch.setattr(sys.modules["pipeline.prepare"], "_DETECT_BATCH", 16)  # tracks cross decode chunks
     listing = tmp_path / "one.txt"
     listing.write_text(str(corpus.parent / "clips" / "fps24.mp4") + "\n")
     out = tmp_path / "out"
