@@ -182,7 +182,7 @@ def encode_frames(vae: VAE, frames: np.ndarray, batch_size: int = 16) -> np.ndar
     encode = latent_space(vae).encode
     out = []
     for start in range(0, len(frames), batch_size):
-        chunk = torch.from_numpy(frames[start : start + batch_size]).to(vae.device)
+        chunk = torch.from_numpy(np.array(frames[start : start + batch_size])).to(vae.device)  # a writable copy
         x = chunk.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
         z = encode(vae, x)  # [B, C, h, w]
         out.append(z.float().cpu().numpy().astype(np.float16))
