@@ -58,7 +58,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, 
           fps=fps, size=size, segment_seconds=plan["seconds"], progress=False)
     run = out / "train"
     cli = stage("fit", run_lightning_cli, [
-        "fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(out / "shards"),
+        "fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "long_video.yaml"),
+        "--data.root", str(out / "shards"),
         "--trainer.default_root_dir", str(run),
         "--trainer.max_steps", str(plan["fit_steps"]), "--trainer.max_time", plan["fit_time"],
     ] + (["--trainer.val_check_interval", "3", "--data.num_workers", "0"] if fast else []))
