@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from pipeline.diffusion import Diffusion, DiffusionConfig
@@ -24,12 +27,55 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100  # linear warm-up from 0, then constant
     ema_decay: float = 0.999  # capped by (1 + step) / (10 + step) early on
+    nan_policy: str = "stop"  # non-finite loss: "stop" the run, or "skip" the step (no update, counted)
+    max_skipped_steps: int = 10  # "skip": stop after this many consecutive skipped steps
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"optim.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"optim.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+
+
+NAN_POLICIES = ("stop", "skip")
+
+
+def _local(p: nn.Parameter) -> torch.Tensor:
+    """This rank's values of a parameter: its ZeRO-3 shard (`ds_tensor`, `data` is empty) or the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, live: nn.Module, decay: float, shadow: list[torch.Tensor] | None = None) -> None:
+    """ema <- decay·ema + (1 - decay)·live, parameter by parameter, on this rank's values, in fp32.
+
+    Under DeepSpeed ZeRO-3 EMA and live modules are partitioned alike (same shapes, same ranks), so the
+    update runs on the local shards: no gather, no communication, and the EMA stays sharded like the
+    weights (its checkpointing and export follow the model's own ZeRO-3 path). When DeepSpeed has cast the
+    modules to bf16/fp16, `shadow` (fp32 copies of the EMA's local values, see `ema_shadow`) carries the
+    average, since steps of (1 - decay) ≈ 1e-3 vanish in bf16 rounding; the EMA parameters get its rounding.
+    """
+    pairs = [(_local(e), _local(p)) for e, p in zip(ema.parameters(), live.parameters())]
+    for i, (e, p) in enumerate(pairs):
+        if e.shape != p.shape:
+            raise RuntimeError(f"EMA and live parameters are partitioned differently: {tuple(e.shape)} vs "
+                               f"{tuple(p.shape)}")
+        if shadow is None:
+            e.copy_(e.float().lerp_(p.float(), 1 - decay))
+        else:
+            e.copy_(shadow[i].lerp_(p.float(), 1 - decay))
+
+
+def ema_shadow(ema: nn.Module) -> list[torch.Tensor] | None:
+    """fp32 copies of the EMA's local values when its parameters are in lower precision, else None."""
+    params = list(ema.parameters())
+    if all(_local(p).dtype == torch.float32 for p in params):
+        return None
+    return [_local(p).float().clone() for p in params]
 
 
 def _coerce(cls, value):
@@ -68,6 +114,10 @@ class LetsTalkModule(L.LightningModule):
         self.net: LetsTalkDiT | None = None
         self.ema: LetsTalkDiT | None = None
         self._tick: float | None = None
+        self._skipped = 0  # consecutive non-finite steps skipped (nan_policy "skip")
+        self._skipped_total = 0
+        self._shadow: list[torch.Tensor] | None = None  # fp32 EMA under bf16 DeepSpeed (see `ema_update`)
+        self._shadow_ready = False
         if data_info:  # restored from a checkpoint: sizes already resolved
             self._build(net)
 
@@ -136,12 +186,35 @@ class LetsTalkModule(L.LightningModule):
                 context[key] = noise_context(self.diffusion, batch[key], level, generator)
         return context
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}; "
-                                     "lower optim.lr or check the data (the last checkpoint is kept)")
+    def on_train_start(self) -> None:
+        if self.global_step:
+            rank_zero_info(f"letstalk fit: resumed at step {self.global_step} "
+                           f"(SLURM_RESTART_COUNT={os.environ.get('SLURM_RESTART_COUNT', 0)})")
+
+    def _step_generator(self) -> torch.Generator:
+        """The training noise of a step is a function of (seed, step, rank) only, so a resumed run draws
+        exactly what an uninterrupted one would, without saving RNG states, on any number of ranks."""
+        key = [int(self.hparams["seed"]), self.global_step, self.global_rank]
+        return torch.Generator(device=self.device).manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        loss = self._loss(batch, self._step_generator())
         b = batch["latents"].shape[0]
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:  # every rank decides alike, so all skip or all stop together
+            self._skipped += 1
+            self._skipped_total += 1
+            where = f"loss is {loss.item()} at step {self.global_step}"
+            if self.optim.nan_policy == "stop":
+                raise FloatingPointError(f"{where}; lower optim.lr or check the data (the last checkpoint is kept; "
+                                         "optim.nan_policy=skip skips such steps instead)")
+            if self._skipped >= self.optim.max_skipped_steps:
+                raise FloatingPointError(f"{where}: {self._skipped} consecutive non-finite steps "
+                                         f"(optim.max_skipped_steps={self.optim.max_skipped_steps}); lower optim.lr "
+                                         "or check the data (the last checkpoint is kept)")
+            self.log("train/skipped_steps", float(self._skipped_total), batch_size=b)
+            return None  # Lightning skips backward and the optimizer update for this batch
+        self._skipped = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         now = time.perf_counter()
@@ -154,6 +227,10 @@ class LetsTalkModule(L.LightningModule):
             for name, value in rates.items():
                 self.log(f"train/{name}", value, prog_bar=name == "clips_per_s", batch_size=b)
         self._tick = now
+        if self.device.type == "cuda":  # peak since the last logged step, then reset
+            if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+                self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, batch_size=b)
+                torch.cuda.reset_peak_memory_stats(self.device)
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -161,12 +238,16 @@ class LetsTalkModule(L.LightningModule):
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
 
-    @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step
-        decay = min(self.optim.ema_decay, (1 + step) / (10 + step))
-        for ema, live in zip(self.ema.parameters(), self.net.parameters()):
-            ema.lerp_(live.detach().to(ema.dtype), 1 - decay)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer update, then the EMA update: once per optimizer step (not per accumulated micro-batch,
+        not on a skipped step), and before callbacks see the step, so a checkpoint of step N holds EMA step N."""
+        super().optimizer_step(*args, **kwargs)
+        if self._skipped:
+            return
+        step = self.global_step + 1  # Lightning counts this step after the hook returns
+        if not self._shadow_ready:  # after the strategy cast and a checkpoint restore
+            self._shadow, self._shadow_ready = ema_shadow(self.ema), True
+        ema_update(self.ema, self.net, min(self.optim.ema_decay, (1 + step) / (10 + step)), self._shadow)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss of the EMA weights at a fixed noise draw per batch, so validation curves are comparable."""
@@ -185,6 +266,9 @@ class LetsTalkModule(L.LightningModule):
         warmup = max(1, self.optim.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._shadow_ready = False  # rebuilt from the restored EMA at the next update
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hyper_parameters"] = dict(self.hparams)

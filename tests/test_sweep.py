@@ -55,5 +55,5 @@ def test_bad_grid_entries_are_explained(spec: str):
 def test_sbatch_script_launches_fit_with_srun_and_requeues():
     text = SBATCH_SCRIPT.read_text()
     assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text
-    assert 'srun letstalk fit "$@"' in text
+    assert 'srun letstalk fit --ckpt_path last "$@"' in text
     assert subprocess.run(["bash", "-n", str(SBATCH_SCRIPT)]).returncode == 0

@@ -1,9 +1,14 @@
-"""LetsTalkModule under Lightning and `letstalk fit`: loss goes down, checkpoints, exact resume, W&B/CSV logs."""
+"""LetsTalkModule under Lightning and `letstalk fit`: loss goes down, checkpoints, exact resume, W&B/CSV logs,
+NaN guards, refusals of unworkable configs, EMA on ZeRO-3 shards."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
+import json
+import re
+import struct
 from pathlib import Path
 
 import lightning as L
@@ -11,19 +16,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from torch import nn
+from wandb.proto import wandb_internal_pb2
 
 from datamodules import LetsTalkDataModule
-from lightning_modules.letstalk import LetsTalkModule
+from lightning_modules.letstalk import LetsTalkModule, ema_shadow, ema_update
 from pipeline.cli import main
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key
 
 C, HW, K, D, FRAMES = 4, 8, 2, 8, 12
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 videos × 2 segments of smooth random latents and audio, in 2 shards."""
-    root = tmp_path_factory.mktemp("train_shards")
+def write_shards(root: Path) -> Path:
+    """8 videos × 2 segments of smooth random latents and audio, in 2 shards (also used by test_slurm)."""
     rng = np.random.default_rng(0)
     flac = io.BytesIO()
     sf.write(flac, np.zeros(640 * FRAMES, np.float32), 16000, format="FLAC")
@@ -38,6 +44,39 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
              vae={"id": "none", "scaling_factor": 1.0, "shift_factor": 0.0, "latent_channels": C, "downsample": 4},
              audio_encoder={"id": "mel-8", "name": "mel", "K": K, "D": D, "sample_rate": 16000}).save(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("train_shards"))
+
+
+TINY_FIT = """\
+model: {net: {size: tiny}}
+data: {root: SHARDS, clip_frames: 4, audio_radius: 1, batch_size: 4, num_workers: 0}
+trainer:
+  accelerator: cpu
+  enable_progress_bar: false
+  val_check_interval: 2
+  check_val_every_n_epoch: null
+  log_every_n_steps: 1
+  logger:
+    - class_path: lightning.pytorch.loggers.CSVLogger
+      init_args: {save_dir: "${trainer.default_root_dir}"}
+    - class_path: lightning.pytorch.loggers.WandbLogger
+      init_args: {save_dir: "${trainer.default_root_dir}", project: letstalk-test, offline: true}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: "${trainer.default_root_dir}/checkpoints", every_n_train_steps: EVERY, save_last: true}
+"""
+
+
+def fit_args(shards: Path, run: Path | None, every: int = 2) -> list[str]:
+    """`letstalk fit` flags for the tiny model on `shards` on CPU: CSV + offline W&B logs and checkpoints
+    (every `every` steps) under trainer.default_root_dir, which is `run` (None: left to later flags)."""
+    config = shards.parent / f"{shards.name}-fit-every{every}.yaml"
+    config.write_text(TINY_FIT.replace("SHARDS", str(shards)).replace("EVERY", str(every)))
+    return ["--config", str(config)] + (["--trainer.default_root_dir", str(run)] if run else [])
 
 
 def _data(root: Path) -> LetsTalkDataModule:
@@ -101,20 +140,39 @@ def test_resume_continues_at_the_saved_step_with_the_saved_weights(shards: Path,
     assert resumed.global_step == 5
 
 
+def wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """The records of an offline run's `run-<id>.wandb`, decoded with wandb's own protobuf `Record`.
+
+    wandb >= 0.2x dropped its Python reader (the Go core writes and syncs these files); the framing is
+    LevelDB's log format after a 7-byte `:W&B` header: 32 KiB blocks of [crc32 u32, length u16, type u8]
+    chunks, type 1 = a whole record, 2/3/4 = its first/middle/last piece.
+    """
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+    records, pos, payload = [], 7, b""
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if room < 7 or kind == 0:  # block trailer / zero padding
+            pos += room
+            continue
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
 def test_letstalk_fit_cli_writes_checkpoints_logs_and_resumes(shards: Path, tmp_path: Path, monkeypatch):
+    """Also: the W&B run continues with the same id, holds the metrics and the resolved config, and the API key
+    (from the environment) is written nowhere in the run folder."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "secret-xyz")
     run = tmp_path / "run"
-    common = ["--model.net.size", "tiny", "--data.root", str(shards), "--data.clip_frames", "4",
-              "--data.audio_radius", "1", "--data.batch_size", "4", "--data.num_workers", "0",
-              "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(run),
-              "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "2",
-              "--trainer.check_val_every_n_epoch", "null", "--trainer.log_every_n_steps", "1",
-              "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run}",
-              "--trainer.logger+=lightning.pytorch.loggers.WandbLogger", f"--trainer.logger.save_dir={run}",
-              "--trainer.logger.offline=true",
-              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-              f"--trainer.callbacks.dirpath={run / 'checkpoints'}", "--trainer.callbacks.save_last=true",
-              "--trainer.callbacks.every_n_train_steps=2"]
+    common = fit_args(shards, run)
     assert main(["fit", *common, "--trainer.max_steps", "4"]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert main(["fit", *common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
@@ -126,11 +184,144 @@ def test_letstalk_fit_cli_writes_checkpoints_logs_and_resumes(shards: Path, tmp_
     keys = {key for row in metrics for key, value in row.items() if value}
     assert {"train/loss", "train/lr", "train/grad_norm", "train/clips_per_s", "train/tokens_per_s",
             "train/tflops_per_s", "val/loss"} <= keys
-    assert "train/mfu" not in keys  # no peak FLOP/s is known for a CPU
+    assert "train/mfu" not in keys and "train/gpu_mem_gb" not in keys  # CPU: no peak FLOP/s, no GPU memory
     rates = [r for r in metrics if r.get("train/tokens_per_s")]
     tokens_per_clip = 4 * (HW // 2) ** 2  # 4 frames of 8x8 latents, patch 2
     assert all(float(r["train/tokens_per_s"]) == pytest.approx(float(r["train/clips_per_s"]) * tokens_per_clip, rel=1e-4)
                for r in rates)
     steps = [int(r["step"]) for r in metrics if r.get("train/loss")]
     assert max(steps) >= 4  # the resumed run logged past the saved step
-    assert list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    run_id = (run / "wandb_run_id").read_text()
+    folders = sorted(run.glob("wandb/offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
+    records = [r for f in folders for r in wandb_records(f / f"run-{run_id}.wandb")]
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert {r.run.run_id for r, k in zip(records, kinds) if k == "run"} == {run_id}
+    logged = {item.key or "/".join(item.nested_key) for r, k in zip(records, kinds) if k == "history"
+              for item in r.history.item}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/clips_per_s", "train/tokens_per_s", "val/loss"} <= logged
+    config = {item.key: json.loads(item.value_json) for r, k in zip(records, kinds) if k == "config"
+              for item in r.config.update}
+    resolved = config["config"].get("value", config["config"])
+    assert resolved["model"]["net"]["size"] == "tiny" and resolved["trainer"]["max_steps"] in (4, 6)
+    for path in run.rglob("*"):
+        assert not path.is_file() or b"secret-xyz" not in path.read_bytes(), f"API key written to {path}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", str(CONFIGS / "trainer" / "zero2.yaml"), "--trainer.accelerator", "cpu"],
+     "trainer.strategy is DeepSpeed .* --trainer.strategy ddp"),
+    (["--model.net.head_dim", "48"], "cannot use head_dim 48; set head_dim to an even divisor of 128"),
+    (["--data.clip_frames", "20"], "clip_frames=20 is longer than every segment .* set clip_frames <= 12"),
+    (["--model.optim.nan_policy", "ignore"], r"optim.nan_policy must be one of \('stop', 'skip'\)"),
+])
+def test_unworkable_configs_are_refused_at_start_with_what_to_change(shards: Path, tmp_path: Path, capsys,
+                                                                    flags: list[str], message: str):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *fit_args(shards, tmp_path / "run"), "--trainer.max_steps", "2", *flags])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(f"letstalk fit: error: .*{message}", err), err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ema_update_runs_on_zero3_partitions_in_fp32():
+    """Under ZeRO-3 `data` is empty and the rank's shard is `ds_tensor` (DeepSpeed's attribute); EMA follows the shard."""
+    live, ema = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    for module, value in ((live, 1.0), (ema, 0.0)):
+        module.weight.ds_tensor = torch.full((8,), value, dtype=torch.bfloat16)  # this rank's half of 16 numbers
+        module.weight.data = torch.empty(0, dtype=torch.bfloat16)
+    ema_update(ema, live, decay=0.75)
+    assert ema.weight.numel() == 0 and torch.equal(ema.weight.ds_tensor, torch.full((8,), 0.25, dtype=torch.bfloat16))
+    plain_live, plain_ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = [0.9 * e + 0.1 * p for e, p in zip(plain_ema.parameters(), plain_live.parameters())]
+    ema_update(plain_ema, plain_live, decay=0.9)
+    assert all(torch.allclose(e, x) for e, x in zip(plain_ema.parameters(), expected))
+    ema.weight.ds_tensor = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="partitioned differently"):
+        ema_update(ema, live, decay=0.5)
+
+
+def test_bf16_ema_keeps_its_average_in_an_fp32_shadow():
+    """DeepSpeed bf16 casts the EMA module too: 1e-4 steps near 1.0 vanish in bf16 rounding (ulp 2^-7) unless an
+    fp32 shadow carries them."""
+    live, ema = nn.Linear(8, 8).bfloat16(), nn.Linear(8, 8).bfloat16()
+    with torch.no_grad():
+        for p in live.parameters():
+            p.fill_(1.125)
+        for p in ema.parameters():
+            p.fill_(1.0)
+    bare = copy.deepcopy(ema)
+    shadow = ema_shadow(ema)
+    assert shadow is not None and all(s.dtype == torch.float32 for s in shadow)
+    assert ema_shadow(nn.Linear(2, 2)) is None  # fp32 EMA: no copy
+    for _ in range(200):
+        ema_update(ema, live, 0.999, shadow)
+        ema_update(bare, live, 0.999)
+    expected = 1 + 0.125 * (1 - 0.999 ** 200)  # ≈ 1.0227
+    assert all(torch.allclose(s, torch.full_like(s, expected), rtol=1e-5) for s in shadow)
+    assert all(torch.allclose(p.float(), torch.full_like(p.float(), expected), atol=2 ** -7) for p in ema.parameters())
+    assert all(torch.equal(p.float(), torch.ones_like(p.float())) for p in bare.parameters())  # without: stuck at 1.0
+
+
+def _fit(shards: Path, tmp: Path, steps: int, ckpt: str | None = None, module: LetsTalkModule | None = None,
+         **kw) -> LetsTalkModule:
+    L.seed_everything(0)
+    module = module or LetsTalkModule(net={"size": "tiny"}, optim={"lr": 1e-3, "warmup_steps": 2})
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=3, save_last=True,
+                                                save_top_k=-1)
+    _trainer(tmp, steps, callbacks=[saver], **kw).fit(module, _data(shards), ckpt_path=ckpt)
+    return module
+
+
+def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(shards: Path, tmp_path: Path):
+    """Same seed: 6 steps in one go == 3 steps, then a fresh process state resumed from the step-3 checkpoint to 6
+    (net, EMA): the noise is drawn per (seed, step, rank) and the data stream fast-forwards past consumed batches."""
+    whole = _fit(shards, tmp_path / "whole", 6)
+    _fit(shards, tmp_path / "parts", 3)
+    torch.manual_seed(1234)  # a resumed process starts with unrelated global RNG state
+    resumed = _fit(shards, tmp_path / "parts", 6, ckpt=str(tmp_path / "parts" / "ckpt" / "last.ckpt"))
+    assert resumed.global_step == whole.global_step == 6
+    for name, (a, b) in {"net": (whole.net, resumed.net), "ema": (whole.ema, resumed.ema)}.items():
+        for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), f"{name}.{key} differs after resume"
+
+
+class _NaNAt(LetsTalkModule):
+    """The real module whose loss is NaN on the given steps (a stand-in for a diverging run)."""
+
+    def __init__(self, bad_steps: set[int], **kw):
+        super().__init__(net={"size": "tiny"}, **kw)
+        self.bad_steps = bad_steps
+
+    def _loss(self, batch, generator=None, dropout=True):
+        loss = super()._loss(batch, generator, dropout)
+        return loss * float("nan") if self.global_step in self.bad_steps else loss
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(shards: Path, tmp_path: Path):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4.*nan_policy=skip"):
+        _fit(shards, tmp_path, 10, module=_NaNAt({4}))
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_nan_policy_skip_leaves_weights_alone_counts_and_stops_after_k_in_a_row(shards: Path, tmp_path: Path):
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            seen[trainer.global_step]["skipped"] = trainer.callback_metrics.get("train/skipped_steps")
+
+    module = _NaNAt({2}, optim={"nan_policy": "skip", "lr": 1e-3})
+    L.seed_everything(0)
+    _trainer(tmp_path / "a", 5, callbacks=[Snapshot()], enable_checkpointing=False).fit(module, _data(shards))
+    # the batch of step 2 (NaN loss) counted as a step but changed neither the live nor the EMA weights
+    assert module.global_step == 5 and module._skipped_total == 1
+    weights = [k for k in seen[2] if k != "skipped"]
+    assert all(torch.equal(seen[2][k], seen[3][k]) for k in weights)
+    assert not all(torch.equal(seen[3][k], seen[4][k]) for k in weights)
+    assert float(seen[3]["skipped"]) == 1.0
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps"):
+        _fit(shards, tmp_path / "b", 10, module=_NaNAt({2, 3, 4, 5}, optim={"nan_policy": "skip",
+                                                                             "max_skipped_steps": 3}))

@@ -1,15 +1,138 @@
-"""`letstalk fit|validate`: LightningCLI over LetsTalkModule and LetsTalkDataModule."""
+"""`letstalk fit|validate`: LightningCLI over LetsTalkModule and LetsTalkDataModule.
+
+On top of LightningCLI:
+- resume: `--ckpt_path last` takes the newest of the ModelCheckpoint `last` checkpoints and the SLURM
+  HPC checkpoints (`hpc_ckpt_*.ckpt`, written on USR1) in the run folder; a requeued SLURM job
+  (SLURM_RESTART_COUNT > 0) resumes that way even without the flag. No checkpoint yet: a fresh start.
+- W&B: the run id is kept in `<save_dir>/wandb_run_id` so a resumed or requeued run continues the same
+  W&B run. Offline unless WANDB_MODE=online (which also overrides `offline: true` in a config); the API
+  key is read by wandb from the environment only and never enters a config.
+- refusals: a config that cannot work (DeepSpeed without CUDA, ...) stops before training with a message
+  that names the key to change; errors of our own code (ValueError, OSError, FloatingPointError) are
+  printed as one `letstalk fit: error: ...` line (LETSTALK_DEBUG=1 shows the traceback).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import uuid
 import warnings
+from pathlib import Path
+from typing import Any
 
+import torch
 import wandb
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from datamodules import LetsTalkDataModule
 from lightning_modules.letstalk import LetsTalkModule
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, found before training starts."""
+
+
+def _as_list(value: Any) -> list:
+    return [] if value in (None, False, True) else value if isinstance(value, list) else [value]
+
+
+def _class_path(entry: Any) -> str:
+    return str(entry.get("class_path", "")) if isinstance(entry, (dict, Namespace)) else str(entry)
+
+
+def check_trainer_config(trainer: Namespace | dict) -> None:
+    """Refuse trainer settings that cannot work here, naming the key to change."""
+    strategy = trainer.get("strategy")
+    name = _class_path(strategy).lower()
+    if "deepspeed" not in name:
+        return
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        raise ConfigError(f"trainer.strategy is DeepSpeed ({_class_path(strategy)}) but trainer.accelerator is "
+                          f"{accelerator} and {'a' if torch.cuda.is_available() else 'no'} CUDA GPU is visible: "
+                          "DeepSpeed ZeRO needs CUDA GPUs. On a CPU use --trainer.strategy ddp (or drop "
+                          "configs/trainer/zero*.yaml); on GPUs set --trainer.accelerator gpu")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"trainer.strategy is DeepSpeed but deepspeed is not importable ({err}); "
+                          "pip install -e '.[deepspeed]' or use --trainer.strategy ddp") from None
+
+
+def stable_wandb_id(save_dir: str | Path) -> str | None:
+    """The W&B run id of the run folder: read from `<save_dir>/wandb_run_id`, created by rank 0 on first start
+    (WANDB_RUN_ID when a W&B sweep agent set it, else a random id). Other ranks never log to W&B."""
+    path = Path(save_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    if rank_zero_only.rank != 0:
+        return None
+    run_id = os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:8]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id)
+    tmp.replace(path)
+    return run_id
+
+
+def resume_checkpoint(trainer, ckpt_path: str | None) -> str | None:
+    """Resolve `last` (and a SLURM requeue without --ckpt_path) to the newest last/HPC checkpoint, or None."""
+    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        ckpt_path = "last"
+    if ckpt_path != "last":
+        return ckpt_path
+    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            candidates += Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
+    if not candidates:
+        print(f"letstalk fit: no last or HPC checkpoint under {trainer.default_root_dir}: starting from scratch",
+              file=sys.stderr, flush=True)
+        return None
+    newest = str(max(candidates, key=lambda p: p.stat().st_mtime))
+    print(f"letstalk fit: resuming from {newest}", file=sys.stderr, flush=True)
+    return newest
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Writes config.yaml to the log folder (LightningCLI's default) and logs the resolved config to W&B."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"config": resolved})
+
+
+class LetsTalkCLI(LightningCLI):
+    """LightningCLI with stable W&B run ids, resume resolution and config refusals (see the module doc)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand)
+        if config is None:
+            return
+        check_trainer_config(config.trainer)
+        online = os.environ.get("WANDB_MODE") == "online"
+        for entry in _as_list(config.trainer.get("logger")):
+            if not _class_path(entry).endswith("WandbLogger"):
+                continue
+            args = entry.init_args
+            if online:
+                args.offline = False
+            if args.get("id") is None and args.get("version") is None:
+                args.id = stable_wandb_id(args.get("save_dir") or config.trainer.get("default_root_dir") or ".")
+
+    def before_fit(self) -> None:
+        fit = self.config_init["fit"]
+        fit["ckpt_path"] = resume_checkpoint(self.trainer, fit.get("ckpt_path"))
 
 
 def run_lightning_cli(argv: list[str]) -> LightningCLI:
@@ -21,8 +144,14 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # `${trainer.x}` under any subcommand
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     try:
-        return LightningCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_kwargs={"overwrite": True},
-                            parser_kwargs={"parser_mode": "omegaconf+"})
+        return LetsTalkCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_callback=LogConfigCallback,
+                           save_config_kwargs={"overwrite": True},
+                           parser_kwargs={"parser_mode": "omegaconf+"})
+    except (ValueError, OSError, FloatingPointError) as err:
+        if os.environ.get("LETSTALK_DEBUG"):
+            raise
+        print(f"letstalk {argv[0] if argv else 'fit'}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         # WandbLogger leaves its run open; close it so a later run in this process starts its own.
         if wandb.run is not None:

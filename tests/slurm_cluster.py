@@ -1,0 +1,157 @@
+"""A real single-node SLURM (munge + slurmctld + slurmd on loopback) in a private state folder, for tests.
+
+Needs Debian's `slurm-wlm` and `munge` (CI installs them) and root (slurmd runs the jobs as the submitter,
+which on a single test node needs root). Every daemon writes only under the state folder; `stop` kills
+them by the pids they wrote there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SBIN = Path("/usr/sbin")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+
+SLURM_CONF = """\
+ClusterName=local
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge}/munge.socket.2
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+ReturnToService=2
+StateSaveLocation={S}/state
+SlurmdSpoolDir={S}/spool
+SlurmctldPidFile={S}/slurmctld.pid
+SlurmdPidFile={S}/slurmd.pid
+SlurmctldLogFile={S}/log/slurmctld.log
+SlurmdLogFile={S}/log/slurmd.log
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+JobRequeue=1
+KillWait=30
+MinJobAge=300
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def missing() -> str | None:
+    """Why a cluster cannot be started here, or None when it can."""
+    for daemon in ("munged", "slurmctld", "slurmd"):
+        if not (SBIN / daemon).is_file():
+            return f"{SBIN / daemon} is not installed (apt-get install slurm-wlm munge)"
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH (apt-get install slurm-wlm)"
+    if os.geteuid() != 0:
+        return "starting slurmd/munged needs root"
+    if not MUNGE_KEY.is_file():
+        return f"{MUNGE_KEY} is missing (the munge package creates it)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    """Daemons of one cluster; `env` is the environment (SLURM_CONF) in which to call sbatch/scontrol."""
+
+    def __init__(self, state: Path, cpus: int = 2):
+        self.state = state
+        self.conf = state / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        for sub in ("state", "spool", "log"):
+            (state / sub).mkdir(parents=True, exist_ok=True)
+        # munged runs as user munge: its folder must be reachable by it (test tmp folders are 0700) and its own
+        self.munge = Path(tempfile.mkdtemp(prefix="letstalk-munge-"))
+        shutil.chown(self.munge, "munge", "munge")
+        self.munge.chmod(0o755)
+        self.conf.write_text(SLURM_CONF.format(S=state, munge=self.munge, ctld_port=_free_port(), d_port=_free_port(),
+                                               cpus=cpus))
+
+    def start(self, timeout: float = 60.0) -> None:
+        m = self.munge
+        self._run(["runuser", "-u", "munge", "--", str(SBIN / "munged"), f"--socket={m}/munge.socket.2",
+                   f"--key-file={MUNGE_KEY}", f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
+                   f"--seed-file={m}/munged.seed"])
+        self._run([str(SBIN / "slurmctld"), "-f", str(self.conf)])
+        self._run([str(SBIN / "slurmd"), "-f", str(self.conf), "-N", "localhost"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            if state.stdout.strip() == "idle":
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SLURM node not idle after {timeout:.0f} s; see {self.state / 'log'}")
+
+    def _run(self, argv: list[str]) -> None:
+        result = subprocess.run(argv, env=self.env, capture_output=True, text=True)
+        if result.returncode:
+            self.stop()
+            raise RuntimeError(f"{argv[0]} failed to start: {result.stderr.strip()}; see {self.state / 'log'}")
+
+    def stop(self) -> None:
+        """Kill the daemons this cluster started (by the pid files they wrote)."""
+        for path in (self.state / "slurmd.pid", self.state / "slurmctld.pid", self.munge / "munged.pid"):
+            if not path.is_file():
+                continue
+            pid = int(path.read_text().strip())
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            for _ in range(100):  # up to 10 s for a clean exit
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.munge, ignore_errors=True)
+
+    def sbatch(self, argv: list[str], cwd: Path) -> int:
+        """Submit; returns the job id."""
+        result = subprocess.run(["sbatch", "--parsable", *argv], env=self.env, cwd=cwd, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"sbatch failed: {result.stderr.strip()}")
+        return int(result.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=self.env, capture_output=True,
+                             text=True, check=True).stdout
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def scontrol(self, *args: str) -> None:
+        subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True, check=True)
+
+    def wait(self, job_id: int, states: set[str], timeout: float) -> dict[str, str]:
+        """Poll until the job is in one of `states`; a clear error with the job record otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if info["JobState"] in states:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s (wanted {states})")
+            time.sleep(1.0)
