@@ -23,9 +23,10 @@ the video, holding per-frame `mouth_box`es (mapped through the segment's `face_b
 The subset: all complete samples of the dataset in manifest order, `num_clips` of them chosen by
 `numpy.random.default_rng(seed)`; clip i is generated with seed `seed + i`. Point `data` at held-out
 shards (prepared from videos the model was not trained on); the chosen keys are in the result.
-`MetricSuite` is the reusable part (also for validation during training): `clip_stats` turns one
-clip into plain arrays and numbers that can be gathered across ranks, `summarize` turns the
-gathered list into metrics.
+The same steps run during training (`lightning_modules.eval_callback.EvalCallback`):
+`select_segments` (there restricted to the run's validation split), `ClipLoader`, `generate_clip`,
+then `MetricSuite.clip_stats` turns one clip into plain arrays and numbers that can be gathered
+across ranks and `MetricSuite.summarize` turns the gathered list into metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import os
 import tarfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import media
-from pipeline.generate import CheckpointError, generate_frames, load_generator
+from pipeline.generate import CheckpointError, Generator, generate_frames, load_generator
 from pipeline.metrics.frechet import feature_distance
 from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clips
 from pipeline.metrics.inception import inception_features, load_fid_inception
@@ -190,14 +192,19 @@ def _sample_keys(path: str) -> list[str]:
     return [key for key, _, member in names if member == META]
 
 
-def select_segments(data: str | Path, num_clips: int, seed: int) -> list[Segment]:
-    """`num_clips` segments of the dataset at `data`, chosen by `seed` (all of them if there are fewer)."""
+def select_segments(data: str | Path, num_clips: int, seed: int, keys: Collection[str] | None = None) -> list[Segment]:
+    """`num_clips` segments of the dataset at `data`, chosen by `seed` (all of them if there are fewer).
+
+    keys: choose among these samples only (e.g. a training run's validation split); None: all samples.
+    """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     manifest = Manifest.load(data)
-    keyed = [(path, key) for path in manifest.shard_paths(data) for key in _sample_keys(path)]
+    keyed = [(path, key) for path in manifest.shard_paths(data) for key in _sample_keys(path)
+             if keys is None or key in keys]
     if not keyed:
-        raise ShardFormatError(f"{data}: the dataset has no samples")
+        among = "" if keys is None else f" among the {len(keys)} requested keys"
+        raise ShardFormatError(f"{data}: the dataset has no samples{among}")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(keyed), size=min(num_clips, len(keyed)), replace=False).tolist())
     wanted = [keyed[i] for i in chosen]
@@ -265,6 +272,13 @@ class ClipLoader:
                         _mouth_box(meta, self.size))
 
 
+def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None, steps: int = 25,
+                  audio_scale: float = 2.0, ref_scale: float = 1.5, device: str = "cpu") -> np.ndarray:
+    """Frames uint8 [T, H, W, 3] for one evaluation clip: its first real frame as the portrait, its own audio."""
+    return generate_frames(gen, clip.real[:1], clip.waveform, vae, sampler, steps, audio_scale, ref_scale, seed,
+                           device)[: len(clip.real)]
+
+
 def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed: int = 0,
              metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int = 25,
              sampler: str | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, ema: bool = True,
@@ -290,8 +304,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
     for i, segment in enumerate(select_segments(data, num_clips, seed)):
         clip = load(segment)
         t0 = time.perf_counter()
-        generated = generate_frames(gen, clip.real[:1], clip.waveform, vae, sampler, steps, audio_scale, ref_scale,
-                                    seed + i, device)[: len(clip.real)]
+        generated = generate_clip(gen, vae, clip, seed + i, sampler, steps, audio_scale, ref_scale, device)
         t1 = time.perf_counter()
         stats.append(suite.clip_stats(generated, clip))
         seconds["generate"] += t1 - t0

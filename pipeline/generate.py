@@ -1,5 +1,11 @@
 """`letstalk generate`: one portrait + one audio file -> a talking video (no Lightning needed).
 
+Inputs: a portrait image (or a video's first frame), face-cropped (`pipeline.faces`), centre-cropped
+or used whole; audio in any format ffmpeg or libsndfile reads (wav, flac, mp3, m4a, a video's audio
+track), any rate and channel count, resampled to 16 kHz mono. The video has round(seconds × fps)
+frames (`frame_count`), its audio trimmed or padded with silence to exactly that length (at most
+half a frame). Every output carries provenance marks unless switched off (`pipeline.provenance`).
+
 Audio longer than one clip is covered by consecutive clips that share the portrait,
 the seed stream and the guidance settings; the output's length matches the audio. A model with
 long-video options chains the clips: each clip after the first is conditioned on the last
@@ -9,20 +15,34 @@ motion_frames latents generated so far and on a memory bank of earlier generated
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from pipeline import media
+from pipeline import media, provenance
 from pipeline.audio_encoders import audio_windows, build_audio_encoder
 from pipeline.checkpoints import CheckpointError, read_weights
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
+
+CROPS = ("face", "center", "none")
+MIN_AUDIO_S = 0.2  # shorter audio is refused: not enough speech to drive a mouth
+SILENCE_RMS = 1e-3  # -60 dBFS: quieter audio is refused as silent
+
+
+class GenerationError(ValueError):
+    """Generation refused: bad input or settings; the message names the file and what to do."""
 
 
 @dataclass
@@ -47,21 +67,73 @@ def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu"
     return Generator(net, Diffusion(DiffusionConfig(**config["diffusion"])), config["data_info"])
 
 
-def read_portrait(path: str | Path, size: int) -> np.ndarray:
-    """A portrait image (or a video's first frame) as uint8 [1, size, size, 3], centre-cropped square."""
+def read_portrait(path: str | Path, size: int, crop: str = "center") -> np.ndarray:
+    """A portrait image (or a video's first frame) as uint8 [1, size, size, 3].
+
+    crop: "face" (detect the face and crop it as training data was, `pipeline.faces`; needs
+    facenet-pytorch), "center" (centre square) or "none" (the whole image resized to a square).
+    """
     path = Path(path)
-    if path.suffix.lower() in media.VIDEO_EXTENSIONS:
-        return media.read_video(path, size=size)[:1]
-    return media.read_image(path, size=size)[None]
+    if crop not in CROPS:
+        raise GenerationError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    is_video = path.suffix.lower() in media.VIDEO_EXTENSIONS
+    if crop == "center":
+        return media.read_video(path, size=size)[:1] if is_video else media.read_image(path, size=size)[None]
+    image = media.read_video(path)[0] if is_video else media.read_image(path)  # [H, W, 3]
+    if crop == "none":
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [1, size, size, 3]
+    try:
+        from pipeline import faces
+
+        face, warnings = faces.crop_portrait(image, size, name=str(path))
+    except ImportError as err:
+        raise GenerationError(f"{path}: --crop face needs facenet-pytorch ({err}); install it or use --crop center") \
+            from err
+    except faces.NoFaceError as err:
+        raise GenerationError(f"{err}; use a photo with a clearly visible face, or --crop center to use the image "
+                              "as it is") from err
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return face[None]
+
+
+def default_crop() -> str:
+    """"face" when facenet-pytorch is installed, else "center" (with a note saying so)."""
+    if importlib.util.find_spec("facenet_pytorch") is not None:
+        return "face"
+    print("note: facenet-pytorch is not installed, so the portrait is centre-cropped, not face-aligned "
+          "(pip install facenet-pytorch for --crop face)")
+    return "center"
+
+
+def check_audio(waveform: np.ndarray, source: str | Path) -> None:
+    """Refuse audio a talking video cannot be made from: shorter than MIN_AUDIO_S or silent (RMS below SILENCE_RMS)."""
+    seconds = len(waveform) / media.SAMPLE_RATE
+    if seconds < MIN_AUDIO_S:
+        raise GenerationError(f"{source}: audio is too short ({seconds:.3f} s); "
+                              f"give at least {MIN_AUDIO_S} s of speech")
+    rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64))))
+    if rms < SILENCE_RMS:
+        raise GenerationError(f"{source}: audio is silent (RMS {rms:.2e}, below {SILENCE_RMS:.0e} = -60 dBFS); "
+                              "check the file has speech and is not muted")
+
+
+def frame_count(num_samples: int, fps: float) -> int:
+    """Video frames for audio of `num_samples` at 16 kHz: round(seconds × fps), halves rounded up."""
+    return int(math.floor(num_samples * fps / media.SAMPLE_RATE + 0.5))
 
 
 @torch.no_grad()
 def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
-                   steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0) -> torch.Tensor:
+                   steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
+                   on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Scaled latents [T, C, h, w] for portrait latents ref [R, C, h, w] and audio windows [T, W, D], clip by clip.
 
     Clips of clip_frames follow each other (the last one is padded with the last audio window and
     cut); with motion frames / a memory bank, clip i is conditioned on the latents generated before it.
+    `on_step` is called after every network evaluation (one per sampler step: guidance is batched).
     """
     cfg, clip = gen.net.config, int(gen.data_info["clip_frames"])
     num_frames = windows.shape[0]
@@ -84,8 +156,11 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
         def denoiser(x, t, drop_ref, drop_audio, a=audio[i:i + 1], context=context):
             n = x.shape[0]
             batch = {key: value.expand(n, -1, -1, -1, -1) for key, value in context.items()}
-            return gen.net(x, t, ref[None].expand(n, -1, -1, -1, -1), a.expand(n, -1, -1, -1), drop_ref, drop_audio,
-                           **batch)
+            out = gen.net(x, t, ref[None].expand(n, -1, -1, -1, -1), a.expand(n, -1, -1, -1), drop_ref, drop_audio,
+                          **batch)
+            if on_step is not None:
+                on_step()
+            return out
 
         noise = torch.randn(shape, generator=rng).to(ref.device)
         latents.append(gen.diffusion.sample(denoiser, shape, sampler, steps, audio_scale, ref_scale, noise=noise))
@@ -95,13 +170,13 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
 @torch.no_grad()
 def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
                     steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                    device: str = "cpu") -> np.ndarray:
-    """Frames uint8 [T, H, W, 3] for `waveform` (16 kHz mono), T = audio duration × fps."""
+                    device: str = "cpu", on_step: Callable[[], None] | None = None) -> np.ndarray:
+    """Frames uint8 [T, H, W, 3] for `waveform` (16 kHz mono), T = `frame_count` (audio duration × fps, rounded)."""
     info = gen.data_info
-    fps, clip = float(info["fps"]), int(info["clip_frames"])
-    num_frames = int(len(waveform) * fps // media.SAMPLE_RATE)
+    fps = float(info["fps"])
+    num_frames = frame_count(len(waveform), fps)
     if num_frames < 1:
-        raise ValueError(f"audio of {len(waveform) / media.SAMPLE_RATE:.3f} s is shorter than one video frame")
+        raise GenerationError(f"audio of {len(waveform) / media.SAMPLE_RATE:.3f} s is shorter than one video frame")
     t0 = time.perf_counter()
     encoder = build_audio_encoder(info["audio_encoder"]["name"], info["audio_encoder"].get("path"), fps=fps, device=device)
     features = torch.from_numpy(encoder.encode(waveform, num_frames, fps))  # [T, K, D]
@@ -110,7 +185,7 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
     gen.timings["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed)  # [T, C, h, w]
+    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed, on_step)  # [T, C, h, w]
     gen.timings["denoise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -119,27 +194,180 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
     return frames
 
 
-def generate(checkpoint: str | Path, portrait: str | Path, audio: str | Path, out: str | Path,
-             vae_path: str | Path | None = None, sampler: str | None = None, steps: int = 25,
-             audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0, ema: bool = True,
-             device: str = "cpu") -> dict:
-    """Write `out` (H.264 + AAC mp4) and return a summary with timings and the real-time factor."""
+@dataclass
+class Model:
+    """A generator with its VAE and the identity of the weights, loaded once for many videos."""
+
+    gen: Generator
+    vae: object
+    model_id: str
+    checkpoint_sha256: str
+    device: str
+
+
+def load_model(checkpoint: str | Path, vae_path: str | Path | None = None, ema: bool = True,
+               device: str = "cpu") -> Model:
+    """Load network, VAE and checkpoint hash; refuse a VAE whose latent channels differ from the network's."""
     gen = load_generator(checkpoint, ema=ema, device=device)
     info = gen.data_info
     vae_path = vae_path or info["vae"].get("path")
     if vae_path is None:
         raise CheckpointError(f"{checkpoint}: the training data's manifest names no VAE path; pass --vae")
     vae = load_vae(vae_path, device=device)
-    image = read_portrait(portrait, int(info["size"]))
+    vae_channels, net_channels = int(vae.config.latent_channels), int(gen.net.config.latent_channels)
+    if vae_channels != net_channels:
+        raise CheckpointError(f"{vae_path}: the VAE has {vae_channels} latent channels but {checkpoint} was trained on "
+                              f"{net_channels}; pass the VAE the training data was prepared with (--vae)")
+    sha = provenance.checkpoint_sha256(checkpoint)
+    model_id = f"letstalk-{gen.net.config.size}-{int(info['size'])}px:{Path(checkpoint).name}"
+    return Model(gen, vae, model_id, sha, device)
+
+
+def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
+             vae_path: str | Path | None = None, sampler: str | None = None, steps: int = 25,
+             audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0, ema: bool = True,
+             device: str = "cpu", size: int | None = None, crop: str = "center", provenance_marks: bool = True,
+             consent: str | None = None, c2pa_cert: str | Path | None = None, c2pa_key: str | Path | None = None,
+             progress: Callable[[float, str], None] | None = None) -> dict:
+    """Write `out` (H.264 yuv420p + AAC mp4, faststart) and return a summary with timings and the real-time factor.
+
+    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app). With
+    `provenance_marks` (default) the frames carry an invisible watermark and the container says the
+    video is AI-generated (`pipeline.provenance`); `c2pa_cert` + `c2pa_key` add a signed C2PA
+    manifest. Bad input raises a ValueError subclass naming the file; `out` is written only
+    complete (temporary file + rename). `progress(fraction, message)` is called as work proceeds.
+    """
+    report = progress or (lambda fraction, message: None)
+    if steps < 1:
+        raise GenerationError(f"steps must be at least 1, got {steps}")
+    if (c2pa_cert is None) != (c2pa_key is None):
+        raise GenerationError("C2PA signing needs both a certificate chain (--c2pa-cert) and its key (--c2pa-key)")
+    if c2pa_cert is not None:
+        provenance.check_c2pa_signer(c2pa_cert, c2pa_key)
+    out = Path(out)
+    report(0.0, "loading model")
+    try:
+        model = checkpoint if isinstance(checkpoint, Model) else load_model(checkpoint, vae_path, ema, device)
+    except torch.cuda.OutOfMemoryError as err:
+        raise _out_of_memory(out, err) from err
+    gen, info = model.gen, model.gen.data_info
+    model_size = int(info["size"])
+    if size is not None and size != model_size:
+        raise GenerationError(f"--size {size} does not match the model, which makes {model_size}x{model_size} videos; "
+                              f"omit --size or use a checkpoint trained at {size}")
+    report(0.02, "reading inputs")
+    image = read_portrait(portrait, model_size, crop)
     waveform = media.read_audio(audio)
-    frames = generate_frames(gen, image, waveform, vae, sampler, steps, audio_scale, ref_scale, seed, device)
-    t0 = time.perf_counter()
+    check_audio(waveform, audio)
     fps = float(info["fps"])
+    clips = math.ceil(frame_count(len(waveform), fps) / int(info["clip_frames"]))
+    total = clips * steps
+    bar = tqdm(total=total, desc=f"generating {out.name}", unit="step", disable=None)  # ETA on a terminal
+    done = 0
+
+    def on_step() -> None:
+        nonlocal done
+        done += 1
+        bar.update(1)
+        report(0.05 + 0.85 * done / total, f"denoising: step {done} of {total} ({clips} clips x {steps} steps)")
+
+    try:
+        frames = generate_frames(gen, image, waveform, model.vae, sampler, steps, audio_scale, ref_scale, seed,
+                                 model.device, on_step)
+    except torch.cuda.OutOfMemoryError as err:
+        raise _out_of_memory(out, err) from err
+    finally:
+        bar.close()
+    t0 = time.perf_counter()
+    tags = None
+    if provenance_marks:
+        report(0.92, "watermarking")
+        payload = provenance.payload_id(model.checkpoint_sha256, seed)
+        frames = provenance.embed_watermark(frames, payload)
+        tags = provenance.provenance_metadata(model.model_id, model.checkpoint_sha256, seed, payload, consent)
+    else:
+        print(f"warning: {out} carries no provenance marks (no watermark, no AI-generated metadata)")
+    gen.timings["watermark"] = time.perf_counter() - t0
+    report(0.95, "writing video")
+    t0 = time.perf_counter()
     samples = int(round(len(frames) * media.SAMPLE_RATE / fps))
-    media.write_video(out, frames, fps, audio=waveform[:samples], sample_rate=media.SAMPLE_RATE)
+    _write(out, frames, fps, waveform[:samples], tags, c2pa_cert, c2pa_key)
     gen.timings["mux"] = time.perf_counter() - t0
     seconds = len(frames) / fps
-    summary = {"out": str(out), "frames": len(frames), "seconds": seconds, **gen.timings,
+    summary = {"out": str(out), "frames": len(frames), "seconds": seconds, "seed": seed,
+               "checkpoint_sha256": model.checkpoint_sha256, "watermark_payload": tags and tags["watermark_payload"],
+               "c2pa": c2pa_cert is not None, **gen.timings,
                "real_time_factor": sum(gen.timings.values()) / seconds}
+    report(1.0, "done")
     print(f"wrote {out}: {len(frames)} frames, {seconds:.2f} s, real-time factor {summary['real_time_factor']:.2f}")
+    return summary
+
+
+def _out_of_memory(out: Path, err: torch.cuda.OutOfMemoryError) -> GenerationError:
+    return GenerationError(f"{out}: out of GPU memory ({str(err).splitlines()[0]}); try fewer --steps, "
+                           "shorter audio, a smaller model, or --device cpu")
+
+
+def _write(out: Path, frames: np.ndarray, fps: float, audio: np.ndarray, tags: dict[str, str] | None,
+           c2pa_cert: str | Path | None, c2pa_key: str | Path | None) -> None:
+    """Encode, then sign into a temporary file renamed onto `out`: a failing step leaves no `out`."""
+    if c2pa_cert is None:
+        media.write_video(out, frames, fps, audio=audio, sample_rate=media.SAMPLE_RATE, metadata=tags)
+        return
+    unsigned = out.with_name(f".{out.stem}.unsigned{out.suffix or '.mp4'}")
+    signed = out.with_name(f".{out.stem}.signed{out.suffix or '.mp4'}")
+    try:
+        media.write_video(unsigned, frames, fps, audio=audio, sample_rate=media.SAMPLE_RATE, metadata=tags)
+        provenance.sign_c2pa(unsigned, signed, c2pa_cert, c2pa_key, tags)
+        os.replace(signed, out)
+    finally:
+        unsigned.unlink(missing_ok=True)
+        signed.unlink(missing_ok=True)
+
+
+def generate_batch(rows_csv: str | Path, checkpoint: str | Path, report_path: str | Path | None = None,
+                   **options) -> dict:
+    """Generate every row of a CSV (columns portrait, audio, out, optional seed) with one loaded model.
+
+    Relative paths are relative to the CSV's folder. A failing row is recorded with its reason and
+    the rest go on. The report (rows with status, reason, seconds) is written as JSON to
+    `report_path` (default: <csv stem>.report.json beside the CSV) and returned.
+    """
+    rows_csv = Path(rows_csv)
+    if not rows_csv.is_file():
+        raise GenerationError(f"{rows_csv}: batch CSV not found")
+    with open(rows_csv, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"portrait", "audio", "out"} - set(reader.fieldnames or [])
+        if missing:
+            raise GenerationError(f"{rows_csv}: missing column(s) {', '.join(sorted(missing))}; "
+                                  "expected portrait,audio,out[,seed]")
+        rows = list(reader)
+    model = load_model(checkpoint, options.pop("vae_path", None), options.pop("ema", True),
+                       options.get("device", "cpu"))
+    base, results = rows_csv.parent, []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        result = {"line": number, **{key: row.get(key) for key in ("portrait", "audio", "out", "seed")}}
+        t0 = time.perf_counter()
+        try:
+            seed = int(row["seed"]) if row.get("seed") not in (None, "") else options.get("seed", 0)
+            paths = [base / (row.get(key) or "") for key in ("portrait", "audio", "out")]
+            if not all(row.get(key) for key in ("portrait", "audio", "out")):
+                raise GenerationError(f"{rows_csv}:{number}: empty portrait, audio or out")
+            generate(model, *paths, **{**options, "seed": seed})
+            result.update(status="ok", reason=None)
+        except (ValueError, OSError) as err:  # bad input: our errors are ValueErrors naming the file
+            result.update(status="failed", reason=str(err))
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        results.append(result)
+    failed = [r for r in results if r["status"] == "failed"]
+    summary = {"csv": str(rows_csv), "checkpoint": str(checkpoint), "rows": len(results),
+               "ok": len(results) - len(failed), "failed": len(failed), "results": results}
+    report_path = Path(report_path) if report_path else rows_csv.with_name(f"{rows_csv.stem}.report.json")
+    tmp = report_path.with_name(report_path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, report_path)
+    print(f"batch: {summary['ok']} of {len(results)} rows ok; report {report_path}")
+    for row in failed:
+        print(f"  line {row['line']} failed: {row['reason']}")
     return summary

@@ -134,7 +134,10 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     reader = _open_video(path)
     _, duration = _frame_starts(reader, path)
     rotation = streams["rotation"]
-    width, height = streams["video_size"] or reader[0].shape[1::-1]
+    try:
+        width, height = streams["video_size"] or reader[0].shape[1::-1]
+    except (RuntimeError, DECORDError) as err:  # e.g. a text file decord "opened" as raw video
+        raise MediaError(f"{path}: unreadable or corrupt video ({_first_line(err)})") from err
     if rotation in (90, 270):
         width, height = height, width
     return VideoInfo(

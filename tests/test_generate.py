@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +14,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline import media
+from pipeline import media, provenance
 from pipeline.cli import main
 from pipeline.cli.demo import run_demo
-from pipeline.generate import CheckpointError, generate, load_generator
+from pipeline.generate import CheckpointError, GenerationError, frame_count, generate, load_generator, load_model
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +49,12 @@ def _wav(path: Path, seconds: float, rate: int = 22050, channels: int = 2) -> Pa
     return path
 
 
-@pytest.mark.parametrize("seconds", [0.2, 1.3])  # shorter than one 8-frame clip; several chained clips
-def test_generated_video_matches_the_audio(demo: dict, tmp_path: Path, seconds: float):
+@pytest.mark.parametrize("seconds,frames", [(0.2, 5), (1.3, 33)])  # under one 8-frame clip; chained clips, 32.5 -> 33
+def test_generated_video_matches_the_audio(demo: dict, tmp_path: Path, seconds: float, frames: int):
     portrait = Path(demo["videos"][0])
     out = tmp_path / "out.mp4"
     summary = generate(demo["checkpoint"], portrait, _wav(tmp_path / "a.wav", seconds), out, steps=3)
     streams = media.media_streams(out)
-    frames = int(seconds * 25)
     assert summary["frames"] == streams["num_frames"] == frames
     assert streams["video_streams"] == 1 and streams["audio_streams"] == 1
     assert streams["audio_duration_s"] == pytest.approx(frames / 25, abs=0.03)
@@ -93,16 +96,214 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path: Path):
 def test_cli_generate_writes_the_video_and_fails_cleanly(demo: dict, tmp_path: Path, capsys):
     audio = _wav(tmp_path / "a.wav", 0.4, rate=16000, channels=1)
     out = tmp_path / "cli.mp4"
-    args = ["generate", "--checkpoint", demo["checkpoint"], "--portrait", demo["videos"][1], "--audio", str(audio)]
+    args = ["generate", "--checkpoint", demo["checkpoint"], "--portrait", demo["videos"][1], "--audio", str(audio),
+            "--crop", "center"]  # the cartoon faces are no faces to a real face detector
     assert main([*args, "--out", str(out), "--steps", "2"]) == 0
     assert media.media_streams(out)["num_frames"] == 10
     not_audio = tmp_path / "notes.txt"
     not_audio.write_text("hello")
     bad = tmp_path / "bad.mp4"
-    assert main(["generate", "--checkpoint", demo["checkpoint"], "--portrait", demo["videos"][1],
-                 "--audio", str(not_audio), "--out", str(bad)]) != 0
+    assert main([*args[:5], "--audio", str(not_audio), "--out", str(bad), "--crop", "center"]) != 0
     assert "notes.txt" in capsys.readouterr().err
     assert not bad.exists()
+
+
+CLIP_S = 8 / 25  # the fast demo model's clip: 8 frames at 25 fps
+FAST = {"steps": 1, "audio_scale": 1.0, "ref_scale": 1.0}  # one network call per clip: content does not matter here
+
+
+def _audio(path: Path, kind: str, seconds: float) -> Path:
+    """Speech-like audio of `seconds` as wav, flac, mp3 or m4a, or as the audio track of an mp4 (48 kHz stereo)."""
+    wav = _wav(path.with_suffix(".src.wav"), seconds, rate=48000)
+    if kind in ("wav", "flac"):
+        data, rate = sf.read(wav)
+        sf.write(path.with_suffix(f".{kind}"), data, rate)
+        return path.with_suffix(f".{kind}")
+    if kind == "video":
+        out = path.with_suffix(".mp4")
+        media.write_video(out, np.full((int(seconds * 25), 32, 32, 3), 90, np.uint8), 25,
+                          audio=media.read_audio(wav), sample_rate=16000)
+        return out
+    out = path.with_suffix(f".{kind}")
+    codec = ["-c:a", "libmp3lame"] if kind == "mp3" else ["-c:a", "aac"]
+    subprocess.run([media.ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(wav), *codec, str(out)], check=True)
+    return out
+
+
+def _pixel_format(path: Path) -> str:
+    header = subprocess.run([media.ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    return re.search(r"Video: h264[^,]*, (\w+)", header.stderr).group(1)
+
+
+FORMATS = [("wav", 1.0), ("flac", 2.5), ("mp3", 4.0), ("m4a", 2.5), ("video", 4.0)]
+
+
+@pytest.mark.parametrize("kind,clips", FORMATS)
+def test_any_audio_format_and_length_gives_an_exact_marked_video(demo: dict, tmp_path: Path, kind: str, clips: float):
+    audio = _audio(tmp_path / "speech", kind, clips * CLIP_S)
+    out = tmp_path / "out.mp4"
+    summary = generate(demo["checkpoint"], demo["videos"][0], audio, out, seed=11, **FAST)
+    decoded = len(media.read_audio(audio))
+    frames = frame_count(decoded, 25.0)
+    assert abs(frames - round(clips * 8)) <= 1  # codec padding may add up to a frame's worth of samples
+    streams = media.media_streams(out)
+    assert (streams["video_codec"], streams["audio_codec"], _pixel_format(out)) == ("h264", "aac", "yuv420p")
+    assert summary["frames"] == streams["num_frames"] == frames
+    assert streams["audio_duration_s"] == pytest.approx(frames / 25, abs=0.025)
+    assert streams["duration_s"] == pytest.approx(frames / 25, abs=0.05)
+    data = out.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # faststart: playable while downloading
+    sha = hashlib.sha256(Path(demo["checkpoint"]).read_bytes()).hexdigest()
+    check = provenance.verify(out)
+    assert check["watermark"]["found"] and check["watermark"]["payload"] == provenance.payload_id(sha, 11)
+    assert check["metadata"]["checkpoint_sha256"] == summary["checkpoint_sha256"] == sha
+    assert check["metadata"]["ai_generated"] == "true" and check["metadata"]["seed"] == "11"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wav", "flac", "mp3", "m4a", "video"])
+@pytest.mark.parametrize("clips", [1.0, 2.5, 4.0])
+def test_every_format_at_every_length(demo: dict, tmp_path: Path, kind: str, clips: float):
+    audio = _audio(tmp_path / "speech", kind, clips * CLIP_S)
+    summary = generate(demo["checkpoint"], demo["videos"][0], audio, tmp_path / "out.mp4", **FAST)
+    assert summary["frames"] == media.media_streams(tmp_path / "out.mp4")["num_frames"]
+    assert summary["frames"] == frame_count(len(media.read_audio(audio)), 25.0)
+
+
+def test_frame_count_rounds_to_the_nearest_frame():
+    assert [frame_count(n, 25.0) for n in (639, 640, 959, 960, 961)] == [1, 1, 1, 2, 2]  # 640 samples = 1 frame
+    assert frame_count(0, 25.0) == 0 and frame_count(319, 25.0) == 0 and frame_count(320, 25.0) == 1
+
+
+def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path):
+    calls: list[tuple[float, str]] = []
+    generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 2.5 * CLIP_S), tmp_path / "o.mp4",
+             steps=2, audio_scale=1.0, ref_scale=1.0, progress=lambda fraction, text: calls.append((fraction, text)))
+    fractions = [fraction for fraction, _ in calls]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    steps = [message for _, message in calls if message.startswith("denoising")]
+    assert len(steps) == 3 * 2 and steps[-1].endswith("step 6 of 6 (3 clips x 2 steps)")
+
+
+def test_no_provenance_warns_and_leaves_no_marks(demo: dict, tmp_path: Path, capsys):
+    out = tmp_path / "plain.mp4"
+    generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.6), out, provenance_marks=False, **FAST)
+    assert "carries no provenance marks" in capsys.readouterr().out
+    check = provenance.verify(out)
+    assert not check["watermark"]["found"] and "ai_generated" not in check["metadata"]
+    assert main(["verify", str(out)]) == 1
+
+
+def test_cli_signs_c2pa_and_records_consent(demo: dict, tmp_path: Path, capsys):
+    from test_provenance import write_signing_files
+
+    pki = write_signing_files(tmp_path)
+    audio = str(_wav(tmp_path / "a.wav", 0.5))
+
+    def run(out: Path, chain: Path) -> int:
+        return main(["generate", "--checkpoint", demo["checkpoint"], "--portrait", demo["videos"][1], "--audio", audio,
+                     "--out", str(out), "--crop", "center", "--steps", "1", "--seed", "4", "--consent",
+                     "release-2024-17", "--c2pa-cert", str(chain), "--c2pa-key", str(pki["key"])])
+
+    out = tmp_path / "signed.mp4"
+    assert run(out, pki["chain"]) == 0
+    assert main(["verify", str(out), "--trust-anchors", str(pki["root"])]) == 0
+    printed = capsys.readouterr().out
+    assert "watermark FOUND" in printed and "portrait_consent: release-2024-17" in printed
+    assert "C2PA: Trusted, signed by LetsTalk test signer, AI-generated: yes" in printed
+    assert not list(tmp_path.glob(".signed*"))  # the unsigned intermediate is gone
+    bad = tmp_path / "bad.mp4"
+    assert run(bad, pki["self"]) == 1
+    assert "C2PA signing failed" in capsys.readouterr().err
+    assert not bad.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_batch_keeps_going_past_a_bad_row_and_reports_it(demo: dict, tmp_path: Path, capsys):
+    _wav(tmp_path / "a.wav", 0.4)
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, np.float32), 16000)
+    rows = [{"portrait": demo["videos"][0], "audio": "a.wav", "out": "out/one.mp4", "seed": "1"},
+            {"portrait": demo["videos"][0], "audio": "silent.wav", "out": "out/two.mp4", "seed": ""},
+            {"portrait": demo["videos"][1], "audio": "missing.wav", "out": "out/three.mp4", "seed": ""},
+            {"portrait": demo["videos"][1], "audio": "a.wav", "out": "out/four.mp4", "seed": "2"}]
+    with open(tmp_path / "rows.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["portrait", "audio", "out", "seed"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["generate", "--checkpoint", demo["checkpoint"], "--batch", str(tmp_path / "rows.csv"),
+                 "--steps", "1", "--crop", "center"]) == 1
+    printed = capsys.readouterr().out
+    assert "2 of 4 rows ok" in printed and "line 3 failed" in printed and "line 4 failed" in printed
+    report = json.loads((tmp_path / "rows.report.json").read_text())
+    assert [r["status"] for r in report["results"]] == ["ok", "failed", "failed", "ok"]
+    assert "audio is silent" in report["results"][1]["reason"]
+    assert "missing.wav: file not found" in report["results"][2]["reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["four.mp4", "one.mp4"]
+    payloads = [provenance.verify(tmp_path / "out" / name)["watermark"]["payload"] for name in ("one.mp4", "four.mp4")]
+    assert payloads[0] != payloads[1]  # the payload depends on the row's seed
+
+
+def _tiny_vae(path: Path, latent_channels: int) -> Path:
+    from diffusers import AutoencoderKL
+
+    from pipeline.vae import demo_vae_config
+
+    AutoencoderKL(**demo_vae_config(latent_channels=latent_channels)).save_pretrained(path)
+    return path
+
+
+def test_bad_inputs_fail_with_a_clear_message_and_no_output(demo: dict, tmp_path: Path, capsys):
+    good = _wav(tmp_path / "good.wav", 0.4)
+    sf.write(tmp_path / "silent.wav", np.full(8000, 1e-5, np.float32), 16000)
+    short = _wav(tmp_path / "short.wav", 0.1)
+    corrupt = tmp_path / "corrupt.m4a"
+    corrupt.write_bytes(_audio(tmp_path / "c", "m4a", 0.5).read_bytes()[:600])
+    cases = [
+        ({"--audio": tmp_path / "silent.wav"}, "audio is silent"),
+        ({"--audio": short}, "audio is too short (0.100 s)"),
+        ({"--audio": corrupt}, "corrupt.m4a: unreadable or corrupt"),
+        ({"--size": "128"}, "--size 128 does not match the model, which makes 64x64 videos"),
+        ({"--vae": _tiny_vae(tmp_path / "vae8", 8)}, "the VAE has 8 latent channels but"),
+        ({"--c2pa-cert": good}, "needs both a certificate chain"),
+        ({"--portrait": tmp_path / "nothing.png"}, "nothing.png: file not found"),
+    ]
+    for number, (change, message) in enumerate(cases):
+        out = tmp_path / f"out{number}.mp4"
+        options = {"--checkpoint": demo["checkpoint"], "--portrait": demo["videos"][0], "--audio": good,
+                   "--out": out, "--steps": "1", "--crop": "center", **change}
+        assert main(["generate", *(str(x) for item in options.items() for x in item)]) == 1, message
+        assert message in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(f".out{number}*"))
+
+
+def test_out_of_memory_becomes_advice(demo: dict, tmp_path: Path, monkeypatch):
+    import pipeline.generate as generation
+
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(generation, "sample_latents", exhausted)
+    out = tmp_path / "oom.mp4"
+    with pytest.raises(GenerationError, match="out of GPU memory .* try fewer --steps"):
+        generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.4), out, **FAST)
+    assert not out.exists()
+
+
+def test_portrait_crop_modes(demo: dict, tmp_path: Path):
+    from PIL import Image
+
+    from pipeline.generate import read_portrait
+
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :40] = 255  # left half white
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    center, whole = read_portrait(tmp_path / "wide.png", 64, "center"), read_portrait(tmp_path / "wide.png", 64, "none")
+    assert center.shape == whole.shape == (1, 64, 64, 3)
+    assert center[0, :, 5].mean() == 255 and center[0, :, -5].mean() == 0  # the middle 40x40, halves kept
+    assert whole[0, :, :28].mean() == 255 and whole[0, :, 36:].mean() == 0  # squeezed, nothing cut
+    with pytest.raises(GenerationError, match="crop must be one of"):
+        read_portrait(tmp_path / "wide.png", 64, "top")
+    model = load_model(demo["checkpoint"])
+    assert model.checkpoint_sha256 == hashlib.sha256(Path(demo["checkpoint"]).read_bytes()).hexdigest()
 
 
 @pytest.mark.slow

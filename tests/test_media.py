@@ -166,12 +166,14 @@ def broken(tmp_path_factory, clip) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("broken")
     (root / "empty.mp4").write_bytes(b"")
     (root / "text.mp4").write_text("this is not a video\n")
+    (root / "tiny.mp4").write_text("abc")  # decord "opens" it, then fails on the first frame
     data = clip[0].read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
     return {
         "missing": root / "missing.mp4",
         "empty": root / "empty.mp4",
         "text": root / "text.mp4",
+        "tiny": root / "tiny.mp4",
         "truncated": root / "truncated.mp4",
     }
 
@@ -179,14 +181,16 @@ def broken(tmp_path_factory, clip) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "case, reader",
     [(case, reader) for case in ("missing", "empty", "text", "truncated") for reader in (media.read_video, media.read_audio)]
-    + [(case, media.probe_video) for case in ("missing", "empty", "text")],  # a truncated mp4's index is intact
+    + [(case, media.probe_video) for case in ("missing", "empty", "text", "tiny")]  # a truncated mp4's index is intact
+    + [("tiny", media.read_video)],
 )
 def test_bad_files_raise_media_error_naming_the_file(broken, case, reader):
     path = broken[case]
     with pytest.raises(MediaError) as info:
         reader(path)
     assert str(path) in str(info.value)
-    expected = {"missing": "not found", "empty": "empty file", "text": "corrupt", "truncated": "corrupt"}[case]
+    expected = {"missing": "not found", "empty": "empty file", "text": "corrupt", "tiny": "corrupt",
+                "truncated": "corrupt"}[case]
     assert expected in str(info.value)
 
 

@@ -5,11 +5,13 @@
     letstalk prepare   videos -> WebDataset shards + manifest.json
     letstalk fit       train (LightningCLI: --config, --print_config, --ckpt_path last)
     letstalk validate  validate a checkpoint (LightningCLI)
-    letstalk generate  portrait + audio -> talking video
+    letstalk generate  portrait + audio -> talking video (provenance-marked; --batch for a CSV)
+    letstalk verify    is a video marked as generated? (watermark, metadata, C2PA)
     letstalk evaluate  FID / FVD / Sync-C / Sync-D of a checkpoint on a seeded subset of a dataset
     letstalk sweep     one SLURM training job per grid point (model sizes by default)
     letstalk export    a training checkpoint -> model.safetensors + its config (for generate)
     letstalk demo      the whole pipeline end to end on synthetic data
+    letstalk app       a web page (Gradio) to make videos from uploads
 """
 
 from __future__ import annotations
@@ -43,30 +45,62 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("prepare", help="videos -> WebDataset shards + manifest.json")
-    p.add_argument("inputs", help="a folder of videos or a text file listing one path per line")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL or AutoencoderDC folder (from_pretrained)")
-    p.add_argument("--audio-encoder", default="mel", choices=["mel", "wav2vec2"])
-    p.add_argument("--audio-encoder-path", default=None, help="wav2vec2 folder (from_pretrained)")
-    p.add_argument("--fps", type=float, default=25.0)
+    p = sub.add_parser("prepare", help="videos -> WebDataset shards + manifest.json (one task of an array job)")
+    p.add_argument("inputs", nargs="?", help="a folder of videos, a text list of paths, or a CSV/JSONL list "
+                   "with path, speaker and optional split (train|val) columns")
+    p.add_argument("--out", help="dataset folder (shards + manifest)")
+    p.add_argument("--vae", help="diffusers AutoencoderKL or AutoencoderDC folder (from_pretrained)")
+    p.add_argument("--audio-encoder", default="mel", choices=["mel", "wav2vec2", "whisper"])
+    p.add_argument("--audio-encoder-path", default=None, help="wav2vec2 or Whisper folder (from_pretrained)")
+    p.add_argument("--audio-encoder-layers", default="-1",
+                   help="hidden states to average, comma-separated (0 = input embedding, -1 = last layer)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="encoder weights; auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--fps", type=float, default=25.0, help="target frame rate; 16000 / fps must be an integer")
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--crop", default="center", choices=["center", "face"])
     p.add_argument("--segment-seconds", type=float, default=4.0)
+    p.add_argument("--min-segment-seconds", type=float, default=1.0)
     p.add_argument("--samples-per-shard", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16, help="frames per VAE encode call")
+    p.add_argument("--val-percent", type=float, default=10.0,
+                   help="percent of speakers (hashed) sent to val where the list gives no split")
+    p.add_argument("--task-index", type=int, default=None, help="default: $SLURM_ARRAY_TASK_ID (else 0)")
+    p.add_argument("--num-tasks", type=int, default=None, help="default: $SLURM_ARRAY_TASK_COUNT (else 1)")
+    p.add_argument("--retry-failed", action="store_true", help="retry inputs an earlier run recorded as failed")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any input failed")
+    p.add_argument("--merge", metavar="DIR", default=None,
+                   help="join the task manifests in DIR into DIR/manifest.json (no other arguments)")
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("generate", help="portrait + audio -> talking video")
+    p = sub.add_parser("generate", help="portrait + audio -> talking video (or --batch rows.csv)")
     p.add_argument("--checkpoint", required=True, help="a .ckpt written by `letstalk fit`, or a `letstalk export`")
-    p.add_argument("--portrait", required=True, help="image (png/jpg) or a video whose first frame is used")
-    p.add_argument("--audio", required=True, help="audio file or a video with an audio track")
-    p.add_argument("--out", required=True, help="output .mp4")
+    p.add_argument("--portrait", help="image (png/jpg) or a video whose first frame is used")
+    p.add_argument("--audio", help="wav, flac, mp3, m4a, or a video with an audio track; any rate and channels")
+    p.add_argument("--out", help="output .mp4")
+    p.add_argument("--batch", default=None, metavar="ROWS.csv",
+                   help="generate every row of a CSV with columns portrait,audio,out[,seed]; report beside the CSV")
     p.add_argument("--vae", default=None, help="VAE folder (default: the one the training data was made with)")
+    p.add_argument("--size", type=int, default=None, help="frame size; must be the model's (checked)")
+    p.add_argument("--crop", default=None, choices=["face", "center", "none"],
+                   help="portrait crop (default: face when facenet-pytorch is installed, else center)")
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--audio-scale", type=float, default=2.0)
     p.add_argument("--ref-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-provenance", action="store_true",
+                   help="no watermark and no AI-generated metadata (not recommended)")
+    p.add_argument("--consent", default=None, metavar="REF", help="consent reference for the portrait, kept in metadata")
+    p.add_argument("--c2pa-cert", default=None, help="PEM certificate chain (signing cert first) for a C2PA manifest")
+    p.add_argument("--c2pa-key", default=None, help="PEM private key of --c2pa-cert")
+
+    p = sub.add_parser("verify", help="check a video for the watermark, AI-generated metadata and a C2PA manifest")
+    p.add_argument("video")
+    p.add_argument("--trust-anchors", default=None, help="PEM root certificate(s) to trust for C2PA validation")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
 
     p = sub.add_parser("evaluate", help="generate a seeded subset of a dataset and score it (FID, FVD, Sync-C/D)")
     p.add_argument("--checkpoint", required=True, help="a .ckpt written by `letstalk fit` or an exported .safetensors")
@@ -104,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesise, fit VAE, prepare, train, generate, measure lip sync")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="a much shorter run (for tests); sync scores are not meaningful")
+
+    p = sub.add_parser("app", help="a web page to upload a portrait and audio and get the video (needs letstalk[app])")
+    p.add_argument("--checkpoint", action="append", default=[], help="a checkpoint offered on the page; repeatable")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--out", default=None, help="folder for the generated videos (default: a temp folder)")
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -137,19 +178,45 @@ def _run(args: argparse.Namespace) -> int:
 
         fit_vae(args.videos, args.out, size=args.size, max_steps=args.max_steps, max_time_s=args.max_time, seed=args.seed)
     elif args.command == "prepare":
-        from pipeline.prepare import prepare
+        from pipeline.prepare import merge, prepare, slurm_task, summary
 
-        manifest = prepare(args.inputs, args.out, vae_path=args.vae, audio_encoder=args.audio_encoder,
-                           audio_encoder_path=args.audio_encoder_path, fps=args.fps, size=args.size,
-                           segment_seconds=args.segment_seconds, samples_per_shard=args.samples_per_shard,
-                           device=args.device)
-        return 0 if manifest.num_samples else 1
+        if args.merge:
+            manifest = merge(args.merge)
+            print(summary(manifest))
+        else:
+            if not (args.inputs and args.out and args.vae):
+                raise ValueError("needs INPUTS, --out and --vae (or --merge DIR)")
+            env_index, env_count = slurm_task()
+            manifest = prepare(args.inputs, args.out, vae_path=args.vae, audio_encoder=args.audio_encoder,
+                               audio_encoder_path=args.audio_encoder_path,
+                               audio_encoder_layers=[int(i) for i in args.audio_encoder_layers.split(",")],
+                               dtype=args.dtype, fps=args.fps, size=args.size,
+                               crop=args.crop, segment_seconds=args.segment_seconds,
+                               min_segment_seconds=args.min_segment_seconds, samples_per_shard=args.samples_per_shard,
+                               batch_size=args.batch_size, val_percent=args.val_percent,
+                               task_index=env_index if args.task_index is None else args.task_index,
+                               num_tasks=env_count if args.num_tasks is None else args.num_tasks,
+                               retry_failed=args.retry_failed, device=args.device)
+        nothing = bool(manifest.failed) and not manifest.inputs
+        return 1 if nothing or (args.strict and manifest.failed) else 0
     elif args.command == "generate":
-        from pipeline.generate import generate
+        from pipeline.generate import default_crop, generate, generate_batch
 
-        generate(args.checkpoint, args.portrait, args.audio, args.out, vae_path=args.vae, sampler=args.sampler,
-                 steps=args.steps, audio_scale=args.audio_scale, ref_scale=args.ref_scale, seed=args.seed,
-                 ema=not args.no_ema)
+        options = dict(vae_path=args.vae, sampler=args.sampler, steps=args.steps, audio_scale=args.audio_scale,
+                       ref_scale=args.ref_scale, seed=args.seed, ema=not args.no_ema, device=args.device,
+                       size=args.size, crop=args.crop or default_crop(), provenance_marks=not args.no_provenance,
+                       consent=args.consent, c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
+        if args.batch:
+            return 1 if generate_batch(args.batch, args.checkpoint, **options)["failed"] else 0
+        if not (args.portrait and args.audio and args.out):
+            raise ValueError("generate needs --portrait, --audio and --out (or --batch rows.csv)")
+        generate(args.checkpoint, args.portrait, args.audio, args.out, **options)
+    elif args.command == "verify":
+        from pipeline.provenance import print_verification, verify
+
+        result = verify(args.video, args.trust_anchors)
+        print_verification(result, as_json=args.json)
+        return 0 if result["watermark"]["found"] else 1
     elif args.command == "evaluate":
         from pipeline.evaluate import MetricsConfig, evaluate
 
@@ -173,6 +240,13 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.cli.demo import run_demo
 
         run_demo(args.out, fast=args.fast)
+    elif args.command == "app":
+        try:
+            from pipeline.app import serve
+        except ModuleNotFoundError as err:
+            raise OSError(f"{err.name} is not installed: pip install 'letstalk[app]'") from err
+
+        serve(args.checkpoint, host=args.host, port=args.port, out_dir=args.out, device=args.device)
     return 0
 
 

@@ -1,0 +1,212 @@
+"""EvalCallback: `letstalk evaluate` inside a training run, every N steps, with the EMA weights, on every rank.
+
+The clips, their generation and their scores are `pipeline.evaluate`'s (`select_segments`,
+`ClipLoader`, `generate_clip`, `MetricSuite`), so a score logged at step N equals what
+`letstalk evaluate` reports for the step-N checkpoint on the same clips. The clips are chosen once,
+at fit start, from the run's validation split (or from `data`, e.g. held-out shards); clip i is
+generated with seed `seed + i` by rank i % world_size. Per-clip statistics and the first
+`log_videos` videos (as mp4 bytes with their audio) are gathered on rank 0, which logs
+`eval/<metric>` to every logger, writes the videos under `<default_root_dir>/eval_videos/` and
+logs them to W&B. Every rank runs the same collectives in the same order (the EMA gather under
+ZeRO-3, one `all_gather_object`), whatever its share of clips. Training is not disturbed: the
+network is a float32 copy of the EMA weights, the diffusion object is a fresh one, and the
+python/numpy/torch random states are restored afterwards.
+
+Timing: the callback runs in `on_train_batch_end`, after the module's EMA update of that step
+(done in `optimizer_step`) and when `ModelCheckpoint` saves, so both see the same EMA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_modules.letstalk import LetsTalkModule, _coerce
+from pipeline import media
+from pipeline.diffusion import Diffusion, DiffusionConfig
+from pipeline.evaluate import METRICS, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip, select_segments
+from pipeline.generate import Generator
+from pipeline.models.dit import LetsTalkDiT
+from pipeline.shards import Manifest
+from pipeline.vae import load_vae
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block and put the python, numpy and torch (CPU and `device`'s CUDA) random states back afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def ema_network(module: LetsTalkModule) -> LetsTalkDiT:
+    """A float32 eval-mode copy of the module's EMA network on its device (under ZeRO-3 a collective: it gathers)."""
+    partitioned = [p for p in module.ema.parameters() if hasattr(p, "ds_id")]  # DeepSpeed ZeRO-3 shards
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned)
+    else:
+        gather = contextlib.nullcontext()
+    with gather:
+        state = {k: v.detach().to(module.device, torch.float32, copy=True) for k, v in module.ema.state_dict().items()}
+    with torch.device(module.device):
+        net = LetsTalkDiT(module.ema.config)
+    net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+def _mp4_bytes(frames: np.ndarray, clip: EvalClip) -> bytes:
+    """The frames as an H.264 mp4 with the clip's audio muxed in (`media.write_video`), as bytes to gather."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.mp4"
+        media.write_video(path, frames, clip.fps, audio=clip.waveform, sample_rate=media.SAMPLE_RATE)
+        return path.read_bytes()
+
+
+class EvalCallback(L.Callback):
+    """Every `every_n_steps` optimizer steps (and at the end of fit if `at_fit_end`), generate the fixed,
+    seeded evaluation clips with the EMA weights and log every configured metric and a few videos.
+
+    metrics: which metrics run (`pipeline.evaluate.MetricsConfig` or its fields as a dict); a metric
+    without weights is skipped with one note, never estimated.
+    data: dataset root to pick clips from (all its samples, as `letstalk evaluate --data`); None: the
+    DataModule's validation split (its training split, with a warning, when that is empty).
+    sampler, steps, audio_scale, ref_scale: generation settings, as `letstalk evaluate`.
+    log_videos: how many of the clips (the first ones) are logged as videos.
+    """
+
+    def __init__(self, every_n_steps: int = 500, num_clips: int = 8, metrics: MetricsConfig | dict | None = None,
+                 data: str | None = None, sampler: str | None = None, steps: int = 25, audio_scale: float = 2.0,
+                 ref_scale: float = 1.5, log_videos: int = 2, seed: int = 0, at_fit_end: bool = True):
+        checks = {"every_n_steps": (every_n_steps, every_n_steps >= 1), "num_clips": (num_clips, num_clips >= 1),
+                  "steps": (steps, steps >= 1), "log_videos": (log_videos, log_videos >= 0), "seed": (seed, seed >= 0)}
+        bad = [f"{name}={value!r}" for name, (value, ok) in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid EvalCallback arguments: {', '.join(bad)} "
+                             "(need every_n_steps>=1, num_clips>=1, steps>=1, log_videos>=0, seed>=0)")
+        self.every_n_steps, self.num_clips, self.data = every_n_steps, num_clips, data
+        self.metrics = _coerce(MetricsConfig, metrics or {})
+        self.sampler, self.steps, self.audio_scale, self.ref_scale = sampler, steps, audio_scale, ref_scale
+        self.log_videos, self.seed, self.at_fit_end = log_videos, seed, at_fit_end
+        self.keys: list[str] = []  # the chosen clips, in index order (the same on every rank)
+        self.results: list[dict[str, Any]] = []  # rank 0: step, metrics, skipped, videos of each evaluation
+        self._clips: dict[int, EvalClip] = {}  # this rank's share, by index
+        self._suite: MetricSuite | None = None
+        self._vae = None
+        self._notes: dict[str, str] | None = None
+        self._last_step = -1
+
+    def _candidate_keys(self, trainer: L.Trainer) -> tuple[str, set[str] | None]:
+        """(dataset root, keys to choose from): `data` whole, or the DataModule's validation split."""
+        if self.data is not None:
+            return self.data, None
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "val_samples"):
+            raise ValueError("EvalCallback needs a LetsTalkDataModule (for its validation split) or `data`: "
+                             "a dataset root to take evaluation clips from")
+        samples = datamodule.val_samples
+        if not samples:
+            warnings.warn(f"{datamodule.root}: the validation split is empty (val_percent={datamodule.val_percent}); "
+                          "EvalCallback evaluates on training segments", UserWarning)
+            samples = datamodule.train_samples
+        return str(datamodule.root), {s.key for s in samples}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: LetsTalkModule) -> None:
+        """Choose the clips, load this rank's share of their ground truth, the metric networks and the VAE."""
+        root, keys = self._candidate_keys(trainer)
+        info = pl_module.hparams["data_info"]
+        manifest = Manifest.load(root)
+        if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):
+            raise ValueError(f"{root}: frames are {manifest.size}px at {manifest.fps:g} fps, but the model trains on "
+                             f"{info['size']}px at {info['fps']:g} fps")
+        vae_path = info["vae"].get("path")
+        if not vae_path:
+            raise ValueError(f"{root}: the training data's manifest names no VAE path; EvalCallback needs its decoder")
+        segments = select_segments(root, self.num_clips, self.seed, keys)
+        load = ClipLoader(manifest, int(info["size"]))
+        rank, world = trainer.global_rank, trainer.world_size
+        self.keys = [s.key for s in segments]
+        self._clips = {i: load(s) for i, s in enumerate(segments) if i % world == rank}
+        self._vae = load_vae(vae_path, device=pl_module.device)
+        self._suite = MetricSuite(self.metrics, device=str(pl_module.device))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: LetsTalkModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: LetsTalkModule) -> None:
+        if self.at_fit_end:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: LetsTalkModule) -> None:
+        """One evaluation at the current step (once per step); every rank must call it."""
+        step = trainer.global_step
+        if step == 0 or step == self._last_step:
+            return
+        self._last_step = step
+        t0 = time.perf_counter()
+        device = pl_module.device
+        local: list[tuple[int, dict[str, Any], bytes | None]] = []
+        with preserved_rng(device):
+            gen = Generator(ema_network(pl_module), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
+                            dict(pl_module.hparams["data_info"]))
+            for i, clip in self._clips.items():
+                frames = generate_clip(gen, self._vae, clip, self.seed + i, self.sampler, self.steps,
+                                       self.audio_scale, self.ref_scale, str(device))
+                video = _mp4_bytes(frames, clip) if i < self.log_videos else None
+                local.append((i, self._suite.clip_stats(frames, clip), video))
+        gathered = local
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            parts: list[list[tuple[int, dict[str, Any], bytes | None]] | None] = [None] * trainer.world_size
+            dist.all_gather_object(parts, local)
+            gathered = [item for part in parts for item in part]
+        if trainer.is_global_zero:
+            self._log(trainer, step, sorted(gathered, key=lambda item: item[0]), time.perf_counter() - t0)
+
+    def _log(self, trainer: L.Trainer, step: int, results: list[tuple[int, dict[str, Any], bytes | None]],
+             seconds: float) -> None:
+        """Rank 0: summarize, log `eval/*` to every logger, write the videos and log them to W&B."""
+        values, skipped = self._suite.summarize([stats for _, stats, _ in results])
+        if skipped != self._notes:
+            self._notes = skipped
+            for name, note in skipped.items():
+                rank_zero_info(f"EvalCallback: skipped {METRICS[name][0]}: {note}")
+        metrics = {f"eval/{name}": value for name, value in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, "eval/seconds": seconds}, step=step)
+            logger.save()
+        folder = Path(trainer.default_root_dir) / "eval_videos" / f"step_{step:07d}"
+        videos: list[tuple[str, Path]] = []
+        for i, stats, data in results:
+            if data is not None:
+                path = folder / f"{i:03d}_{stats['key'].replace('/', '_')}.mp4"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                videos.append((stats["key"], path))
+        if videos:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_video("eval/videos", [str(p) for _, p in videos], step=step,
+                                     caption=[key for key, _ in videos], format=["mp4"] * len(videos))
+        self.results.append({"step": step, "metrics": values, "skipped": skipped, "seconds": seconds,
+                             "videos": [str(p) for _, p in videos]})
