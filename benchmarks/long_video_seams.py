@@ -1,13 +1,15 @@
 """Long-video chaining on the demo's synthetic data: seam ratio of generated multi-clip videos.
 
 Trains LetsTalk-tiny with motion frames and a memory bank (`configs/demo.yaml` +
-`configs/long_video.yaml`) on the demo's shards, then generates `--clips`-clip videos for the
-demo's held-out faces (first frame as portrait, their own audio) and reports the seam ratio
-(`pipeline.metrics.seams`): frame difference at clip boundaries / inside clips. For comparison:
-the demo's own model (no motion/memory: every clip starts afresh) and the real held-out videos
-cut at the same places. Needs a finished `make demo` (its `runs/demo`).
+`configs/long_video.yaml`) on the demo's shards (or takes `--checkpoint`, e.g. the demo's own,
+which has them too), then generates `--clips`-clip videos for the demo's held-out faces (first
+frame as portrait, their own audio) and reports the seam ratio (`pipeline.metrics.seams`): frame
+difference at clip boundaries / inside clips. For comparison: the same model with chaining off
+(every clip starts afresh from the null motion and memory) and the real held-out videos cut at
+the same places. Needs a finished `make demo` (its `runs/demo`).
 
-    python benchmarks/long_video_seams.py [--demo runs/demo] [--steps 1000] [--clips 3] [--json seams.json]
+    python benchmarks/long_video_seams.py [--demo runs/demo] [--steps 1000 | --checkpoint CKPT] [--clips 3]
+        [--json seams.json]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def train(demo: Path, out: Path, steps: int, max_time: str) -> Path:
     return out / "checkpoints" / "last.ckpt"
 
 
-def measure(checkpoint: Path, demo: Path, clips: int, seeds: int) -> dict:
+def measure(checkpoint: Path, demo: Path, clips: int, seeds: int, chain: bool) -> dict:
     """Mean seam ratio over the held-out faces × seeds, and the same cut through the real videos."""
     gen = load_generator(checkpoint)
     info, vae = gen.data_info, load_vae(demo / "vae")
@@ -48,7 +50,7 @@ def measure(checkpoint: Path, demo: Path, clips: int, seeds: int) -> dict:
         waveform = media.read_audio(video)[: round(frames_wanted * media.SAMPLE_RATE / fps)]
         portrait = read_portrait(video, int(info["size"]))
         for seed in range(seeds):
-            frames = generate_frames(gen, portrait, waveform, vae, seed=seed)
+            frames = generate_frames(gen, portrait, waveform, vae, seed=seed, chain=chain)
             generated.append(seam_ratio(frames, clip))
         real.append(seam_ratio(media.read_video(video, fps=fps)[:frames_wanted], clip))
     mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
@@ -65,22 +67,19 @@ def main() -> None:
     parser.add_argument("--max-time", default="00:00:12:00")
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--skip-training", action="store_true", help="measure the checkpoint already in --out")
+    parser.add_argument("--checkpoint", type=Path, help="measure this long-video checkpoint instead of training one")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not (args.demo / "shards" / "manifest.json").exists():
         raise SystemExit(f"{args.demo}: no demo output; run `make demo` first")
     t0 = time.perf_counter()
-    checkpoint = args.out / "checkpoints" / "last.ckpt"
-    if not args.skip_training:
-        checkpoint = train(args.demo, args.out, args.steps, args.max_time)
+    checkpoint = args.checkpoint or train(args.demo, args.out, args.steps, args.max_time)
     train_s = time.perf_counter() - t0
-    rows = {"long_video (motion + memory)": measure(checkpoint, args.demo, args.clips, args.seeds),
-            "demo model (independent clips)": measure(args.demo / "train" / "checkpoints" / "last.ckpt",
-                                                      args.demo, args.clips, args.seeds)}
-    print(f"\n{args.clips}-clip videos, {rows['long_video (motion + memory)']['videos']} per model "
+    rows = {"chained (motion + memory)": measure(checkpoint, args.demo, args.clips, args.seeds, chain=True),
+            "same model, clips not chained": measure(checkpoint, args.demo, args.clips, args.seeds, chain=False)}
+    print(f"\n{args.clips}-clip videos of {checkpoint}, {rows['chained (motion + memory)']['videos']} per row "
           f"(training {train_s:.0f} s)")
-    print(f"{'model':34} {'seam':>7} {'inside':>7} {'ratio':>6} {'real':>6}")
+    print(f"{'generation':34} {'seam':>7} {'inside':>7} {'ratio':>6} {'real':>6}")
     for name, row in rows.items():
         print(f"{name:34} {row['seam']:7.2f} {row['inside']:7.2f} {row['ratio']:6.2f} {row['real_ratio']:6.2f}")
     if args.json:

@@ -128,11 +128,12 @@ def frame_count(num_samples: int, fps: float) -> int:
 @torch.no_grad()
 def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
                    steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                   on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                   on_step: Callable[[], None] | None = None, chain: bool = True) -> torch.Tensor:
     """Scaled latents [T, C, h, w] for portrait latents ref [R, C, h, w] and audio windows [T, W, D], clip by clip.
 
     Clips of clip_frames follow each other (the last one is padded with the last audio window and
-    cut); with motion frames / a memory bank, clip i is conditioned on the latents generated before it.
+    cut); with motion frames / a memory bank, clip i is conditioned on the latents generated before it
+    (`chain=False`, for ablations: every clip starts afresh from the null motion and memory).
     `on_step` is called after every network evaluation (one per sampler step: guidance is batched).
     """
     cfg, clip = gen.net.config, int(gen.data_info["clip_frames"])
@@ -146,7 +147,7 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
     latents: list[torch.Tensor] = []  # [1, F, C, h, w] each
     for i in range(clips):
         context = {}
-        if i and (cfg.motion_frames or cfg.memory_frames):
+        if i and chain and (cfg.motion_frames or cfg.memory_frames):
             history, start = torch.cat(latents, dim=1), i * clip  # [1, i·F, C, h, w]
             motion = [max(0, start - cfg.motion_frames + k) for k in range(cfg.motion_frames)]
             for key, index in (("motion", motion), ("memory", cfg.memory_indices(start))):
@@ -170,7 +171,7 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
 @torch.no_grad()
 def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
                     steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                    device: str = "cpu", on_step: Callable[[], None] | None = None) -> np.ndarray:
+                    device: str = "cpu", on_step: Callable[[], None] | None = None, chain: bool = True) -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for `waveform` (16 kHz mono), T = `frame_count` (audio duration × fps, rounded)."""
     info = gen.data_info
     fps = float(info["fps"])
@@ -185,7 +186,7 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
     gen.timings["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed, on_step)  # [T, C, h, w]
+    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed, on_step, chain)  # [T, C, h, w]
     gen.timings["denoise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

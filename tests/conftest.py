@@ -1,4 +1,4 @@
-"""Shared fixtures: a real single-node SLURM cluster (see tests/slurm_cluster.py)."""
+"""Shared fixtures: the fast demo's outputs, and a real single-node SLURM cluster (see tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ from collections.abc import Iterator
 import pytest
 
 from slurm_cluster import SlurmCluster, missing
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`letstalk demo --fast` once per session: every stage runs for real, briefly; its checkpoint,
+    VAE, shards and videos serve the generation, export, app and evaluation tests (read only)."""
+    from pipeline.cli.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo"), fast=True)
 
 
 @pytest.fixture(scope="session")

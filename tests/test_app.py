@@ -32,14 +32,6 @@ TIMEOUT_MS = 120_000  # generation on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small trained checkpoint (`letstalk demo --fast`)."""
-    from pipeline.cli.demo import run_demo
-
-    return run_demo(tmp_path_factory.mktemp("demo"), fast=True)
-
-
-@pytest.fixture(scope="module")
 def inputs(demo: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A good portrait (png) and audio (wav, 0.4 s), and bad files of each kind."""
     folder = tmp_path_factory.mktemp("inputs")

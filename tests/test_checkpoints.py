@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 from pipeline import media
 from pipeline.checkpoints import CheckpointError, export, read_weights
 from pipeline.cli import main
-from pipeline.cli.demo import run_demo
 from pipeline.generate import generate
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(run_demo(tmp_path_factory.mktemp("demo"), fast=True)["checkpoint"])
+def checkpoint(demo: dict) -> Path:
+    return Path(demo["checkpoint"])
 
 
 def test_export_holds_exactly_the_chosen_weights_and_the_configs(checkpoint: Path, tmp_path: Path):

@@ -20,12 +20,6 @@ from pipeline.cli.demo import run_demo
 from pipeline.generate import CheckpointError, GenerationError, frame_count, generate, load_generator, load_model
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`letstalk demo --fast`: every stage runs for real, briefly."""
-    return run_demo(tmp_path_factory.mktemp("demo"), fast=True)
-
-
 def test_demo_runs_every_stage_and_reports(demo: dict):
     out = Path(demo["checkpoint"]).parents[2]
     assert list(demo["stage_seconds"]) == ["synth", "fit-vae", "prepare", "fit", "generate+sync"]
