@@ -40,8 +40,9 @@ def test_generate_from_the_export_equals_generate_from_the_checkpoint(checkpoint
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.safetensors"), "--ema"]) == 0
     portrait = checkpoint.parents[2] / "heldout" / "clip_0000.mp4"
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
-    generate(checkpoint, portrait, portrait, a, steps=2, ema=True)
-    generate(tmp_path / "model.safetensors", portrait, portrait, b, steps=2)
+    # without provenance marks: the watermark's id comes from the file's hash, which differs by design
+    generate(checkpoint, portrait, portrait, a, steps=2, ema=True, provenance_marks=False)
+    generate(tmp_path / "model.safetensors", portrait, portrait, b, steps=2, provenance_marks=False)
     assert np.array_equal(media.read_video(a), media.read_video(b))
 
 
