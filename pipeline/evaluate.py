@@ -109,12 +109,13 @@ class MetricSuite:
         self.i3d = load_i3d(config.fvd_weights, device) if config.fvd_weights else None
         self.syncnet = load_syncnet(config.syncnet_weights, device) if config.syncnet_weights else None
         if self.inception is None:
-            self.skipped["fid"] = "no Inception weights configured (--fid-weights pt_inception-2015-12-05-6726825d.pth)"
+            self.skipped["fid"] = ("no Inception weights configured (`--fid-weights` / metrics.fid_weights: "
+                                    "pt_inception-2015-12-05-6726825d.pth)")
         if self.i3d is None:
-            self.skipped["fvd"] = "no I3D weights configured (--fvd-weights i3d_pretrained_400.pt)"
+            self.skipped["fvd"] = "no I3D weights configured (`--fvd-weights` / metrics.fvd_weights: i3d_pretrained_400.pt)"
         if self.syncnet is None:
             self.skipped["sync_c"] = self.skipped["sync_d"] = \
-                "no SyncNet weights configured (--syncnet-weights syncnet_v2.model)"
+                "no SyncNet weights configured (`--syncnet-weights` / metrics.syncnet_weights: syncnet_v2.model)"
         if not config.synthetic_sync:
             self.skipped["sync_synthetic"] = "disabled in the metrics config"
 

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import media, provenance
-from pipeline.audio_encoders import audio_windows, build_audio_encoder
+from pipeline.audio_encoders import AudioEncoder, audio_windows, build_audio_encoder
 from pipeline.checkpoints import CheckpointError, read_weights
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
@@ -53,6 +53,15 @@ class Generator:
     diffusion: Diffusion
     data_info: dict
     timings: dict[str, float] = field(default_factory=dict)
+    _encoders: dict[str, AudioEncoder] = field(default_factory=dict, repr=False)
+
+    def audio_encoder(self, device: str = "cpu") -> AudioEncoder:
+        """The audio encoder the training data was made with (same weights and layers), built once per device."""
+        if device not in self._encoders:
+            spec, fps = self.data_info["audio_encoder"], float(self.data_info["fps"])
+            self._encoders[device] = build_audio_encoder(spec["name"], spec.get("path"), fps=fps, device=device,
+                                                         layers=spec.get("layers", -1))
+        return self._encoders[device]
 
 
 def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu") -> Generator:
@@ -179,8 +188,7 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
     if num_frames < 1:
         raise GenerationError(f"audio of {len(waveform) / media.SAMPLE_RATE:.3f} s is shorter than one video frame")
     t0 = time.perf_counter()
-    encoder = build_audio_encoder(info["audio_encoder"]["name"], info["audio_encoder"].get("path"), fps=fps, device=device)
-    features = torch.from_numpy(encoder.encode(waveform, num_frames, fps))  # [T, K, D]
+    features = torch.from_numpy(gen.audio_encoder(device).encode(waveform, num_frames, fps))  # [T, K, D]
     windows = audio_windows(features, int(info["audio_radius"]))  # [T, W, D]
     ref = scale_latents(torch.from_numpy(encode_frames(vae, portrait)).float(), info["vae"]).to(device)  # [1, C, h, w]
     gen.timings["encode"] = time.perf_counter() - t0
