@@ -50,7 +50,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -60,9 +60,6 @@ from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.shards import MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, video_id
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
-
-if TYPE_CHECKING:
-    from pipeline.faces import FaceDetector
 
 MAX_AUDIO_SHORTFALL_S = 0.5
 CROPS = ("center", "face")
@@ -86,7 +83,7 @@ class InputItem:
 
 
 def list_inputs(inputs: str | Path) -> list[InputItem]:
-    """The inputs named by a folder, a text list, or a CSV/JSONL list, with repeats dropped.
+    """The inputs named by a video file, a folder, a text list, or a CSV/JSONL list, with repeats dropped.
 
     A folder is searched recursively for video files (sorted). A `.csv` (header row) or `.jsonl`
     (one object per line) list has a `path` and optional `speaker` and `split` (train|val);
@@ -103,6 +100,8 @@ def list_inputs(inputs: str | Path) -> list[InputItem]:
         return [InputItem(p) for p in found]
     if not root.is_file():
         raise FileNotFoundError(f"{root}: no such folder or list file")
+    if root.suffix.lower() in media.VIDEO_EXTENSIONS:  # one video
+        return [InputItem(root)]
     try:
         text = root.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -259,9 +258,10 @@ def _check_audio(audio: np.ndarray, num_frames: int, fps: float) -> None:
 
 def _pieces(
     path: Path, fps: float, size: int, crop: str, bounds_of: Callable[[int], list[tuple[int, int]]],
-    detector: FaceDetector | None,
+    detect: Callable[[np.ndarray], list[np.ndarray | None]] | None,
 ) -> tuple[list[_Piece], np.ndarray, list[list[Any]]]:
-    """Cropped segments of one input, its audio, and the frame ranges cut out ([start, end, reason])."""
+    """Cropped segments of one input, its audio, and the frame ranges cut out ([start, end, reason]).
+    `detect`: frames -> per-frame faces (`FaceDetector.detect`), for `crop="face"`."""
     try:
         info, audio = _decode(path, fps)
         if crop == "center":
@@ -272,7 +272,7 @@ def _pieces(
             if not pieces:
                 raise InputError(f"shorter than min_segment_seconds ({len(frames) / fps:.2f} s)")
             return pieces, audio, []
-        return _face_pieces(path, info, audio, fps, size, bounds_of, detector)
+        return _face_pieces(path, info, audio, fps, size, bounds_of, detect)
     except media.MediaError as err:
         reason = str(err)  # "<path>: <problem>"; the manifest keeps the path separately
         raise InputError(reason.removeprefix(f"{path}: ")) from err
@@ -280,7 +280,7 @@ def _pieces(
 
 def _face_pieces(
     path: Path, info: media.VideoInfo, audio: np.ndarray, fps: float, size: int,
-    bounds_of: Callable[[int], list[tuple[int, int]]], detector: FaceDetector,
+    bounds_of: Callable[[int], list[tuple[int, int]]], detect: Callable[[np.ndarray], list[np.ndarray | None]],
 ) -> tuple[list[_Piece], np.ndarray, list[list[Any]]]:
     """`_pieces` for `crop="face"`: segments of the smoothed dominant-face tracks (`pipeline.faces`).
 
@@ -289,7 +289,7 @@ def _face_pieces(
     """
     from pipeline import faces
 
-    detections = [d for chunk in media.iter_video(path, fps, chunk=_DETECT_BATCH) for d in detector.detect(chunk)]
+    detections = [d for chunk in media.iter_video(path, fps, chunk=_DETECT_BATCH) for d in detect(chunk)]
     _check_audio(audio, len(detections), fps)
     try:
         tracks, cuts = faces.face_tracks(detections, info.width, info.height, fps)
@@ -475,6 +475,7 @@ def prepare(
     dtype: str = "auto",
     progress: bool = True,
     crop: str = "center",
+    detect_every: int = 1,
     val_percent: float = 10.0,
     task_index: int = 0,
     num_tasks: int = 1,
@@ -489,6 +490,8 @@ def prepare(
     `merge`). Failed inputs are listed in `manifest.failed` as {path, reason}; a rerun skips
     them unless `retry_failed`. With `progress`, shows a bar and prints `summary`.
     `dtype` of the VAE and audio encoder weights: "auto" = bfloat16 on a GPU, float32 on the CPU.
+    `detect_every` k > 1 runs the face detector on every k-th frame only (~k× faster; boxes in
+    between are interpolated by `pipeline.faces.face_tracks`).
     """
     if min_segment_seconds > segment_seconds:
         raise ValueError(f"min_segment_seconds {min_segment_seconds} exceeds segment_seconds {segment_seconds}")
@@ -512,11 +515,13 @@ def prepare(
         raise ValueError(f"size {size} is not divisible by the VAE downsampling factor {info['downsample']} ({vae_path})")
     encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
                                   layers=audio_encoder_layers, dtype=weights)
-    detector = None
+    detect = None
     if crop == "face":
         from pipeline.faces import FaceDetector
 
-        detector = FaceDetector(device=device)
+        if detect_every < 1:
+            raise ValueError(f"detect_every must be >= 1, got {detect_every}")
+        detect = partial(FaceDetector(device=device).detect, stride=detect_every)
 
     out = Path(out)
     name, prefix = task_files(task_index, num_tasks)
@@ -549,7 +554,7 @@ def prepare(
         for item, vid in tqdm(mine, desc="prepare", unit="video", disable=not progress):
             source = str(item.path)
             try:
-                pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detector)
+                pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detect)
             except InputError as err:
                 log.failed(source, str(err))
                 if progress:

@@ -258,3 +258,34 @@ def test_crop_portrait_centres_the_face_and_refuses_noise(
         crop_portrait(noise, 64, detector, name="noise.png")
     with pytest.raises(ValueError, match=r"gray.png: image must be a uint8 array \[H, W, 3\]"):
         crop_portrait(noise[..., 0], 64, detector, name="gray.png")
+
+
+def test_prepare_with_real_face_detection_crops_the_moving_face_and_cuts_where_it_is_gone(
+    detector: faces.FaceDetector, patch: np.ndarray, patch_face: np.ndarray, tmp_path
+) -> None:
+    """`letstalk prepare --crop face --detect-every 2` end to end with real MTCNN: a face gliding across
+    the frame for 2 s, then 1 s without it. One segment follows the face; the faceless second is cut."""
+    from diffusers import AutoencoderKL
+
+    from pipeline import media
+    from pipeline.prepare import prepare
+    from pipeline.shards import Manifest, iter_tar
+    from pipeline.vae import demo_vae_config
+
+    positions = [[(10 + t, 20)] for t in range(50)] + [[] for _ in range(25)]
+    video = tmp_path / "speaker.mp4"
+    t = np.arange(75 * 640) / 16000
+    media.write_video(video, scene(patch, positions), FPS, audio=0.3 * np.sin(2 * np.pi * 220 * t), crf=10)
+    torch.manual_seed(0)
+    AutoencoderKL(**demo_vae_config(block_out_channels=(8, 16, 16))).save_pretrained(tmp_path / "vae")
+    manifest = prepare(video, tmp_path / "out", tmp_path / "vae", size=64, crop="face", detect_every=2,
+                       segment_seconds=4.0, min_segment_seconds=1.0, progress=False)
+    assert manifest.failed == [] and len(manifest.inputs) == 1
+    (start, end, reason), = manifest.inputs[0]["cut"]
+    assert reason == "no face" and 48 <= start <= 51 and end == 75
+    (segment,) = list(iter_tar(Manifest.load(tmp_path / "out").shard_paths(tmp_path / "out")[0]))
+    assert segment.meta["crop"] == "face" and segment.meta["start_frame"] == 0 and segment.meta["frames"] == start
+    assert len(segment.waveform_flac) and segment.latents.shape[0] == start
+    boxes = np.asarray(segment.meta["face_boxes"], float)
+    for k in (0, 20, 40):
+        assert iou(boxes[k], expected_box(patch_face, *positions[k][0])) > 0.7

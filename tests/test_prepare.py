@@ -349,7 +349,7 @@ def test_corpus_bad_inputs_recorded_with_reasons(corpus_run):
         assert reasons[name].startswith(reason), (name, reasons[name])
     assert [Path(r["path"]).name for r in manifest.inputs] == list(GOOD)
     text = summary(manifest)
-    assert text.startswith(f"prepare: 5 ok, 8 failed (1 audio much shorter than video, 1 empty file, 1 file not found, "
+    assert text.startswith("prepare: 5 ok, 8 failed (1 audio much shorter than video, 1 empty file, 1 file not found, "
                            "1 no audio stream, 1 no video stream, 1 not a video file, 2 unreadable or corrupt video)\n")
     assert f"{sum(GOOD.values())} frames ({sum(GOOD.values()) / FPS / 3600:.4f} h)" in text
 
@@ -595,7 +595,8 @@ def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatc
         def __init__(self, device: str = "cpu", min_prob: float = 0.9):
             self.seen = 0
 
-        def detect(self, frames: np.ndarray) -> list[np.ndarray]:
+        def detect(self, frames: np.ndarray, stride: int = 1) -> list[np.ndarray]:
+            assert stride == 1
             out = []
             for _ in frames:
                 face = not 10 <= self.seen < 20

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=25.0, help="target frame rate; 16000 / fps must be an integer")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--crop", default="center", choices=["center", "face"])
+    p.add_argument("--detect-every", type=int, default=1,
+                   help="with --crop face: detect faces on every k-th frame, interpolate between (~k times faster)")
     p.add_argument("--segment-seconds", type=float, default=4.0)
     p.add_argument("--min-segment-seconds", type=float, default=1.0)
     p.add_argument("--samples-per-shard", type=int, default=64)
@@ -191,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
                                audio_encoder_path=args.audio_encoder_path,
                                audio_encoder_layers=[int(i) for i in args.audio_encoder_layers.split(",")],
                                dtype=args.dtype, fps=args.fps, size=args.size,
-                               crop=args.crop, segment_seconds=args.segment_seconds,
+                               crop=args.crop, detect_every=args.detect_every, segment_seconds=args.segment_seconds,
                                min_segment_seconds=args.min_segment_seconds, samples_per_shard=args.samples_per_shard,
                                batch_size=args.batch_size, val_percent=args.val_percent,
                                task_index=env_index if args.task_index is None else args.task_index,
