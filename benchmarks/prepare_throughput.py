@@ -45,7 +45,7 @@ def make_clip(path: Path, width: int, height: int, seconds: float, fps: float) -
     from skimage.data import astronaut
 
     side = (2 * height // 3) // 2 * 2
-    head = media._square_resize(astronaut()[20:240, 115:335][None], side)[0]
+    head = media.square_resize(astronaut()[20:240, 115:335][None], side)[0]
     count = int(seconds * fps)
     ramp = np.linspace(40, 200, width, dtype=np.float32)
     background = np.broadcast_to(np.stack([ramp, ramp[::-1], np.full(width, 120.0)], -1), (height, width, 3))

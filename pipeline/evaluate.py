@@ -151,20 +151,15 @@ class MetricSuite:
             raise ValueError("no clip statistics to summarize")
         metrics: dict[str, float] = {}
         skipped = dict(self.skipped)
-        if self.inception is not None:
-            fake = np.concatenate([s["fid_fake"] for s in stats])
-            real = np.concatenate([s["fid_real"] for s in stats])
+        for name, net, unit in (("fid", self.inception, "frame(s)"), ("fvd", self.i3d, f"{CLIP_FRAMES}-frame clip(s)")):
+            if net is None:
+                continue
+            fake = np.concatenate([s[f"{name}_fake"] for s in stats])
+            real = np.concatenate([s[f"{name}_real"] for s in stats])
             if min(len(fake), len(real)) >= 2:
-                metrics["fid"] = feature_distance(fake, real)
+                metrics[name] = feature_distance(fake, real)
             else:
-                skipped["fid"] = f"only {len(fake)} frame(s); FID needs at least 2"
-        if self.i3d is not None:
-            fake = np.concatenate([s["fvd_fake"] for s in stats])
-            real = np.concatenate([s["fvd_real"] for s in stats])
-            if min(len(fake), len(real)) >= 2:
-                metrics["fvd"] = feature_distance(fake, real)
-            else:
-                skipped["fvd"] = f"only {len(fake)} {CLIP_FRAMES}-frame clip(s); FVD needs at least 2"
+                skipped[name] = f"only {len(fake)} {unit}; {name.upper()} needs at least 2"
         if self.syncnet is not None:
             scored = [s for s in stats if "sync_c" in s]
             for name in ("sync_c", "sync_d", "sync_c_real", "sync_d_real"):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.media import _square_resize
+from pipeline.media import square_resize
 
 NO_FACE = "no face"
 SEVERAL_FACES = "several faces"
@@ -283,7 +283,7 @@ def face_tracks(
 def _crop(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] cut to a square box and resized to [size, size, 3] as `media.read_video` resizes."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    return _square_resize(image[None, y0:y1, x0:x1], size)[0]
+    return square_resize(image[None, y0:y1, x0:x1], size)[0]
 
 
 def crop_track(frames: np.ndarray, track: FaceTrack, size: int) -> np.ndarray:

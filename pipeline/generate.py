@@ -299,8 +299,7 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     gen.timings["watermark"] = time.perf_counter() - t0
     report(0.95, "writing video")
     t0 = time.perf_counter()
-    samples = int(round(len(frames) * media.SAMPLE_RATE / fps))
-    _write(out, frames, fps, waveform[:samples], tags, c2pa_cert, c2pa_key)
+    _write(out, frames, fps, waveform, tags, c2pa_cert, c2pa_key)  # write_video fits the audio to the frames
     gen.timings["mux"] = time.perf_counter() - t0
     seconds = len(frames) / fps
     summary = {"out": str(out), "frames": len(frames), "seconds": seconds, "seed": seed,

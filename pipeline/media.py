@@ -151,7 +151,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     )
 
 
-def _square_resize(frames: np.ndarray, size: int) -> np.ndarray:
+def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     """Centre-crop uint8 [T, H, W, 3] to a square and resize it to [T, size, size, 3]."""
     _, height, width, _ = frames.shape
     side = min(height, width)
@@ -243,7 +243,7 @@ def _ffmpeg_frames(
 
 
 def _resized(frames: np.ndarray, size: int | None) -> np.ndarray:
-    return frames if size is None else _square_resize(frames, size)
+    return frames if size is None else square_resize(frames, size)
 
 
 def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
@@ -258,7 +258,7 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
             pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))  # [H, W, 3]
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise MediaError(f"{path}: unreadable or corrupt image ({_first_line(err)})") from err
-    return pixels if size is None else _square_resize(pixels[None], size)[0]
+    return pixels if size is None else square_resize(pixels[None], size)[0]
 
 
 def _downmix_resample(waveform: np.ndarray, source_rate: int, sample_rate: int) -> np.ndarray:

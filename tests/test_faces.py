@@ -159,9 +159,9 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="module")
 def patch(astronaut: np.ndarray) -> np.ndarray:
     """The astronaut's head and shoulders, PATCH x PATCH."""
-    from pipeline.media import _square_resize
+    from pipeline.media import square_resize
 
-    return _square_resize(astronaut[20:240, 115:335][None], PATCH)[0]
+    return square_resize(astronaut[20:240, 115:335][None], PATCH)[0]
 
 
 @pytest.fixture(scope="module")
