@@ -8,12 +8,12 @@ generated with seed `seed + i` by rank i % world_size. Per-clip statistics and t
 `log_videos` videos (as mp4 bytes with their audio) are gathered on rank 0, which logs
 `eval/<metric>` to every logger, writes the videos under `<default_root_dir>/eval_videos/` and
 logs them to W&B. Every rank runs the same collectives in the same order (the EMA gather under
-ZeRO-3, one `all_gather_object`), whatever its share of clips. Training is not disturbed: the
+ZeRO, one `all_gather_object`), whatever its share of clips. Training is not disturbed: the
 network is a float32 copy of the EMA weights, the diffusion object is a fresh one, and the
 python/numpy/torch random states are restored afterwards.
 
-Timing: the callback runs in `on_train_batch_end`, after the module's EMA update of that step
-(done in `optimizer_step`) and when `ModelCheckpoint` saves, so both see the same EMA weights.
+Timing: the callback runs in `on_train_batch_end`, after the optimizer's EMA update of that step
+and when `ModelCheckpoint` saves, so both see the same EMA weights.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from pipeline import media
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.evaluate import METRICS, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip, select_segments
 from pipeline.generate import Generator
-from pipeline.models.dit import LetsTalkDiT
 from pipeline.shards import Manifest
 from pipeline.vae import load_vae
 
@@ -55,23 +54,6 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-
-
-def ema_network(module: LetsTalkModule) -> LetsTalkDiT:
-    """A float32 eval-mode copy of the module's EMA network on its device (under ZeRO-3 a collective: it gathers)."""
-    partitioned = [p for p in module.ema.parameters() if hasattr(p, "ds_id")]  # DeepSpeed ZeRO-3 shards
-    if partitioned:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(partitioned)
-    else:
-        gather = contextlib.nullcontext()
-    with gather:
-        state = {k: v.detach().to(module.device, torch.float32, copy=True) for k, v in module.ema.state_dict().items()}
-    with torch.device(module.device):
-        net = LetsTalkDiT(module.ema.config)
-    net.load_state_dict(state)
-    return net.eval().requires_grad_(False)
 
 
 def _mp4_bytes(frames: np.ndarray, clip: EvalClip) -> bytes:
@@ -168,7 +150,7 @@ class EvalCallback(L.Callback):
         device = pl_module.device
         local: list[tuple[int, dict[str, Any], bytes | None]] = []
         with preserved_rng(device):
-            gen = Generator(ema_network(pl_module), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
+            gen = Generator(pl_module.ema_network(), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
                             dict(pl_module.hparams["data_info"]))
             for i, clip in self._clips.items():
                 frames = generate_clip(gen, self._vae, clip, self.seed + i, self.sampler, self.steps,

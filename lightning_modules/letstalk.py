@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -13,16 +11,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
+from lightning_modules.ema import ema_state_dict, with_ema
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.throughput import peak_flops, throughput
 from pipeline.vae import recommended_patch_size
-
-# The EMA copy of the network is in eval mode on purpose (it is never trained by backprop).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
 
 @dataclass
 class OptimConfig:
@@ -48,40 +42,6 @@ class OptimConfig:
 NAN_POLICIES = ("stop", "skip")
 
 
-def _local(p: nn.Parameter) -> torch.Tensor:
-    """This rank's values of a parameter: its ZeRO-3 shard (`ds_tensor`, `data` is empty) or the whole tensor."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, live: nn.Module, decay: float, shadow: list[torch.Tensor] | None = None) -> None:
-    """ema <- decay·ema + (1 - decay)·live, parameter by parameter, on this rank's values, in fp32.
-
-    Under DeepSpeed ZeRO-3 EMA and live modules are partitioned alike (same shapes, same ranks), so the
-    update runs on the local shards: no gather, no communication, and the EMA stays sharded like the
-    weights (its checkpointing and export follow the model's own ZeRO-3 path). When DeepSpeed has cast the
-    modules to bf16/fp16, `shadow` (fp32 copies of the EMA's local values, see `ema_shadow`) carries the
-    average, since steps of (1 - decay) ≈ 1e-3 vanish in bf16 rounding; the EMA parameters get its rounding.
-    """
-    pairs = [(_local(e), _local(p)) for e, p in zip(ema.parameters(), live.parameters())]
-    for i, (e, p) in enumerate(pairs):
-        if e.shape != p.shape:
-            raise RuntimeError(f"EMA and live parameters are partitioned differently: {tuple(e.shape)} vs "
-                               f"{tuple(p.shape)}")
-        if shadow is None:
-            e.copy_(e.float().lerp_(p.float(), 1 - decay))
-        else:
-            e.copy_(shadow[i].lerp_(p.float(), 1 - decay))
-
-
-def ema_shadow(ema: nn.Module) -> list[torch.Tensor] | None:
-    """fp32 copies of the EMA's local values when its parameters are in lower precision, else None."""
-    params = list(ema.parameters())
-    if all(_local(p).dtype == torch.float32 for p in params):
-        return None
-    return [_local(p).float().clone() for p in params]
-
-
 def _coerce(cls, value):
     """Accept a dataclass instance or a plain dict (as stored in checkpoints)."""
     if isinstance(value, cls):
@@ -94,7 +54,7 @@ def _coerce(cls, value):
 
 
 class LetsTalkModule(L.LightningModule):
-    """Trains a LetsTalkDiT with a diffusion objective; keeps an EMA copy that is saved with it.
+    """Trains a LetsTalkDiT with a diffusion objective; its optimizer keeps the EMA weights (`lightning_modules.ema`).
 
     The data-dependent sizes (latent channels, audio dim, audio tokens) are taken from the
     DataModule's manifest when the network is built in ``configure_model``; the resolved
@@ -116,18 +76,16 @@ class LetsTalkModule(L.LightningModule):
         self.diffusion = Diffusion(diffusion)
         self.optim = optim
         self.net: LetsTalkDiT | None = None
-        self.ema: LetsTalkDiT | None = None
         self._tick: float | None = None
         self._skipped = 0  # consecutive non-finite steps skipped (nan_policy "skip")
         self._skipped_total = 0
-        self._shadow: list[torch.Tensor] | None = None  # fp32 EMA under bf16 DeepSpeed (see `ema_update`)
-        self._shadow_ready = False
+        self._val_net: LetsTalkDiT | None = None  # the EMA network during a validation epoch
+        self._loaded_ema: dict[str, torch.Tensor] | None = None  # a checkpoint's `ema.*`, when no optimizer runs
         if data_info:  # restored from a checkpoint: sizes already resolved
             self._build(net)
 
     def _build(self, net: DiTConfig) -> None:
         self.net = LetsTalkDiT(net)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.hparams["net"] = asdict(net)
 
     def setup(self, stage: str) -> None:
@@ -153,7 +111,7 @@ class LetsTalkModule(L.LightningModule):
 
     # -- training -----------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-              dropout: bool = True) -> torch.Tensor:
+              dropout: bool = True, net: LetsTalkDiT | None = None) -> torch.Tensor:
         x0 = batch["latents"]  # [B, F, C, h, w] scaled
         b = x0.shape[0]
         t = self.diffusion.sample_timesteps(b, generator, x0.device)
@@ -164,7 +122,7 @@ class LetsTalkModule(L.LightningModule):
         else:
             drop_ref = drop_audio = None
         context = self._context(batch, generator, training=dropout)
-        pred = self.net(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio, **context)
+        pred = (net or self.net)(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio, **context)
         return self.diffusion.loss(pred.float(), target.float(), t)  # min-SNR weighted when configured
 
     def _context(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
@@ -238,44 +196,67 @@ class LetsTalkModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Global gradient norm before clipping (DDP: of the all-reduced gradients; ZeRO: see `optimizer_step`)."""
         norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer update, then the EMA update: once per optimizer step (not per accumulated micro-batch,
-        not on a skipped step), and before callbacks see the step, so a checkpoint of step N holds EMA step N."""
+        """The update (and with it the EMA, see `lightning_modules.ema`). Under DeepSpeed ZeRO gradients live in
+        the engine's partitions, not in `p.grad`: the engine computes the same pre-clipping global norm."""
         super().optimizer_step(*args, **kwargs)
-        if self._skipped:
-            return
-        step = self.global_step + 1  # Lightning counts this step after the hook returns
-        if not self._shadow_ready:  # after the strategy cast and a checkpoint restore
-            self._shadow, self._shadow_ready = ema_shadow(self.ema), True
-        ema_update(self.ema, self.net, min(self.optim.ema_decay, (1 + step) / (10 + step)), self._shadow)
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and not self._skipped and engine.get_global_grad_norm() is not None:
+            self.log("train/grad_norm", float(engine.get_global_grad_norm()), batch_size=1)
+
+    def ema_network(self) -> LetsTalkDiT:
+        """The EMA weights as a float32 eval-mode network on this device; every rank must call it (under ZeRO it
+        gathers). Without an optimizer (validate, predict) the checkpoint's EMA, else the live weights."""
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        state = self._loaded_ema if optimizer is None and self._loaded_ema else ema_state_dict(self.net, optimizer)
+        with torch.device(self.device):
+            net = LetsTalkDiT(self.net.config)
+        net.load_state_dict(state)
+        return net.eval().requires_grad_(False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_net = self.ema_network()
+
+    def on_validation_epoch_end(self) -> None:
+        self._val_net = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss of the EMA weights at a fixed noise draw per batch, so validation curves are comparable."""
         generator = torch.Generator(device=batch["latents"].device).manual_seed(1000 + batch_idx)
-        live, self.net = self.net, self.ema
-        try:
-            loss = self._loss(batch, generator, dropout=False)
-        finally:
-            self.net = live
+        loss = self._loss(batch, generator, dropout=False, net=self._val_net)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0], sync_dist=True)
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                weight_decay=self.optim.weight_decay)
+        """AdamW with the EMA (`lightning_modules.ema`); DeepSpeed's CPU Adam when ZeRO offloads the optimizer."""
+        adam: type[torch.optim.Optimizer] = torch.optim.AdamW
+        if getattr(self.trainer.strategy, "offload_optimizer", False):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            adam = DeepSpeedCPUAdam  # AdamW by default (adamw_mode=True)
+        opt = with_ema(adam)(self.net.parameters(), ema_decay=self.optim.ema_decay, lr=self.optim.lr,
+                             betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay)
         warmup = max(1, self.optim.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._shadow_ready = False  # rebuilt from the restored EMA at the next update
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Configs, the world size, and (outside DeepSpeed, whose folders keep it in the optimizer shards, read by
+        `pipeline.checkpoints`) the EMA network as `ema.*`, which generation and export read."""
         checkpoint["hyper_parameters"] = dict(self.hparams)
+        checkpoint["world_size"] = self.trainer.world_size
+        if "state_dict" in checkpoint and not hasattr(self.trainer.strategy, "deepspeed_engine"):
+            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            ema = self._loaded_ema if optimizer is None and self._loaded_ema else ema_state_dict(self.net, optimizer)
+            checkpoint["state_dict"].update({f"ema.{k}": v for k, v in ema.items()})
 
-    def weights(self, ema: bool = True) -> nn.Module:
-        return self.ema if ema else self.net
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the `ema.*` entries out of the state dict (the optimizer state holds the EMA that training resumes)."""
+        state = checkpoint.get("state_dict", {})
+        ema = {k[len("ema."):]: state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
+        self._loaded_ema = ema or None

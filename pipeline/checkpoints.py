@@ -1,17 +1,21 @@
 """Reading trained weights safely, and exporting them for generation.
 
 A `letstalk fit` checkpoint holds the network (`net.*`), its EMA copy (`ema.*`), the optimizer
-and the configs (`hyper_parameters`: net, diffusion, data_info). `letstalk export` turns one, or a
-sharded DeepSpeed checkpoint folder, into `model.safetensors` (the network only) plus
-`model.json` (the configs), which `letstalk generate` loads like a checkpoint. Nothing is
-unpickled: `.ckpt` files are read with `torch.load(weights_only=True)`.
+and the configs (`hyper_parameters`: net, diffusion, data_info). A DeepSpeed ZeRO checkpoint is a
+folder of per-rank shards: the fp32 master weights and the EMA (kept by the optimizer, see
+`lightning_modules/ema.py`) are flat partitions in the optimizer shards, and are put back together
+here with DeepSpeed's own layout code (`deepspeed.utils.zero_to_fp32`). `letstalk export` turns
+either into `model.safetensors` (the network only) plus `model.json` (the configs), which
+`letstalk generate` loads like a checkpoint. Nothing is unpickled: files are read with
+`torch.load(weights_only=True)`, DeepSpeed's too (`no_unpickling`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +29,86 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unreadable, or not written by `letstalk fit`."""
 
 
+@contextlib.contextmanager
+def no_unpickling() -> Iterator[None]:
+    """Every `torch.load` inside loads tensors and plain containers only (`weights_only=True`), even where a library
+    asks for less (DeepSpeed's loaders pass False), plus the three plain classes DeepSpeed's shards hold."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def _zero_ema_flats(optim: dict[str, Any], fp32_key: str) -> list[torch.Tensor] | None:
+    """One rank's EMA partitions, shaped like its fp32 master partitions `optim[fp32_key]`; None before any update."""
+    base = optim.get("base_optimizer_state") or optim.get("optimizer_state_dict")  # ZeRO-1/2 | ZeRO-3
+    states = [base["state"][i] for i in sorted(base["state"])] if isinstance(base, dict) else list(base)
+    if len(states) != len(optim[fp32_key]) or not all("ema" in st for st in states):
+        return None
+    flats = []
+    for st, master in zip(states, optim[fp32_key]):
+        ema = st["ema"].float().flatten()
+        flats.append(torch.cat([ema, ema.new_zeros(master.numel() - ema.numel())]))  # alignment padding
+    return flats
+
+
+def _load_deepspeed(path: Path) -> dict[str, Any]:
+    """A Lightning DeepSpeed checkpoint folder as one checkpoint dict: its client state (hyper-parameters, ...) and
+    a state dict of the gathered fp32 weights (`net.*`) and EMA (`ema.*`)."""
+    try:
+        from deepspeed.utils import zero_to_fp32 as z
+    except ImportError as err:
+        raise CheckpointError(f"{path}: a DeepSpeed checkpoint folder needs `pip install deepspeed`") from err
+    latest = path / "latest"
+    folder = path / (latest.read_text().strip() if latest.is_file() else "checkpoint")
+    model_files, optim_files = z.get_model_state_files(str(folder)), z.get_optim_files(str(folder))
+    with no_unpickling():
+        client = torch.load(model_files[0], map_location="cpu", weights_only=True)
+        model_states = z.parse_model_states(model_files)
+        optims = [torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"] for f in optim_files]
+    stage, world = int(optims[0]["zero_stage"]), optims[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else int(world)
+    if world != len(optims):
+        raise CheckpointError(f"{folder}: {len(optims)} optimizer shards, but it was written by {world} ranks "
+                              "(an unfinished or overwritten save)")
+    fp32_key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+
+    def gather(flats: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):  # DeepSpeed prints its progress
+            if stage <= 2:
+                paddings = optims[0].get("param_alignment_paddings")
+                state = z._get_fp32_state_dict_from_zero2_checkpoint(world, flats, model_states, False, paddings)
+            else:
+                state = z._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, False)
+            return {k: v.detach() for k, v in z.to_torch_tensor(state).items()}
+
+    net = gather([o[fp32_key] for o in optims])
+    emas = [_zero_ema_flats(o, fp32_key) for o in optims]
+    ema = gather(emas) if all(e is not None for e in emas) else net  # before the first update: the weights
+    state_dict = {f"{prefix}.{k.removeprefix('net.')}": v for prefix, part in (("net", net), ("ema", ema))
+                  for k, v in part.items() if k.startswith("net.")}
+    lightning = {k: v for k, v in client.items() if k not in ("module", "optimizer")}  # DeepSpeed's own copies
+    return {**lightning, "state_dict": state_dict}
+
+
 def _load_lightning(path: Path) -> dict[str, Any]:
     if path.is_dir():  # a DeepSpeed checkpoint folder: gather the shards into one fp32 state dict
         try:
-            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-        except ImportError as err:
-            raise CheckpointError(f"{path}: a DeepSpeed checkpoint folder needs `pip install deepspeed`") from err
-        with tempfile.TemporaryDirectory() as tmp:
-            convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "fp32.ckpt")
-            return _load_lightning(Path(tmp) / "fp32.ckpt")
+            return _load_deepspeed(path)
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - torch/DeepSpeed raise many kinds for a bad folder
+            raise CheckpointError(f"{path}: not a readable DeepSpeed checkpoint ({type(err).__name__}: {err})") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file

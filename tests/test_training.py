@@ -3,7 +3,6 @@ NaN guards, refusals of unworkable configs, EMA on ZeRO-3 shards."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -20,7 +19,8 @@ from torch import nn
 from wandb.proto import wandb_internal_pb2
 
 from datamodules import LetsTalkDataModule
-from lightning_modules.letstalk import LetsTalkModule, ema_shadow, ema_update
+from lightning_modules.ema import EMA_KEY, ema_state_dict, with_ema
+from lightning_modules.letstalk import LetsTalkModule
 from pipeline.cli import main
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key
 
@@ -103,7 +103,7 @@ def test_network_is_sized_from_the_manifest_and_loss_goes_down(shards: Path, tmp
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])
     # EMA follows the live weights but is not equal to them
     live = torch.cat([p.flatten() for p in module.net.parameters()])
-    ema = torch.cat([p.flatten() for p in module.ema.parameters()])
+    ema = torch.cat([p.flatten() for p in module.ema_network().parameters()])
     assert not torch.equal(live, ema) and torch.isfinite(ema).all()
 
 
@@ -125,6 +125,7 @@ def test_resume_continues_at_the_saved_step_with_the_saved_weights(shards: Path,
         def on_train_start(self, trainer, pl_module):
             seen["step"] = trainer.global_step
             seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            seen["state"].update({f"ema.{k}": v for k, v in pl_module.ema_network().state_dict().items()})
             seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
             seen["adam_steps"] = {float(s["step"]) for s in trainer.optimizers[0].state.values()}
 
@@ -209,8 +210,8 @@ def test_letstalk_fit_cli_writes_checkpoints_logs_and_resumes(shards: Path, tmp_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--config", str(CONFIGS / "trainer" / "zero2.yaml"), "--trainer.accelerator", "cpu"],
-     "trainer.strategy is DeepSpeed .* --trainer.strategy ddp"),
+    (["--trainer.strategy", "lightning.pytorch.strategies.DeepSpeedStrategy"],
+     "runs on CUDA GPUs only; lightning_modules.strategies.DeepSpeedStrategy .* also runs on CPU processes"),
     (["--model.net.head_dim", "48"], "cannot use head_dim 48; set head_dim to an even divisor of 128"),
     (["--data.clip_frames", "20"], "clip_frames=20 is longer than every segment .* set clip_frames <= 12"),
     (["--model.optim.nan_policy", "ignore"], r"optim.nan_policy must be one of \('stop', 'skip'\)"),
@@ -225,43 +226,30 @@ def test_unworkable_configs_are_refused_at_start_with_what_to_change(shards: Pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_ema_update_runs_on_zero3_partitions_in_fp32():
-    """Under ZeRO-3 `data` is empty and the rank's shard is `ds_tensor` (DeepSpeed's attribute); EMA follows the shard."""
-    live, ema = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
-    for module, value in ((live, 1.0), (ema, 0.0)):
-        module.weight.ds_tensor = torch.full((8,), value, dtype=torch.bfloat16)  # this rank's half of 16 numbers
-        module.weight.data = torch.empty(0, dtype=torch.bfloat16)
-    ema_update(ema, live, decay=0.75)
-    assert ema.weight.numel() == 0 and torch.equal(ema.weight.ds_tensor, torch.full((8,), 0.25, dtype=torch.bfloat16))
-    plain_live, plain_ema = nn.Linear(3, 2), nn.Linear(3, 2)
-    expected = [0.9 * e + 0.1 * p for e, p in zip(plain_ema.parameters(), plain_live.parameters())]
-    ema_update(plain_ema, plain_live, decay=0.9)
-    assert all(torch.allclose(e, x) for e, x in zip(plain_ema.parameters(), expected))
-    ema.weight.ds_tensor = torch.zeros(4)
-    with pytest.raises(RuntimeError, match="partitioned differently"):
-        ema_update(ema, live, decay=0.5)
-
-
-def test_bf16_ema_keeps_its_average_in_an_fp32_shadow():
-    """DeepSpeed bf16 casts the EMA module too: 1e-4 steps near 1.0 vanish in bf16 rounding (ulp 2^-7) unless an
-    fp32 shadow carries them."""
-    live, ema = nn.Linear(8, 8).bfloat16(), nn.Linear(8, 8).bfloat16()
-    with torch.no_grad():
-        for p in live.parameters():
-            p.fill_(1.125)
-        for p in ema.parameters():
-            p.fill_(1.0)
-    bare = copy.deepcopy(ema)
-    shadow = ema_shadow(ema)
-    assert shadow is not None and all(s.dtype == torch.float32 for s in shadow)
-    assert ema_shadow(nn.Linear(2, 2)) is None  # fp32 EMA: no copy
-    for _ in range(200):
-        ema_update(ema, live, 0.999, shadow)
-        ema_update(bare, live, 0.999)
-    expected = 1 + 0.125 * (1 - 0.999 ** 200)  # ≈ 1.0227
-    assert all(torch.allclose(s, torch.full_like(s, expected), rtol=1e-5) for s in shadow)
-    assert all(torch.allclose(p.float(), torch.full_like(p.float(), expected), atol=2 ** -7) for p in ema.parameters())
-    assert all(torch.equal(p.float(), torch.ones_like(p.float())) for p in bare.parameters())  # without: stuck at 1.0
+def test_the_optimizer_keeps_an_fp32_ema_that_follows_its_updates_with_the_warmup_decay():
+    """EMA state beside Adam's: starts at the weights after update 1, then decay min(d, (1+n)/(10+n)) after update n;
+    read back by parameter name; in the optimizer's state_dict, so every strategy checkpoints it."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    opt = with_ema(torch.optim.SGD)(net.parameters(), ema_decay=0.5, lr=0.1)
+    assert ema_state_dict(net, opt)["weight"].data_ptr() != net.weight.data_ptr()  # a copy, before any update
+    assert torch.equal(ema_state_dict(net, opt)["weight"], net.weight)  # no update yet: the weights
+    expected = None
+    for n in range(1, 5):
+        net(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        w = net.weight.detach().clone()
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = w if expected is None else decay * expected + (1 - decay) * w
+    ema = ema_state_dict(net, opt)
+    assert torch.allclose(ema["weight"], expected) and not torch.allclose(ema["weight"], net.weight)
+    assert opt.state[net.weight][EMA_KEY].dtype == torch.float32
+    saved = opt.state_dict()
+    assert all(EMA_KEY in state for state in saved["state"].values())
+    fresh = with_ema(torch.optim.SGD)(net.parameters(), ema_decay=0.5, lr=0.1)
+    fresh.load_state_dict(saved)
+    assert torch.equal(ema_state_dict(net, fresh)["weight"], ema["weight"])
 
 
 def _fit(shards: Path, tmp: Path, steps: int, ckpt: str | None = None, module: LetsTalkModule | None = None,
@@ -282,7 +270,7 @@ def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(shards:
     torch.manual_seed(1234)  # a resumed process starts with unrelated global RNG state
     resumed = _fit(shards, tmp_path / "parts", 6, ckpt=str(tmp_path / "parts" / "ckpt" / "last.ckpt"))
     assert resumed.global_step == whole.global_step == 6
-    for name, (a, b) in {"net": (whole.net, resumed.net), "ema": (whole.ema, resumed.ema)}.items():
+    for name, (a, b) in {"net": (whole.net, resumed.net), "ema": (whole.ema_network(), resumed.ema_network())}.items():
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), f"{name}.{key} differs after resume"
 

@@ -7,7 +7,7 @@ On top of LightningCLI:
 - W&B: the run id is kept in `<save_dir>/wandb_run_id` so a resumed or requeued run continues the same
   W&B run. Offline unless WANDB_MODE=online (which also overrides `offline: true` in a config); the API
   key is read by wandb from the environment only and never enters a config.
-- refusals: a config that cannot work (DeepSpeed without CUDA, ...) stops before training with a message
+- refusals: a config that cannot work (DeepSpeed not installed, ...) stops before training with a message
   that names the key to change; errors of our own code (ValueError, OSError, FloatingPointError) are
   printed as one `letstalk fit: error: ...` line (LETSTALK_DEBUG=1 shows the traceback).
 """
@@ -51,20 +51,18 @@ def _class_path(entry: Any) -> str:
 def check_trainer_config(trainer: Namespace | dict) -> None:
     """Refuse trainer settings that cannot work here, naming the key to change."""
     strategy = trainer.get("strategy")
-    name = _class_path(strategy).lower()
-    if "deepspeed" not in name:
+    name = _class_path(strategy)
+    if "deepspeed" not in name.lower():
         return
-    accelerator = str(trainer.get("accelerator") or "auto").lower()
-    if accelerator not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
-        raise ConfigError(f"trainer.strategy is DeepSpeed ({_class_path(strategy)}) but trainer.accelerator is "
-                          f"{accelerator} and {'a' if torch.cuda.is_available() else 'no'} CUDA GPU is visible: "
-                          "DeepSpeed ZeRO needs CUDA GPUs. On a CPU use --trainer.strategy ddp (or drop "
-                          "configs/trainer/zero*.yaml); on GPUs set --trainer.accelerator gpu")
     try:
         import deepspeed  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"trainer.strategy is DeepSpeed but deepspeed is not importable ({err}); "
                           "pip install -e '.[deepspeed]' or use --trainer.strategy ddp") from None
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if name != "lightning_modules.strategies.DeepSpeedStrategy" and (accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(f"trainer.strategy {name} runs on CUDA GPUs only; lightning_modules.strategies.DeepSpeedStrategy "
+                          "(configs/trainer/zero*.yaml) takes the same arguments and also runs on CPU processes")
 
 
 def stable_wandb_id(save_dir: str | Path) -> str | None:

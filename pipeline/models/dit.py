@@ -205,7 +205,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sincos(t, self.freq_dim))
+        return self.mlp(sincos(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class Mlp(nn.Sequential):
@@ -451,6 +451,9 @@ class LetsTalkDiT(nn.Module):
         (motion dropout: "this is a first clip"). Returns [B, F, C, h, w].
         """
         cfg = self.config
+        dtype = self.null_ref.dtype  # the weights' (bf16 when DeepSpeed has cast them, no autocast then)
+        x, ref, audio = x.to(dtype), ref.to(dtype), audio.to(dtype)
+        motion, memory = (v if v is None else v.to(dtype) for v in (motion, memory))
         b, f, _, h, w = x.shape
         m = cfg.motion_frames
         if (motion is not None and not m) or (memory is not None and not cfg.memory_frames):
