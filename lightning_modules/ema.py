@@ -48,9 +48,17 @@ def with_ema(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.O
         def __init__(self, params, ema_decay: float, **kwargs):
             super().__init__(params, **kwargs)
             self.ema_decay = ema_decay
+            self.skip_next_step = False  # set for a step that must change nothing (a non-finite loss)
 
-        def step(self, *args, **kwargs):
-            loss = super().step(*args, **kwargs)
+        def step(self, closure=None, **kwargs):
+            loss = None
+            if closure is not None:  # Lightning's closure runs training_step, which may ask to skip this step
+                with torch.enable_grad():
+                    loss = closure()
+            if self.skip_next_step:
+                self.skip_next_step = False
+                return loss
+            super().step(**kwargs)
             update_ema(self, self.ema_decay)
             return loss
 
@@ -59,12 +67,13 @@ def with_ema(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.O
 
 
 def base_optimizer(optimizer: object) -> torch.optim.Optimizer:
-    """The optimizer that holds the EMA, under Lightning's and DeepSpeed's wrappers."""
+    """The optimizer that holds the EMA, under Lightning's wrapper (which copies its attributes, so unwrap it
+    first) and DeepSpeed's ZeRO optimizer."""
+    optimizer = getattr(optimizer, "_optimizer", optimizer)
     while not hasattr(optimizer, "ema_decay"):
-        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
-        if inner is None:
+        if not hasattr(optimizer, "optimizer"):
             raise TypeError(f"{type(optimizer).__name__} keeps no EMA (build it with lightning_modules.ema.with_ema)")
-        optimizer = inner
+        optimizer = optimizer.optimizer
     return optimizer
 
 

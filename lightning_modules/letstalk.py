@@ -10,9 +10,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.ema import ema_state_dict, with_ema
+from lightning_modules.ema import base_optimizer, ema_state_dict, with_ema
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.throughput import peak_flops, throughput
@@ -175,7 +176,10 @@ class LetsTalkModule(L.LightningModule):
                                          f"(optim.max_skipped_steps={self.optim.max_skipped_steps}); lower optim.lr "
                                          "or check the data (the last checkpoint is kept)")
             self.log("train/skipped_steps", float(self._skipped_total), batch_size=b)
-            return None  # Lightning skips backward and the optimizer update for this batch
+            # No update: the optimizer skips its next step (and EMA). Backward still runs on every rank, on a zero
+            # loss, as DDP and DeepSpeed need (Lightning refuses a None loss on more than one rank).
+            base_optimizer(self.optimizers()).skip_next_step = True
+            return loss.nan_to_num(0.0) * 0.0
         self._skipped = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
@@ -198,7 +202,7 @@ class LetsTalkModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Global gradient norm before clipping (DDP: of the all-reduced gradients; ZeRO: see `optimizer_step`)."""
         norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
-        if norms:
+        if norms and not self._skipped:
             self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -256,7 +260,18 @@ class LetsTalkModule(L.LightningModule):
             checkpoint["state_dict"].update({f"ema.{k}": v for k, v in ema.items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the `ema.*` entries out of the state dict (the optimizer state holds the EMA that training resumes)."""
+        """Refuse a mid-epoch resume on another number of ranks; take the `ema.*` entries out of the state dict (the
+        optimizer state holds the EMA that training resumes)."""
+        written_by = checkpoint.get("world_size")
+        epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        mid_epoch = epochs.get("started", 0) > epochs.get("processed", 0)
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and written_by and written_by != self.trainer.world_size and mid_epoch:
+            raise ValueError(
+                f"this checkpoint was written by {written_by} ranks in the middle of an epoch and cannot resume on "
+                f"{self.trainer.world_size}: each rank's place in the data stream belongs to that number of ranks. "
+                f"Resume it with {written_by} ranks (--trainer.num_nodes x --trainer.devices); the weights alone go "
+                "anywhere with `letstalk export`")
         state = checkpoint.get("state_dict", {})
         ema = {k[len("ema."):]: state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
         self._loaded_ema = ema or None

@@ -9,7 +9,6 @@ Lightning's strategy.
 Also, against Lightning's defaults:
 - the micro batch size DeepSpeed wants for its logging comes from the DataModule's `batch_size`
   (Lightning reads `train_dataloader().batch_sampler`, which our streaming loader has not);
-- a step whose `training_step` returned None makes no update (Lightning's DeepSpeed precision raises);
 - the network is built whole, not under `zero.Init` (see `model_sharded_context`);
 - a checkpoint folder written by another number of ranks is refused before DeepSpeed reads it
   (ZeRO partitions belong to ranks: a silent wrong resume is worse than none).
@@ -81,14 +80,6 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self._init_config_if_needed()
         zero = self.config.get("zero_optimization", {})
         return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-
-    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        """A step whose `training_step` returned None (LetsTalkModule's `nan_policy: skip`) makes no update, as under
-        DDP; Lightning's DeepSpeed precision would raise instead."""
-        result = closure()  # training_step and backward
-        if result is None:
-            return None
-        return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         written_by = checkpoint_world_size(checkpoint_path)

@@ -83,8 +83,8 @@ def _load_deepspeed(path: Path) -> dict[str, Any]:
                               "(an unfinished or overwritten save)")
     fp32_key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
 
-    def gather(flats: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        with contextlib.redirect_stdout(None), contextlib.redirect_stderr(None):  # DeepSpeed prints its progress
+    def gather(flats: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:  # DeepSpeed's layout, without its prints
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             if stage <= 2:
                 paddings = optims[0].get("param_alignment_paddings")
                 state = z._get_fp32_state_dict_from_zero2_checkpoint(world, flats, model_states, False, paddings)

@@ -1,6 +1,7 @@
 """EvalCallback in real short fits: W&B offline run and CSV hold the same `eval/*` numbers and a video with
 audio; training ends with the same weights as without the callback; 2-process DDP (gloo) gathers exactly
-what `letstalk evaluate` computes in one process on the checkpoint of the same step.
+what `letstalk evaluate` computes in one process on the checkpoint of the same step, and so does DeepSpeed
+ZeRO-3 on 2 CPU processes.
 
 Data: `letstalk synth` faces (8 frames each, so one clip per generation), a random demo-size VAE,
 `prepare`. Video ids clip_0000 and clip_0002 hash into the 40 % validation split.
@@ -31,7 +32,9 @@ from datamodules.letstalk import LetsTalkDataModule
 from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline import media
+from pipeline.checkpoints import export
 from pipeline.evaluate import MetricsConfig, evaluate
+from pipeline.generate import generate
 from pipeline.metrics import MetricWeightsError
 from pipeline.metrics.inception import FIDInceptionV3
 from pipeline.prepare import prepare
@@ -164,12 +167,13 @@ sys.path.insert(0, {repo!r})
 from datamodules.letstalk import LetsTalkDataModule
 from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
+from lightning_modules.strategies import DeepSpeedStrategy
 
 shards, run, metrics = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 L.seed_everything(0)
 callback = EvalCallback(every_n_steps=2, num_clips=3, data=shards, metrics=metrics, steps=1, log_videos=3)
 saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=run + "/checkpoints", every_n_train_steps=2, save_top_k=-1)
-trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=2, default_root_dir=run, logger=False,
+trainer = L.Trainer(accelerator="cpu", strategy={strategy}, devices=2, max_steps=2, default_root_dir=run, logger=False,
                     callbacks=[callback, saver], enable_progress_bar=False, num_sanity_val_steps=0,
                     limit_val_batches=0)
 data = LetsTalkDataModule(shards, clip_frames={frames}, audio_radius=2, batch_size=1, num_workers=0, val_percent=40)
@@ -190,12 +194,19 @@ def _random_inception(path: Path) -> str:
     return str(path)
 
 
-def test_ddp_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Path, tmp_path: Path):
+STRATEGIES = {"ddp": '"ddp"', "zero3": "DeepSpeedStrategy(stage=3)"}
+EXPORTS: dict[str, Path] = {}  # strategy -> its step-2 EMA export, for the generation test below
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Path, tmp_path: Path, strategy: str):
     """3 clips on 2 ranks (uneven shares), FID features gathered as arrays: equal to `evaluate` on the step-2
-    checkpoint in one process, over the same seeded clips (~18 s on 2 idle cores)."""
+    checkpoint in one process, over the same seeded clips (~18 s on 2 idle cores). Under DeepSpeed ZeRO-3 the
+    EMA weights are gathered from the optimizer's partitions, and `evaluate` reads the `letstalk export` of the
+    sharded checkpoint folder."""
     metrics = {"fid_weights": _random_inception(tmp_path / "pt_inception.pth"), "fid_frames_per_clip": 2}
     script = tmp_path / "ddp_eval.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(repo=str(REPO), frames=FRAMES)))
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(repo=str(REPO), frames=FRAMES, strategy=STRATEGIES[strategy])))
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, str(script), str(shards), str(run), json.dumps(metrics)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -206,6 +217,9 @@ def test_ddp_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Pat
     assert all(media.media_streams(v)["audio_streams"] == 1 for v in result["videos"])
 
     (checkpoint,) = (run / "checkpoints").glob("*step=2.ckpt")
+    assert checkpoint.is_dir() == (strategy == "zero3")  # ZeRO: a folder of per-rank shards
+    checkpoint = export(checkpoint, tmp_path / "export.safetensors", ema=True)
+    EXPORTS[strategy] = checkpoint
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as Lightning's CPU DDP gives each of the 2 ranks: the same float reductions
     try:
@@ -217,6 +231,21 @@ def test_ddp_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Pat
     for name, value in single["metrics"].items():
         assert result["metrics"][name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
     assert result["metrics"]["fid"] > 0
+
+
+def test_generation_from_a_zero3_export_equals_generation_from_the_ddp_checkpoint(shards: Path, tmp_path: Path):
+    """The same 2 steps under DDP and ZeRO-3 (fp32, same seed and data order) give the same EMA network up to float
+    summation order, and so the same video (uint8 frames within one level)."""
+    if set(EXPORTS) != set(STRATEGIES):
+        pytest.skip("needs both runs of test_ranks_share_the_clips_and_gather_what_evaluate_computes")
+    portrait = next(shards.parent.joinpath("videos").glob("*.mp4"))
+    frames = {}
+    for name, checkpoint in EXPORTS.items():
+        out = tmp_path / f"{name}.mp4"
+        generate(checkpoint, portrait, portrait, out, steps=2, provenance_marks=False)
+        frames[name] = media.read_video(out).astype(int)
+    assert frames["ddp"].shape == frames["zero3"].shape
+    assert np.abs(frames["ddp"] - frames["zero3"]).max() <= 1
 
 
 def test_bad_settings_are_refused_clearly(shards: Path, tmp_path: Path):
