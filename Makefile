@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PAIR)
-	$(PY) -m pip install --quiet -e '.[test,app]'
+	$(PY) -m pip install --quiet -e '.[test,app,deepspeed]'
 	$(PY) -m pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $@
 

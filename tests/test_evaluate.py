@@ -43,7 +43,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     info = LetsTalkDataModule(str(root / "shards"), clip_frames=8, audio_radius=2).data_info
     net = {"size": "tiny", "patch_size": 4, **{k: info[k] for k in ("latent_channels", "audio_dim", "audio_tokens")}}
     module = LetsTalkModule(net=net, data_info=info)
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, root / "tiny.ckpt")
+    state = module.state_dict()  # net.*; a `letstalk fit` checkpoint also holds the EMA network as ema.*
+    state.update({f"ema.{k[len('net.'):]}": v for k, v in module.state_dict().items()})
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": state}, root / "tiny.ckpt")
     return {"root": root, "checkpoint": root / "tiny.ckpt", "shards": root / "shards"}
 
 
