@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules.ema import base_optimizer, ema_state_dict, with_ema
 from pipeline.diffusion import Diffusion, DiffusionConfig
@@ -217,6 +217,9 @@ class LetsTalkModule(L.LightningModule):
         """The EMA weights as a float32 eval-mode network on this device; every rank must call it (under ZeRO it
         gathers). Without an optimizer (validate, predict) the checkpoint's EMA, else the live weights."""
         optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        if optimizer is None and not self._loaded_ema:
+            rank_zero_warn("no EMA weights here (no optimizer state, e.g. `validate` of a DeepSpeed folder): using the "
+                           "live weights; `letstalk export --ema` of the checkpoint gives the EMA")
         state = self._loaded_ema if optimizer is None and self._loaded_ema else ema_state_dict(self.net, optimizer)
         with torch.device(self.device):
             net = LetsTalkDiT(self.net.config)

@@ -136,10 +136,11 @@ def test_ddp_zero2_and_zero3_train_the_same_network_ema_and_gradient_norm(work: 
         assert logged(runs[name], "val/loss")  # validation with the EMA network ran under ZeRO too
 
 
-def test_export_of_a_zero3_folder_equals_what_deepspeed_gathers_in_memory(work: Path):
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_export_of_a_zero_folder_equals_what_deepspeed_gathers_in_memory(work: Path, preset: str):
     """The folder reader (DeepSpeed's zero_to_fp32 layout, weights_only loads) and DeepSpeed's in-memory gathers
-    (GatheredParameters for the weights, the tensor-fragment API for the EMA) are independent paths: bit-equal."""
-    run = fit(work, "zero3", "zero3")
+    (GatheredParameters for ZeRO-3 weights, the tensor-fragment API for the EMA) are independent paths: bit-equal."""
+    run = fit(work, preset, preset)
     gathered = load_file(run / "gathered.safetensors")
     exported = weights(checkpoint(run, STEPS))
     assert exported.keys() == gathered.keys()
