@@ -2,11 +2,14 @@
 
 Needs Debian's `slurm-wlm` and `munge` (CI installs them) and root (slurmd runs the jobs as the submitter,
 which on a single test node needs root). Every daemon writes only under the state folder; `stop` kills
-them by the pids they wrote there.
+them by the pids they wrote there. `HoldRankZero` is a callback that test jobs load by class path (tests/ on
+their PYTHONPATH) to stop a job at a known step.
 """
 
 from __future__ import annotations
 
+import faulthandler
+import getpass
 import os
 import shutil
 import signal
@@ -16,8 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
+
 SBIN = Path("/usr/sbin")
 MUNGE_KEY = Path("/etc/munge/munge.key")
+KILL_WAIT = 30  # s from SIGTERM to SIGKILL when a job is cancelled or requeued (SLURM's default)
 
 SLURM_CONF = """\
 ClusterName=local
@@ -44,7 +50,7 @@ SlurmdLogFile={S}/log/slurmd.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 JobRequeue=1
-KillWait=30
+KillWait={kill_wait}
 MinJobAge=300
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
@@ -85,7 +91,7 @@ class SlurmCluster:
         shutil.chown(self.munge, "munge", "munge")
         self.munge.chmod(0o755)
         self.conf.write_text(SLURM_CONF.format(S=state, munge=self.munge, ctld_port=_free_port(), d_port=_free_port(),
-                                               cpus=cpus))
+                                               cpus=cpus, kill_wait=KILL_WAIT))
 
     def start(self, timeout: float = 60.0) -> None:
         m = self.munge
@@ -145,6 +151,10 @@ class SlurmCluster:
     def scontrol(self, *args: str) -> None:
         subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True, check=True)
 
+    def cancel_all(self) -> None:
+        """Cancel every job of this cluster (a failed test leaves none running for the next)."""
+        subprocess.run(["scancel", f"--user={getpass.getuser()}"], env=self.env, capture_output=True, text=True)
+
     def wait(self, job_id: int, states: set[str], timeout: float) -> dict[str, str]:
         """Poll until the job is in one of `states`; a clear error with the job record otherwise."""
         deadline = time.monotonic() + timeout
@@ -155,3 +165,23 @@ class SlurmCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s (wanted {states})")
             time.sleep(1.0)
+
+
+class HoldRankZero(L.Callback):
+    """On a job's first start only (no SLURM_RESTART_COUNT), rank 0 stops at the end of training step `step`, creates
+    `<folder>/held` and waits, in Python (signals are handled), until `<folder>/release` exists or `timeout` s pass.
+    The other ranks run on into their next collective and wait there: a deterministic point mid-run with the ranks
+    at different points of a step, which is where a signal usually finds them. Weights are not touched."""
+
+    def __init__(self, folder: str, step: int, timeout: float = 300.0):
+        self.folder, self.step, self.timeout = Path(folder), step, timeout
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # `scancel --signal=USR2`: stacks to the job log
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if trainer.global_step != self.step or not trainer.is_global_zero or restarted:
+            return
+        (self.folder / "held").touch()
+        deadline = time.monotonic() + self.timeout
+        while not (self.folder / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)

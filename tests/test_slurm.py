@@ -1,28 +1,42 @@
-"""`slurm/train.sbatch` and `letstalk sweep` against a real single-node SLURM (tests/slurm_cluster.py).
+"""`slurm/train.sbatch` and `letstalk sweep` against a real single-node SLURM (tests/slurm_cluster.py), and how
+`letstalk fit` resumes a requeued job (`--ckpt_path last`: the newest complete checkpoint).
 
-The requeue test takes 1-2 min on 2 CPU cores (two starts of a 2-task DDP job on the tiny model), the sweep
-~30 s, starting the cluster ~1 s.
-The requeued job's BeginTime (now + 120 s, SLURM's requeue delay) is moved to now with
+Times on 2 CPU cores: the DDP requeue test ~35 s (two starts of a 2-task DDP job on the tiny model), the sweep
+~25 s, each 2-task ZeRO-2 requeue test ~40 s plus ~20 s once for the uninterrupted reference job, the rest and
+starting the cluster ~1 s. The requeued job's BeginTime (now + 120 s, SLURM's requeue delay) is moved to now with
 `scontrol update StartTime=now`, which is what an operator may do too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from pipeline.checkpoints import read_weights
 from pipeline.cli import main
 from pipeline.cli.sweep import SBATCH_SCRIPT
-from slurm_cluster import SlurmCluster
+from pipeline.cli.train import resume_checkpoint
+from slurm_cluster import KILL_WAIT, SlurmCluster
 from test_training import fit_args, write_shards
 
-VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+TESTS = Path(__file__).resolve().parent
+VENV_BIN = TESTS.parent / ".venv" / "bin"
 CPU_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
+ZERO2 = ["--config", str(TESTS.parent / "configs" / "trainer" / "zero2.yaml"), "--trainer.accelerator", "cpu",
+         "--trainer.precision", "32-true"]
+STEPS, EVERY, HOLD = 9, 3, 4  # the ZeRO-2 jobs: checkpoints at steps 3, 6, 9; rank 0 held at step 4
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +44,18 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shards(tmp_path_factory.mktemp("slurm_shards"))
 
 
-@pytest.fixture
-def cluster(slurm: SlurmCluster) -> SlurmCluster:
-    """The session's cluster with `letstalk` (this interpreter's venv) on the jobs' PATH."""
+def _job_env(slurm: SlurmCluster) -> SlurmCluster:
+    """`letstalk` (this interpreter's venv) on the jobs' PATH; this checkout and tests/ (HoldRankZero) on PYTHONPATH."""
     slurm.env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+    slurm.env["PYTHONPATH"] = f"{TESTS.parent}{os.pathsep}{TESTS}"  # this checkout first
     return slurm
+
+
+@pytest.fixture
+def cluster(slurm: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The session's cluster, ready for jobs; a test's jobs that are still there afterwards are cancelled."""
+    yield _job_env(slurm)
+    slurm.cancel_all()
 
 
 def _wait_for(path: Path, timeout: float, job: int, cluster: SlurmCluster) -> None:
@@ -89,3 +110,164 @@ def test_two_point_sweep_runs_through_slurm_to_completion(cluster: SlurmCluster,
         last = torch.load(runs / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert last["global_step"] == 2 and last["hyper_parameters"]["optim"]["lr"] == pytest.approx(lr)
         assert (runs / run / "wandb_run_id").is_file()  # each point its own W&B run
+
+
+def _zero2_job(cluster: SlurmCluster, shards: Path, folder: Path, hold: bool) -> tuple[int, Path, Path]:
+    """A 2-task ZeRO-2 `train.sbatch` job of STEPS steps into `folder/run`, log `folder/job.out`; with `hold`, rank 0
+    waits at step HOLD on the first start (slurm_cluster.HoldRankZero) until `folder/release` exists."""
+    run, log = folder / "run", folder / "job.out"
+    held = {"class_path": "slurm_cluster.HoldRankZero", "init_args": {"folder": str(folder), "step": HOLD}}
+    job = cluster.sbatch([*CPU_TASKS, f"--output={log}", str(SBATCH_SCRIPT), *fit_args(shards, run, every=EVERY),
+                          *ZERO2, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "1000",
+                          *([f"--trainer.callbacks+={json.dumps(held)}"] if hold else [])], cwd=folder)
+    return job, run, log
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """Network and EMA weights of the run's `last` DeepSpeed folder, which must be of step STEPS."""
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and list((run / "checkpoints").glob(f"*step={STEPS}.ckpt"))
+    _, net = read_weights(last, ema=False)
+    _, ema = read_weights(last, ema=True)
+    return {**{f"net.{k}": v for k, v in net.items()}, **{f"ema.{k}": v for k, v in ema.items()}}
+
+
+def _restarted_to_completion(cluster: SlurmCluster, job: int, log: Path) -> str:
+    """Wait for the requeued job, start it now, wait for its end; its log, after checking it completed. The first
+    start's processes must have ended on their own, before SLURM kills them (KILL_WAIT after its SIGTERM)."""
+    stopping = time.monotonic()
+    info = cluster.wait(job, {"PENDING"} | ENDED, 120)
+    assert info["JobState"] == "PENDING", log.read_text()[-4000:]
+    took = time.monotonic() - stopping
+    print(f"job {job} pending again after {took:.0f} s")
+    assert took < KILL_WAIT - 5, f"the job's processes hung until SLURM killed them: {log.read_text()[-4000:]}"
+    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    info = cluster.wait(job, ENDED, 300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    return text
+
+
+def _resumed_at(text: str) -> list[int]:
+    return [int(step) for step in re.findall(r"resumed at step (\d+) \(SLURM_RESTART_COUNT=1\)", text)]
+
+
+def _assert_same_weights(run: Path, reference: dict[str, torch.Tensor]) -> None:
+    """Bit-equal: the same 2 ranks, partitions and CPU kernels repeat the same float operations in the same order
+    once the resume restored weights, Adam and EMA state, LR schedule, RNG and data position exactly (as
+    tests/test_deepspeed.py's mid-epoch resume shows); any tolerance would hide a resume that is slightly off."""
+    final = _final_weights(run)
+    assert final.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(final[k], reference[k])]
+    assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm: SlurmCluster, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Final weights of the ZeRO-2 job that nothing interrupts: what every requeued job below must end with."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    job, run, log = _zero2_job(_job_env(slurm), shards, folder, hold=False)
+    started = time.monotonic()
+    info = slurm.wait(job, ENDED, 300)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    print(f"uninterrupted ZeRO-2 job: {time.monotonic() - started:.0f} s")
+    return _final_weights(run)
+
+
+def test_requeued_zero2_job_ends_with_the_weights_of_an_uninterrupted_run(cluster: SlurmCluster, shards: Path,
+                                                                          tmp_path: Path, uninterrupted: dict):
+    """`scontrol requeue` while rank 0 lags (held at step 4) and rank 1 waits for it: the first start's processes end
+    on their own within seconds (SlurmRequeue's all-reduce at a batch start leaves rank 1 waiting in Lightning's own
+    broadcast, which Lightning's SIGTERM handler pairs with), and the job resumes from `last` (step 3) to the
+    weights of the uninterrupted run."""
+    job, run, log = _zero2_job(cluster, shards, tmp_path, hold=True)
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    cluster.scontrol("requeue", str(job))  # SIGTERM while rank 0 is held and rank 1 waits in a collective
+    time.sleep(1)
+    (tmp_path / "release").touch()  # rank 0 was only slower
+    text = _restarted_to_completion(cluster, job, log)
+    assert _resumed_at(text) == [EVERY], text[-4000:]  # from `last`
+    _assert_same_weights(run, uninterrupted)
+
+
+def test_usr1_saves_at_a_step_all_ranks_agree_on_then_requeues_and_resumes(cluster: SlurmCluster, shards: Path,
+                                                                           tmp_path: Path, uninterrupted: dict):
+    """USR1 reaches rank 0 while it is held at step 4 (in Python) and rank 1 while it waits in a collective: the ranks
+    are at different points of the step, where Lightning's auto-requeue (a collective save inside the signal handler)
+    breaks the job (gloo: "Received data size doesn't match expected size"; the job FAILS, nothing is requeued).
+    The ranks agree at the start of step 5 and save at its end (not a ModelCheckpoint step, so that the requeue
+    checkpoint is the newest)."""
+    job, run, log = _zero2_job(cluster, shards, tmp_path, hold=True)
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env, check=True)  # every task of the job
+    signalled = time.monotonic()
+    time.sleep(3)  # delivered before rank 0 goes on
+    (tmp_path / "release").touch()
+    text = _restarted_to_completion(cluster, job, log)
+    saved = run / f"requeue-step={HOLD + 1}.ckpt"  # agreed at the start of the next batch, saved at its end
+    assert f"saved {saved}; job {job} requeued" in text, text[-4000:]
+    assert f"resuming from {saved}" in text and _resumed_at(text) == [HOLD + 1], text[-4000:]
+    assert not list(run.glob("hpc_ckpt_*")) and not list(run.glob("*.partial"))  # Lightning's handler did not act
+    _assert_same_weights(run, uninterrupted)
+    print(f"USR1 to completion: {time.monotonic() - signalled:.0f} s")
+
+
+def test_requeue_skips_newer_half_written_checkpoints(cluster: SlurmCluster, shards: Path, tmp_path: Path,
+                                                      uninterrupted: dict):
+    """Newer than `last` (step 3) when the job is requeued, as a save cut short leaves them: a DeepSpeed folder
+    without rank 1's optimizer shard and a truncated checkpoint file. `last` by mtime would take one of them and
+    fail on every restart; the newest complete one is `last`."""
+    job, run, log = _zero2_job(cluster, shards, tmp_path, hold=True)
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    last, file = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "last-v1.ckpt"
+    folder = run / "hpc_ckpt_1.ckpt"
+    shutil.copytree(last, folder, copy_function=shutil.copyfile)  # new mtimes
+    next((folder / "checkpoint").glob("*rank_1_*optim_states.pt")).unlink()
+    shard = next((last / "checkpoint").glob("*optim_states.pt")).read_bytes()
+    file.write_bytes(shard[: len(shard) // 2])
+    cluster.scontrol("requeue", str(job))
+    time.sleep(1)
+    (tmp_path / "release").touch()
+    text = _restarted_to_completion(cluster, job, log)
+    assert f"skipping incomplete checkpoint {folder}: 1 optimizer shards, written by 2 ranks" in text, text[-4000:]
+    assert f"skipping incomplete checkpoint {file}: not a readable torch file" in text, text[-4000:]
+    assert f"resuming from {last}" in text and _resumed_at(text) == [EVERY], text[-4000:]
+    _assert_same_weights(run, uninterrupted)
+
+
+def _deepspeed_folder(path: Path, ranks: int, shards: int, written_at: float, folder_mtime: float) -> None:
+    """A Lightning DeepSpeed checkpoint folder's layout: `latest`, model states (with `dp_world_size`), optimizer
+    shards, files last written at `written_at`, the folder's own mtime `folder_mtime`."""
+    tag = path / "checkpoint"
+    tag.mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}, "dp_world_size": ranks}, tag / "mp_rank_00_model_states.pt")
+    for rank in range(shards):
+        torch.save({"optimizer_state_dict": {}}, tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    (path / "latest").write_text("checkpoint")
+    for file in (*tag.iterdir(), path / "latest"):
+        os.utime(file, (written_at, written_at))
+    os.utime(path, (folder_mtime, folder_mtime))
+
+
+def test_last_is_the_newest_complete_checkpoint(tmp_path: Path, capsys):
+    """No SLURM needed. `last` whose shards were overwritten in place (as ModelCheckpoint does) is newer than an
+    older requeue checkpoint although its folder is older; incomplete ones are skipped, each with its reason."""
+    ckpts = tmp_path / "checkpoints"
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), checkpoint_callbacks=[ModelCheckpoint(dirpath=ckpts)])
+    _deepspeed_folder(ckpts / "last.ckpt", 2, 2, written_at=100, folder_mtime=10)
+    _deepspeed_folder(tmp_path / "requeue-step=5.ckpt", 2, 2, written_at=50, folder_mtime=50)
+    _deepspeed_folder(tmp_path / "hpc_ckpt_1.ckpt", 2, 1, written_at=200, folder_mtime=200)
+    _deepspeed_folder(ckpts / "last-v2.ckpt", 2, 2, written_at=300, folder_mtime=300)
+    (ckpts / "last-v2.ckpt" / "latest").unlink()
+    torch.save({"state_dict": {}}, ckpts / "last-v1.ckpt")
+    whole = (ckpts / "last-v1.ckpt").read_bytes()
+    (ckpts / "last-v1.ckpt").write_bytes(whole[:-100])
+    assert resume_checkpoint(trainer, "last") == str(ckpts / "last.ckpt")
+    err = capsys.readouterr().err
+    assert f"skipping incomplete checkpoint {ckpts / 'last-v1.ckpt'}: not a readable torch file" in err
+    assert f"skipping incomplete checkpoint {ckpts / 'last-v2.ckpt'}: no `latest` file" in err
+    assert f"checkpoint {tmp_path / 'hpc_ckpt_1.ckpt'}: 1 optimizer shards, written by 2 ranks" in err
+    shutil.rmtree(ckpts / "last.ckpt")
+    shutil.rmtree(tmp_path / "requeue-step=5.ckpt")
+    assert resume_checkpoint(trainer, "last") is None  # nothing complete: a fresh start
+    assert "starting from scratch" in capsys.readouterr().err

@@ -1,9 +1,13 @@
 """`letstalk fit|validate`: LightningCLI over LetsTalkModule and LetsTalkDataModule.
 
 On top of LightningCLI:
-- resume: `--ckpt_path last` takes the newest of the ModelCheckpoint `last` checkpoints and the SLURM
-  HPC checkpoints (`hpc_ckpt_*.ckpt`, written on USR1) in the run folder; a requeued SLURM job
-  (SLURM_RESTART_COUNT > 0) resumes that way even without the flag. No checkpoint yet: a fresh start.
+- resume: `--ckpt_path last` takes the newest complete one of the ModelCheckpoint `last` checkpoints and the
+  requeue checkpoints in the run folder (`requeue-step=N.ckpt`, saved on USR1 by SlurmRequeue; Lightning's older
+  `hpc_ckpt_N.ckpt` too); a newer but incomplete one (a save cut short) is skipped with a message, so that it
+  cannot fail every restart. A requeued SLURM job (SLURM_RESTART_COUNT > 0) resumes that way even without the
+  flag. No complete checkpoint yet: a fresh start.
+- SLURM (`srun letstalk fit`): USR1 saves, requeues and stops at an optimizer step all ranks agree on
+  (lightning_modules/requeue.py), instead of Lightning's auto-requeue, which saves from inside the signal handler.
 - W&B: the run id is kept in `<save_dir>/wandb_run_id` so a resumed or requeued run continues the same
   W&B run. Offline unless WANDB_MODE=online (which also overrides `offline: true` in a config); the API
   key is read by wandb from the environment only and never enters a config.
@@ -15,9 +19,11 @@ On top of LightningCLI:
 from __future__ import annotations
 
 import os
+import pickletools
 import sys
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +35,11 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules import LetsTalkDataModule
 from lightning_modules.letstalk import LetsTalkModule
+from lightning_modules.requeue import CHECKPOINT_PREFIX, SlurmRequeue
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -81,23 +89,72 @@ def stable_wandb_id(save_dir: str | Path) -> str | None:
     return run_id
 
 
+def _zip_problem(path: Path) -> str | None:
+    """Why `path` is not a complete torch zip (read: its central directory, written last), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"not a readable torch file ({err})"
+    return None if any(n.endswith("/data.pkl") for n in names) else "a zip without a torch pickle"
+
+
+def _pickled_int(path: Path, key: str) -> int | None:
+    """The int stored under `key` in a torch file's pickle, read from its opcodes (nothing is unpickled)."""
+    with zipfile.ZipFile(path) as archive:
+        ops = pickletools.genops(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
+    for _, arg, _ in ops:
+        if arg == key:
+            value = next((a for op, a, _ in ops if "PUT" not in op.name and op.name != "MEMOIZE"), None)
+            return value if isinstance(value, int) else None
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None: a file must be a whole torch zip; a DeepSpeed folder needs
+    `latest`, whole model and optimizer shards, and one optimizer shard per rank that wrote it (`dp_world_size`)."""
+    if not path.is_dir():
+        return _zip_problem(path)
+    latest = path / "latest"
+    if not latest.is_file():
+        return "no `latest` file"
+    tag = path / latest.read_text().strip()
+    models, optims = sorted(tag.glob("*model_states.pt")), sorted(tag.glob("*_optim_states.pt"))
+    if not models:
+        return f"no model states in {tag.name}/"
+    for shard in models + optims:
+        if problem := _zip_problem(shard):
+            return f"{shard.name}: {problem}"
+    world = _pickled_int(models[0], "dp_world_size")  # None (not found): not judged
+    return None if world in (None, len(optims)) else f"{len(optims)} optimizer shards, written by {world} ranks"
+
+
+def _written_at(path: Path) -> float:
+    """Last write of a checkpoint: of its newest file for a DeepSpeed folder (a folder's own mtime does not change
+    when its shards are overwritten in place, as ModelCheckpoint does with `last.ckpt`)."""
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
+
+
 def resume_checkpoint(trainer, ckpt_path: str | None) -> str | None:
-    """Resolve `last` (and a SLURM requeue without --ckpt_path) to the newest last/HPC checkpoint, or None."""
+    """Resolve `last` (and a SLURM requeue without --ckpt_path) to the newest complete last/requeue checkpoint."""
     if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         ckpt_path = "last"
     if ckpt_path != "last":
         return ckpt_path
-    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    root = Path(trainer.default_root_dir)
+    candidates = [*root.glob(f"{CHECKPOINT_PREFIX}*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")]
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             candidates += Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
-    if not candidates:
-        print(f"letstalk fit: no last or HPC checkpoint under {trainer.default_root_dir}: starting from scratch",
-              file=sys.stderr, flush=True)
-        return None
-    newest = str(max(candidates, key=lambda p: p.stat().st_mtime))
-    print(f"letstalk fit: resuming from {newest}", file=sys.stderr, flush=True)
-    return newest
+    for path in sorted(candidates, key=_written_at, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            print(f"letstalk fit: resuming from {path}", file=sys.stderr, flush=True)
+            return str(path)
+        print(f"letstalk fit: skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    print(f"letstalk fit: no complete last or requeue checkpoint under {root}: starting from scratch",
+          file=sys.stderr, flush=True)
+    return None
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -127,6 +184,15 @@ class LetsTalkCLI(LightningCLI):
                 args.offline = False
             if args.get("id") is None and args.get("version") is None:
                 args.id = stable_wandb_id(args.get("save_dir") or config.trainer.get("default_root_dir") or ".")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """Under SLURM: SlurmRequeue acts on USR1, and Lightning's own auto-requeue is off (one mechanism only)."""
+        if self.subcommand == "fit" and SLURMEnvironment.detect():
+            trainer = self._get(self.config_init, "trainer", default={})
+            plugins = [p for p in _as_list(trainer.get("plugins")) if not isinstance(p, SLURMEnvironment)]
+            kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
+            kwargs["callbacks"] = [*_as_list(trainer.get("callbacks")), SlurmRequeue()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         fit = self.config_init["fit"]

@@ -1,0 +1,97 @@
+"""SlurmRequeue: on SLURM's warning signal, save a checkpoint at a step all ranks agree on, requeue the job, stop.
+
+Why not Lightning's auto-requeue (`SLURMEnvironment(auto_requeue=True)`, which `letstalk fit` turns off under
+SLURM): its USR1 handler saves the checkpoint from inside the signal handler, on every rank. That save is
+collective (under DeepSpeed every rank writes its shard, between barriers and all-reduces), but the signal
+finds each rank at a different point of its step, and a rank waiting in a collective (a gradient reduce, ...)
+runs its Python handler only once that collective returns. The handler's collectives then pair with the other
+rank's step collectives: gloo aborts with "Received data size doesn't match expected size" (seen on 2 CPU ranks,
+tests/test_slurm.py), NCCL typically hangs until its timeout; either way the job is neither saved nor requeued,
+and the half-written `hpc_ckpt_N.ckpt` is the newest checkpoint of the run.
+
+Here the handler only sets a flag. At the start of each batch all ranks take one decision with one all-reduce
+(any rank signalled: all stop); at the end of the first optimizer step after it they save one checkpoint together
+through `trainer.save_checkpoint` (into `<name>.partial`, renamed by rank 0 once every rank has written: complete
+or absent), rank 0 runs `scontrol requeue`, and every rank leaves `fit` at once. SLURM restarts the job
+(SLURM_RESTART_COUNT + 1), which resumes from the newest complete checkpoint (`--ckpt_path last`,
+pipeline/cli/train.py).
+
+The requeue makes SLURM send SIGTERM to every task, and Lightning's SIGTERM handler also runs a collective (a
+broadcast) from inside the handler. So, measured on 2 ranks, where a hang lasts until SLURM's SIGKILL (KillWait,
+30 s, later) and a clean exit takes ~5 s:
+- the decision is taken at a batch's start, right after Lightning's own per-batch broadcast, which is where a
+  rank ahead of the others (rank 0 lags, it logs) then waits, and which Lightning's handler pairs with; an
+  all-reduce of ours at the batch end became that waiting point, and a SIGTERM (`scontrol requeue`, scancel,
+  preemption) hung the job;
+- from the save on, SIGTERM is ignored and fit ends by `SIGTERMException` (Lightning's own way out on SIGTERM),
+  not by `trainer.should_stop`: a stop runs validation and the fit-end hooks (evaluation, ModelCheckpoint's
+  save_last), whose collectives met the handler's broadcast, and the job hung.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+CHECKPOINT_PREFIX = "requeue-step="  # <default_root_dir>/requeue-step=<global step>.ckpt; only the newest is kept
+
+
+class SlurmRequeue(Callback):
+    """Save, `scontrol requeue` and leave fit at the first optimizer step after `signum` reached a rank (module doc)."""
+
+    def __init__(self, signum: int = signal.SIGUSR1):
+        self.signum = signum
+        self.signalled = False  # this rank got the signal
+        self.stopping = False  # all ranks agreed to stop
+        self._previous = None
+        self._step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True  # nothing collective in a signal handler: see the module doc
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+        if not self.stopping:
+            self.stopping = trainer.strategy.reduce_boolean_decision(self.signalled, all=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.stopping or trainer.global_step == self._step:  # also within gradient accumulation: no step yet
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's; we leave anyway (module doc)
+        root = Path(trainer.default_root_dir)
+        path = root / f"{CHECKPOINT_PREFIX}{trainer.global_step}.ckpt"
+        partial = path.with_name(path.name + ".partial")
+        trainer.save_checkpoint(partial)  # every rank; ends with a barrier: all ignore SIGTERM before the requeue
+        if trainer.is_global_zero:
+            os.replace(partial, path)
+            for old in root.glob(f"{CHECKPOINT_PREFIX}*.ckpt"):
+                if old != path:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+            self._requeue(path)
+        raise SIGTERMException  # leave fit now, on every rank (module doc)
+
+    @staticmethod
+    def _requeue(path: Path) -> None:
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
+        done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True) if job else None
+        outcome = ("requeued" if done and done.returncode == 0 else
+                   f"not requeued ({done.stderr.strip() if done else 'no SLURM_JOB_ID'})")
+        print(f"letstalk fit: saved {path}; job {job} {outcome}; leaving", file=sys.stderr, flush=True)
