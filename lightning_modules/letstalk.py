@@ -216,15 +216,21 @@ class LetsTalkModule(L.LightningModule):
     def ema_network(self) -> LetsTalkDiT:
         """The EMA weights as a float32 eval-mode network on this device; every rank must call it (under ZeRO it
         gathers). Without an optimizer (validate, predict) the checkpoint's EMA, else the live weights."""
-        optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
-        if optimizer is None and not self._loaded_ema:
-            rank_zero_warn("no EMA weights here (no optimizer state, e.g. `validate` of a DeepSpeed folder): using the "
-                           "live weights; `letstalk export --ema` of the checkpoint gives the EMA")
-        state = self._loaded_ema if optimizer is None and self._loaded_ema else ema_state_dict(self.net, optimizer)
+        state = self._ema_state()
         with torch.device(self.device):
             net = LetsTalkDiT(self.net.config)
         net.load_state_dict(state)
         return net.eval().requires_grad_(False)
+
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA state dict: the optimizer's, else a loaded checkpoint's, else (with a warning) the live weights."""
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        if optimizer is None and self._loaded_ema:
+            return self._loaded_ema
+        if optimizer is None:
+            rank_zero_warn("no EMA weights here (no optimizer state, e.g. `validate` of a DeepSpeed folder): using the "
+                           "live weights; `letstalk export --ema` of the checkpoint gives the EMA")
+        return ema_state_dict(self.net, optimizer)
 
     def on_validation_epoch_start(self) -> None:
         self._val_net = self.ema_network()
@@ -258,8 +264,7 @@ class LetsTalkModule(L.LightningModule):
         checkpoint["hyper_parameters"] = dict(self.hparams)
         checkpoint["world_size"] = self.trainer.world_size
         if "state_dict" in checkpoint and not hasattr(self.trainer.strategy, "deepspeed_engine"):
-            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-            ema = self._loaded_ema if optimizer is None and self._loaded_ema else ema_state_dict(self.net, optimizer)
+            ema = self._ema_state()
             checkpoint["state_dict"].update({f"ema.{k}": v for k, v in ema.items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
