@@ -5,9 +5,9 @@ The clips, their generation and their scores are `pipeline.evaluate`'s (`select_
 `letstalk evaluate` reports for the step-N checkpoint on the same clips. The clips are chosen once,
 at fit start, from the run's validation split (or from `data`, e.g. held-out shards); clip i is
 generated with seed `seed + i` by rank i % world_size. Per-clip statistics and the first
-`log_videos` videos (as mp4 bytes with their audio) are gathered on rank 0, which logs
-`eval/<metric>` to every logger, writes the videos under `<default_root_dir>/eval_videos/` and
-logs them to W&B. Every rank runs the same collectives in the same order (the EMA gather under
+`log_videos` videos (as mp4 bytes with their audio) and their contact sheets (portrait | real |
+generated, every 10th frame) are gathered on rank 0, which logs `eval/<metric>` to every logger,
+writes the videos and sheets under `<default_root_dir>/eval_videos/` and logs them to W&B. Every rank runs the same collectives in the same order (the EMA gather under
 ZeRO, one `all_gather_object`), whatever its share of clips. Training is not disturbed: the
 network is a float32 copy of the EMA weights, the diffusion object is a fresh one, and the
 python/numpy/torch random states are restored afterwards.
@@ -39,6 +39,7 @@ from pipeline import media
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.evaluate import METRICS, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip, select_segments
 from pipeline.generate import Generator
+from pipeline.metrics.appearance import comparison_sheet
 from pipeline.shards import Manifest
 from pipeline.vae import load_vae
 
@@ -124,11 +125,11 @@ class EvalCallback(L.Callback):
         if not vae_path:
             raise ValueError(f"{root}: the training data's manifest names no VAE path; EvalCallback needs its decoder")
         segments = select_segments(root, self.num_clips, self.seed, keys)
-        load = ClipLoader(manifest, int(info["size"]))
+        self._vae = load_vae(vae_path, device=pl_module.device)
+        load = ClipLoader(manifest, int(info["size"]), self._vae if self.metrics.appearance else None)
         rank, world = trainer.global_rank, trainer.world_size
         self.keys = [s.key for s in segments]
         self._clips = {i: load(s) for i, s in enumerate(segments) if i % world == rank}
-        self._vae = load_vae(vae_path, device=pl_module.device)
         self._suite = MetricSuite(self.metrics, device=str(pl_module.device))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: LetsTalkModule, outputs: Any, batch: Any,
@@ -148,26 +149,28 @@ class EvalCallback(L.Callback):
         self._last_step = step
         t0 = time.perf_counter()
         device = pl_module.device
-        local: list[tuple[int, dict[str, Any], bytes | None]] = []
+        local: list[tuple[int, dict[str, Any], tuple[bytes, np.ndarray] | None]] = []
+        clip_frames = int(pl_module.hparams["data_info"]["clip_frames"])
         with preserved_rng(device):
             gen = Generator(pl_module.ema_network(), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
                             dict(pl_module.hparams["data_info"]))
             for i, clip in self._clips.items():
                 frames = generate_clip(gen, self._vae, clip, self.seed + i, self.sampler, self.steps,
                                        self.audio_scale, self.ref_scale, str(device))
-                video = _mp4_bytes(frames, clip) if i < self.log_videos else None
-                local.append((i, self._suite.clip_stats(frames, clip), video))
+                shown = (_mp4_bytes(frames, clip), comparison_sheet(clip.real, frames)) if i < self.log_videos else None
+                local.append((i, self._suite.clip_stats(frames, clip, clip_frames), shown))
         gathered = local
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            parts: list[list[tuple[int, dict[str, Any], bytes | None]] | None] = [None] * trainer.world_size
+            parts: list[list[tuple[int, dict[str, Any], tuple[bytes, np.ndarray] | None]] | None] = \
+                [None] * trainer.world_size
             dist.all_gather_object(parts, local)
             gathered = [item for part in parts for item in part]
         if trainer.is_global_zero:
             self._log(trainer, step, sorted(gathered, key=lambda item: item[0]), time.perf_counter() - t0)
 
-    def _log(self, trainer: L.Trainer, step: int, results: list[tuple[int, dict[str, Any], bytes | None]],
-             seconds: float) -> None:
-        """Rank 0: summarize, log `eval/*` to every logger, write the videos and log them to W&B."""
+    def _log(self, trainer: L.Trainer, step: int,
+             results: list[tuple[int, dict[str, Any], tuple[bytes, np.ndarray] | None]], seconds: float) -> None:
+        """Rank 0: summarize, log `eval/*` to every logger, write the videos and sheets and log them to W&B."""
         values, skipped = self._suite.summarize([stats for _, stats, _ in results])
         if skipped != self._notes:
             self._notes = skipped
@@ -179,16 +182,22 @@ class EvalCallback(L.Callback):
             logger.save()
         folder = Path(trainer.default_root_dir) / "eval_videos" / f"step_{step:07d}"
         videos: list[tuple[str, Path]] = []
-        for i, stats, data in results:
-            if data is not None:
+        sheets: list[Path] = []
+        for i, stats, shown in results:
+            if shown is not None:
                 path = folder / f"{i:03d}_{stats['key'].replace('/', '_')}.mp4"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+                path.write_bytes(shown[0])
+                media.write_image(path.with_suffix(".png"), shown[1])
                 videos.append((stats["key"], path))
+                sheets.append(path.with_suffix(".png"))
         if videos:
+            captions = [key for key, _ in videos]
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_video("eval/videos", [str(p) for _, p in videos], step=step,
-                                     caption=[key for key, _ in videos], format=["mp4"] * len(videos))
+                    logger.log_video("eval/videos", [str(p) for _, p in videos], step=step, caption=captions,
+                                     format=["mp4"] * len(videos))
+                    logger.log_image("eval/contact_sheets", [str(p) for p in sheets], step=step,
+                                     caption=[f"{key}: portrait | real | generated" for key in captions])
         self.results.append({"step": step, "metrics": values, "skipped": skipped, "seconds": seconds,
-                             "videos": [str(p) for _, p in videos]})
+                             "videos": [str(p) for _, p in videos], "contact_sheets": [str(p) for p in sheets]})

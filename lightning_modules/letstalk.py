@@ -114,6 +114,8 @@ class LetsTalkModule(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
               dropout: bool = True, net: LetsTalkDiT | None = None) -> torch.Tensor:
         x0 = batch["latents"]  # [B, F, C, h, w] scaled
+        if self.net.config.residual:  # the change from the portrait (DiTConfig.residual)
+            x0 = x0 - batch["ref"][:, :1]  # [B, F, C, h, w] - [B, 1, C, h, w]
         b = x0.shape[0]
         t = self.diffusion.sample_timesteps(b, generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -123,7 +125,8 @@ class LetsTalkModule(L.LightningModule):
         else:
             drop_ref = drop_audio = None
         context = self._context(batch, generator, training=dropout)
-        pred = (net or self.net)(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio, **context)
+        out = (net or self.net)(xt, t.float(), batch["ref"], batch["audio"], drop_ref, drop_audio, **context)
+        pred = self.diffusion.from_network(out, xt, t)
         return self.diffusion.loss(pred.float(), target.float(), t)  # min-SNR weighted when configured
 
     def _context(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,

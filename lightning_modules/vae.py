@@ -19,7 +19,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from pipeline.media import FPS, read_video
-from pipeline.vae import calibrate_scaling_factor, check_frames, decode_latents, demo_vae_config, encode_frames, psnr
+from pipeline.metrics.appearance import psnr
+from pipeline.vae import calibrate_scaling_factor, check_frames, demo_vae_config, reconstruct
 
 
 class VAEModule(L.LightningModule):
@@ -137,7 +138,7 @@ def train_vae(
 
     vae = module.vae.eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae, train[:512]))
-    val_psnr = psnr(val, decode_latents(vae, torch.from_numpy(encode_frames(vae, val))))
+    val_psnr = psnr(reconstruct(vae, val), val)
     logger.log_metrics({"vae/val_psnr": val_psnr}, step=trainer.global_step)
     logger.save()
     vae.save_pretrained(out)

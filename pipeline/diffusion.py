@@ -8,6 +8,11 @@ Every objective noises as x_t = a_t·x0 + b_t·ε:
 - ``flow`` is rectified flow (a = 1-σ, b = σ, σ = t/N, N = 1000 training timesteps); the network predicts the velocity
   dx/dσ = ε - x0, and ``FlowMatchEulerDiscreteScheduler`` integrates it.
 
+With ``network_output="x0"`` the network outputs the clean latents instead, turned into the
+objective's prediction before the loss and the sampler see it (x-prediction with the objective's
+own loss: Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"); a zero output
+is then the latent 0, the portrait itself for a residual model (`DiTConfig.residual`).
+
 Timesteps given to the model are on the 0..1000 scale for every objective. The parameterisations
 eps, x0, v and velocity are linear in (x0, ε) at fixed t, so ``Diffusion.convert`` turns any one
 into any other by solving one 2×2 system; training targets and min-SNR loss weights come from the
@@ -28,6 +33,8 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTING = ("none", "min_snr")
 PARAMETERISATIONS = ("eps", "x0", "v", "velocity")
 PREDICTS = {"eps": "eps", "v": "v", "flow": "velocity"}  # what the network outputs for each objective
+NETWORK_OUTPUTS = ("native", "x0")
+MIN_NOISE_SCALE = 0.05  # x0 -> prediction divides by the noise scale b; it is held at >= this (as Li & He)
 
 # model(x, t, drop_ref, drop_audio) -> prediction; the conditions are bound by the caller.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +58,7 @@ class DiffusionConfig:
     both_dropout: float = 0.05  # P(drop both): the unconditional prediction for guidance
     loss_weighting: str = "none"  # none | min_snr (Hang et al. 2023, see Diffusion.loss_weights)
     min_snr_gamma: float = 5.0  # γ of min-SNR-γ
+    network_output: str = "native"  # native: the objective's prediction (PREDICTS) | x0: the clean latents
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -62,6 +70,8 @@ class DiffusionConfig:
             raise ValueError(f"diffusion dropouts must be >= 0 and sum to <= 1, got {total}")
         if self.loss_weighting not in LOSS_WEIGHTING:
             raise ValueError(f"diffusion.loss_weighting must be one of {LOSS_WEIGHTING}, got {self.loss_weighting!r}")
+        if self.network_output not in NETWORK_OUTPUTS:
+            raise ValueError(f"diffusion.network_output must be one of {NETWORK_OUTPUTS}, got {self.network_output!r}")
         if not self.min_snr_gamma > 0:
             raise ValueError(f"diffusion.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
 
@@ -121,6 +131,17 @@ class Diffusion:
         x0, eps = (c_eps * x - b * p) / det, (a * p - c_x0 * x) / det
         d_x0, d_eps = _mix(to, a, b)
         return (d_x0 * x0 + d_eps * eps).to(pred.dtype)
+
+    def from_network(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at x_t [B, ...], t [B] as this objective's prediction: itself, or for
+        network_output "x0" the prediction made from x0 = out and ε = (x_t - a·x0) / max(b, MIN_NOISE_SCALE)."""
+        if self.config.network_output == "native":
+            return out
+        a, b = self.coefficients(t, xt.dim())
+        x0 = out.float()
+        eps = (xt.float() - a * x0) / b.clamp(min=MIN_NOISE_SCALE)
+        c_x0, c_eps = _mix(PREDICTS[self.config.objective], a, b)
+        return (c_x0 * x0 + c_eps * eps).to(out.dtype)
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> torch.Tensor:
@@ -222,8 +243,12 @@ class Diffusion:
         scheduler = self.scheduler(sampler, steps)
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device, dtype=dtype)
         x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+
+        def predict(x, t, drop_ref, drop_audio):  # guidance mixes predictions, which are linear in the output
+            return self.from_network(model(x, t, drop_ref, drop_audio), x, t)
+
         for t in scheduler.timesteps:
             tt = t.to(device=device, dtype=torch.float32).expand(shape[0])
-            pred = self.guided(model, x, tt, audio_scale, ref_scale)
+            pred = self.guided(predict, x, tt, audio_scale, ref_scale)
             x = scheduler.step(pred, t, x).prev_sample
         return x

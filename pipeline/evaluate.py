@@ -10,6 +10,12 @@ compared with the ground-truth frames of the same segment:
                     sync_c_real / sync_d_real: the same for the ground truth (the reference row)
     sync_synthetic  on synthetic data: correlation of mouth opening and loudness (`pipeline.sync`);
                     sync_synthetic_real: the same for the ground truth (its ceiling)
+    appearance      PSNR / SSIM against the ground truth over the whole frame, outside and inside the
+                    mouth, beside the static portrait and the VAE reconstruction, and the drift from
+                    the first to the last chained clip (`pipeline.metrics.appearance`); logged as
+                    appearance/<generated|static|ceiling|drift_first|drift_last>/<region>/<psnr|ssim>.
+                    The mouth box: synthetic ground truth where there is one, else the lower centre
+                    of the face crop (`appearance.face_mouth_box`).
 
 A network metric runs only when its weights file is configured (`MetricsConfig`); otherwise it is
 skipped with a note saying which file it needs, never estimated some other way.
@@ -43,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import media
+from pipeline.metrics.appearance import comparison_sheet, face_mouth_box, fidelity, flatten, format_fidelity, mean_fidelity
 from pipeline.generate import CheckpointError, Generator, generate_frames, load_generator
 from pipeline.metrics.frechet import feature_distance
 from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clips
@@ -51,7 +58,7 @@ from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
 from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
 from pipeline.shards import META, WAVEFORM, Manifest, Segment, ShardFormatError, iter_tar
 from pipeline.sync import Box, loudness_envelope, mouth_opening, mouth_region, sync_score
-from pipeline.vae import decode_latents, load_vae
+from pipeline.vae import decode_latents, load_vae, reconstruct
 
 # name -> (table label, better): every metric `evaluate` can report, in table order
 METRICS: dict[str, tuple[str, str]] = {
@@ -71,6 +78,7 @@ class MetricsConfig:
     fvd_weights: `i3d_pretrained_400.pt` (piergiaj/pytorch-i3d `InceptionI3d` layout).
     syncnet_weights: syncnet_python's `syncnet_v2.model`.
     synthetic_sync: score lip sync against synthetic ground truth where the data has it.
+    appearance: PSNR / SSIM against the ground truth by region, with the static and VAE references, and drift.
     fid_frames_per_clip: evenly spaced frames per clip that enter FID (None: every frame).
     vshift: SyncNet offset search range in frames (syncnet_python: 15).
     batch_size: frames (Inception), clips (I3D) or windows (SyncNet) per forward pass.
@@ -80,6 +88,7 @@ class MetricsConfig:
     fvd_weights: str | None = None
     syncnet_weights: str | None = None
     synthetic_sync: bool = True
+    appearance: bool = True
     fid_frames_per_clip: int | None = None
     vshift: int = VSHIFT
     batch_size: int = 16
@@ -95,6 +104,7 @@ class EvalClip:
     fps: float
     reference: str  # where `real` came from: "source video" | "VAE reconstruction"
     mouth_box: Box | None = None  # synthetic ground truth: a fixed box holding the mouth
+    reconstruction: np.ndarray | None = None  # uint8 [T, H, W, 3] the VAE's encode -> decode of `real`
 
 
 class MetricSuite:
@@ -119,8 +129,9 @@ class MetricSuite:
         if not config.synthetic_sync:
             self.skipped["sync_synthetic"] = "disabled in the metrics config"
 
-    def clip_stats(self, generated: np.ndarray, clip: EvalClip) -> dict[str, Any]:
-        """Per-clip statistics (numpy arrays and floats, gatherable across ranks) for `summarize`."""
+    def clip_stats(self, generated: np.ndarray, clip: EvalClip, clip_frames: int) -> dict[str, Any]:
+        """Per-clip statistics (numpy arrays and floats, gatherable across ranks) for `summarize`; `clip_frames`:
+        the model's clip length (the drift compares its first and last chained clip)."""
         if generated.shape != clip.real.shape:
             raise ValueError(f"{clip.key}: generated frames {generated.shape} != ground truth {clip.real.shape}")
         stats: dict[str, Any] = {"key": clip.key, "frames": len(generated), "reference": clip.reference}
@@ -143,6 +154,9 @@ class MetricSuite:
             envelope = loudness_envelope(clip.waveform, media.SAMPLE_RATE, clip.fps, len(generated))
             stats["sync_synthetic"] = sync_score(mouth_opening(generated, clip.mouth_box), envelope)
             stats["sync_synthetic_real"] = sync_score(mouth_opening(clip.real, clip.mouth_box), envelope)
+        if self.config.appearance and len(generated) > 1:
+            box = clip.mouth_box or face_mouth_box(generated.shape[1])
+            stats["appearance"] = fidelity(generated, clip.real, box, clip_frames, clip.reconstruction)
         return stats
 
     def summarize(self, stats: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
@@ -175,6 +189,9 @@ class MetricSuite:
                 metrics["sync_synthetic_real"] = float(np.mean([s["sync_synthetic_real"] for s in truth]))
             else:
                 skipped["sync_synthetic"] = "no clip has synthetic ground truth (<source video>.json with mouth_box)"
+        scored = [s["appearance"] for s in stats if "appearance" in s]
+        if scored:
+            metrics.update(flatten(mean_fidelity(scored), "appearance/"))
         return metrics, skipped
 
 
@@ -233,10 +250,13 @@ def _mouth_box(meta: dict[str, Any], size: int) -> Box | None:
 
 
 class ClipLoader:
-    """Turns segments into `EvalClip`s, reading each source video once and the data's VAE only if needed."""
+    """Turns segments into `EvalClip`s, reading each source video once and the data's VAE only if needed.
 
-    def __init__(self, manifest: Manifest, size: int):
-        self.manifest, self.size = manifest, size
+    vae: the model's VAE; given, each clip carries its reconstruction (the appearance ceiling).
+    """
+
+    def __init__(self, manifest: Manifest, size: int, vae=None):
+        self.manifest, self.size, self.model_vae = manifest, size, vae
         self._source: tuple[str, np.ndarray] | None = None
         self._vae = None
 
@@ -265,7 +285,8 @@ class ClipLoader:
         if rate != media.SAMPLE_RATE:
             raise ShardFormatError(f"{segment.key}: audio.flac is {rate} Hz, expected {media.SAMPLE_RATE}")
         return EvalClip(segment.key, real, waveform, float(meta.get("fps", self.manifest.fps)), reference,
-                        _mouth_box(meta, self.size))
+                        _mouth_box(meta, self.size),
+                        None if self.model_vae is None else reconstruct(self.model_vae, real))
 
 
 def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None, steps: int = 25,
@@ -279,8 +300,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
              metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int = 25,
              sampler: str | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, ema: bool = True,
              vae_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) if
-    given, prints the table, returns the result (metrics, skip notes, per-clip scores, settings, timings)."""
+    """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) and a
+    contact sheet per clip (`<out stem>_sheets/`) if given, prints the table, returns the result (metrics, skip
+    notes, per-clip scores, settings, timings)."""
     t_start = time.perf_counter()
     metrics = metrics or MetricsConfig()
     suite = MetricSuite(metrics, device)
@@ -294,15 +316,18 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
     if vae_path is None:
         raise CheckpointError(f"{checkpoint}: the training data's manifest names no VAE path; pass vae_path")
     vae = load_vae(vae_path, device=device)
-    load = ClipLoader(manifest, int(info["size"]))
+    load = ClipLoader(manifest, int(info["size"]), vae if metrics.appearance else None)
     stats: list[dict[str, Any]] = []
+    sheets = None if out is None else Path(out).with_suffix("").with_name(Path(out).stem + "_sheets")
     seconds = {"setup": time.perf_counter() - t_start, "generate": 0.0, "metrics": 0.0}
     for i, segment in enumerate(select_segments(data, num_clips, seed)):
         clip = load(segment)
         t0 = time.perf_counter()
         generated = generate_clip(gen, vae, clip, seed + i, sampler, steps, audio_scale, ref_scale, device)
         t1 = time.perf_counter()
-        stats.append(suite.clip_stats(generated, clip))
+        stats.append(suite.clip_stats(generated, clip, int(info["clip_frames"])))
+        if out is not None:  # portrait | real | generated, every 10th frame
+            media.write_image(sheets / f"{i:03d}_{clip.key.replace('/', '_')}.png", comparison_sheet(clip.real, generated))
         seconds["generate"] += t1 - t0
         seconds["metrics"] += time.perf_counter() - t1
     values, skipped = suite.summarize(stats)
@@ -316,6 +341,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
                        "ema": ema},
         "metrics_config": asdict(metrics),
         "clips": [{k: v for k, v in s.items() if not isinstance(v, np.ndarray)} for s in stats],
+        "appearance": mean_fidelity([s["appearance"] for s in stats]) if all("appearance" in s for s in stats) else None,
         "seconds": seconds,
     }
     if out is not None:
@@ -347,6 +373,8 @@ def format_table(result: dict[str, Any]) -> str:
     for name, note in skipped.items():
         notes.setdefault(note, []).append(METRICS[name][0])
     lines += [f"skipped {', '.join(labels)}: {note}" for note, labels in notes.items()]
+    if result.get("appearance"):
+        lines += ["", format_fidelity({f"mean of {count} clip{'s' * (count != 1)}": result["appearance"]})]
     if "out" in result:
         lines.append(f"wrote {result['out']}")
     return "\n".join(lines)

@@ -142,7 +142,8 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
 
     Clips of clip_frames follow each other (the last one is padded with the last audio window and
     cut); with motion frames / a memory bank, clip i is conditioned on the latents generated before it
-    (`chain=False`, for ablations: every clip starts afresh from the null motion and memory).
+    (`chain=False`, for ablations: every clip starts afresh from the null motion and memory). A `residual`
+    model samples the change from the portrait; the portrait's latent is added back before anything reads it.
     `on_step` is called after every network evaluation (one per sampler step: guidance is batched).
     """
     cfg, clip = gen.net.config, int(gen.data_info["clip_frames"])
@@ -173,7 +174,8 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
             return out
 
         noise = torch.randn(shape, generator=rng).to(ref.device)
-        latents.append(gen.diffusion.sample(denoiser, shape, sampler, steps, audio_scale, ref_scale, noise=noise))
+        z = gen.diffusion.sample(denoiser, shape, sampler, steps, audio_scale, ref_scale, noise=noise)  # [1, F, C, h, w]
+        latents.append(z + ref[None, :1] if cfg.residual else z)  # residual: the portrait's latent added back
     return torch.cat(latents, dim=1)[0, :num_frames]
 
 

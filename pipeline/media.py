@@ -261,6 +261,45 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     return pixels if size is None else square_resize(pixels[None], size)[0]
 
 
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write uint8 [H, W, 3] as PNG through a temporary file renamed into place (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _tile(arrays: list[np.ndarray], axis: int, gap: int) -> np.ndarray:
+    """uint8 arrays of one shape joined along `axis` with `gap`-pixel white stripes between them."""
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"cannot tile arrays of shapes {sorted({a.shape for a in arrays})}")
+    stripe_shape = list(arrays[0].shape)
+    stripe_shape[axis] = gap
+    stripe = np.full(stripe_shape, 255, dtype=np.uint8)
+    return np.concatenate([part for a in arrays for part in (stripe, a)][1:], axis=axis)
+
+
+def side_by_side(*videos: np.ndarray, gap: int = 2) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] of one shape placed left to right, white stripes between: [T, H, W', 3]."""
+    if videos[0].ndim != 4:
+        raise ValueError(f"side_by_side needs frames [T, H, W, 3], got shape {videos[0].shape}")
+    return _tile(list(videos), axis=2, gap=gap)
+
+
+def contact_sheet(rows: list[np.ndarray], every: int = 10, gap: int = 2) -> np.ndarray:
+    """uint8 [H', W', 3]: frames 0, every, 2·every, ... of each video [T, H, W, 3] in a row, one row per video.
+
+    E.g. rows = [portrait repeated, real, generated]: reading down a column compares one moment.
+    """
+    if every < 1 or not rows:
+        raise ValueError(f"contact_sheet needs at least one video and every >= 1, got {len(rows)} and {every}")
+    return _tile([_tile(list(row[::every]), axis=1, gap=gap) for row in rows], axis=0, gap=gap)
+
+
 def _downmix_resample(waveform: np.ndarray, source_rate: int, sample_rate: int) -> np.ndarray:
     """float [N, C] -> mono float32 [M] at `sample_rate`, clipped to [-1, 1]."""
     mono = waveform.mean(axis=1, dtype=np.float32) if waveform.ndim == 2 else waveform.astype(np.float32)

@@ -15,7 +15,6 @@ Real users pass a pretrained VAE directory; the offline demo trains a small KL V
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +208,11 @@ def decode_latents(vae: VAE, latents: torch.Tensor | np.ndarray, batch_size: int
     return np.concatenate(out)
 
 
+def reconstruct(vae: VAE, frames: np.ndarray) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] through encode (float16, as shards store latents) and decode: what the VAE keeps."""
+    return decode_latents(vae, encode_frames(vae, frames).astype(np.float32))
+
+
 def scale_latents(z: torch.Tensor, info: dict[str, Any]) -> torch.Tensor:
     """Unscaled VAE latents -> the model's ~unit-variance space: (z - shift) * scaling_factor."""
     return (z - float(info.get("shift_factor") or 0.0)) * float(info["scaling_factor"])
@@ -226,11 +230,3 @@ def calibrate_scaling_factor(vae: VAE, frames: np.ndarray) -> float:
     if not np.isfinite(std) or std <= 0.0:
         raise VAEError(f"cannot calibrate the scaling factor: latent std is {std}")
     return 1.0 / std
-
-
-def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB between two uint8 image arrays of the same shape."""
-    if reference.shape != test.shape:
-        raise ValueError(f"psnr needs arrays of the same shape, got {reference.shape} and {test.shape}")
-    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)

@@ -126,10 +126,18 @@ def test_logged_to_wandb_and_csv_and_training_is_undisturbed(shards: Path, tmp_p
     assert callback.keys == ["clip_0000/0000", "clip_0002/0000"]
     assert [r["step"] for r in callback.results] == [2, 4]
     for result in callback.results:
-        assert set(result["metrics"]) == {"sync_synthetic", "sync_synthetic_real"}
+        assert {k for k in result["metrics"] if not k.startswith("appearance/")} == {"sync_synthetic",
+                                                                                    "sync_synthetic_real"}
         assert set(result["skipped"]) == {"fid", "fvd", "sync_c", "sync_d"}
         assert result["metrics"]["sync_synthetic_real"] > 0.9  # the ground truth's mouths follow the audio
-    assert callback.results[0]["metrics"]["sync_synthetic"] != callback.results[1]["metrics"]["sync_synthetic"]
+        appearance = {k: v for k, v in result["metrics"].items() if k.startswith("appearance/")}
+        assert len(appearance) == 5 * 3 * 2  # generated, static, ceiling, drift first / last x 3 regions x 2
+        assert 5 < appearance["appearance/generated/frame/psnr"] < appearance["appearance/ceiling/frame/psnr"]
+    first, second = (r["metrics"] for r in callback.results)
+    assert first["sync_synthetic"] != second["sync_synthetic"]
+    assert first["appearance/generated/mouth/psnr"] != second["appearance/generated/mouth/psnr"]
+    for name in ("static", "ceiling"):  # the references do not depend on the model
+        assert first[f"appearance/{name}/frame/ssim"] == second[f"appearance/{name}/frame/ssim"]
 
     history = _history(run)
     scalars = {row["trainer/global_step"]: row for row in history if "eval/sync_synthetic" in row}
@@ -145,6 +153,10 @@ def test_logged_to_wandb_and_csv_and_training_is_undisturbed(shards: Path, tmp_p
     streams = media.media_streams(media_file)  # W&B's copy of our mp4: video and its audio
     assert (streams["video_codec"], streams["audio_codec"], streams["num_frames"]) == ("h264", "aac", FRAMES)
     assert media_file.read_bytes() == Path(callback.results[0]["videos"][0]).read_bytes()
+    sheets = [row for row in history if row.get("eval/contact_sheets/_type") == "images/separated"]
+    assert [row["trainer/global_step"] for row in sheets] == [2, 4], "W&B contact sheets"
+    (sheet,) = callback.results[0]["contact_sheets"]
+    assert media.read_image(sheet).shape == (3 * 64 + 2 * 2, 64, 3)  # portrait | real | generated of 8 frames: 1 column
 
     rows = [r for r in csv.DictReader(open(run / "logs" / "version_0" / "metrics.csv")) if r["eval/sync_synthetic"]]
     assert [int(r["step"]) for r in rows] == [2, 4], "CSV"

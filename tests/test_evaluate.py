@@ -19,6 +19,7 @@ from torch import nn
 
 from datamodules.letstalk import LetsTalkDataModule
 from lightning_modules.letstalk import LetsTalkModule
+from pipeline import media
 from pipeline.evaluate import ClipLoader, MetricsConfig, MetricSuite, evaluate, select_segments
 from pipeline.generate import CheckpointError
 from pipeline.metrics import MetricWeightsError
@@ -85,7 +86,8 @@ def test_without_weights_metrics_are_skipped_with_notes(tiny, tmp_path, capsys):
     out = tmp_path / "eval" / "result.json"
     result = evaluate(tiny["checkpoint"], tiny["shards"], num_clips=2, seed=0, out=out, steps=1)
     assert json.loads(out.read_text()) == {k: v for k, v in result.items() if k != "out"}
-    assert set(result["metrics"]) == {"sync_synthetic", "sync_synthetic_real"}
+    assert {k for k in result["metrics"] if not k.startswith("appearance/")} == {"sync_synthetic",
+                                                                                "sync_synthetic_real"}
     assert set(result["skipped"]) == {"fid", "fvd", "sync_c", "sync_d"}
     assert "--fid-weights" in result["skipped"]["fid"] and "--syncnet-weights" in result["skipped"]["sync_d"]
     # the ground-truth faces open their mouths with the audio: the synthetic metric sees it
@@ -96,14 +98,25 @@ def test_without_weights_metrics_are_skipped_with_notes(tiny, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "synthetic lip sync (r)" in table and "skipped FID: no Inception weights" in table
     assert "skipped Sync-C (SyncNet confidence), Sync-D (SyncNet distance)" in table and str(out) in table
+    assert "mouth box: static portrait" in table and "drift: last chained clip" in table
+    # the static reference, computed here from the source videos: frame 0 repeated against frames 1..
+    static = []
+    for key in (c["key"] for c in result["clips"]):
+        (segment,) = [s for s in select_segments(tiny["shards"], 3, 0) if s.key == key]
+        real = media.read_video(segment.meta["source"], fps=25, size=64)[:FRAMES].astype(np.float64)
+        static.append(10 * math.log10(255**2 / np.mean((real[1:] - real[:1]) ** 2)))
+    assert result["metrics"]["appearance/static/frame/psnr"] == pytest.approx(np.mean(static), abs=1e-9)
+    assert result["appearance"]["static"]["frame"]["psnr"] == result["metrics"]["appearance/static/frame/psnr"]
+    sheets = sorted((out.parent / "result_sheets").glob("*.png"))  # portrait | real | generated, per clip
+    assert len(sheets) == 2 and media.read_image(sheets[0]).shape == (3 * 64 + 4, 64, 3)
 
 
 def test_with_random_weight_networks_every_metric_is_computed(full):
     result, table = full
     values = result["metrics"]
     assert result["skipped"] == {}
-    assert set(values) == {"fid", "fvd", "sync_c", "sync_d", "sync_c_real", "sync_d_real", "sync_synthetic",
-                           "sync_synthetic_real"}
+    assert {k for k in values if not k.startswith("appearance/")} == {
+        "fid", "fvd", "sync_c", "sync_d", "sync_c_real", "sync_d_real", "sync_synthetic", "sync_synthetic_real"}
     assert all(math.isfinite(v) for v in values.values())
     assert values["fid"] > 0 and values["fvd"] > 0  # random-VAE frames differ from the ground truth
     assert values["sync_d"] > 0 and values["sync_c"] >= 0
@@ -118,8 +131,10 @@ def test_generated_equal_to_ground_truth_scores_as_ground_truth(tiny, weights):
     suite = MetricSuite(MetricsConfig(fid_weights=weights.fid_weights, fid_frames_per_clip=2))
     manifest = Manifest.load(tiny["shards"])
     clips = [ClipLoader(manifest, 64)(s) for s in select_segments(tiny["shards"], 2, seed=0)]
-    values, skipped = suite.summarize([suite.clip_stats(c.real, c) for c in clips])
+    values, skipped = suite.summarize([suite.clip_stats(c.real, c, clip_frames=8) for c in clips])
     assert abs(values["fid"]) < 1e-6
+    assert values["appearance/generated/mouth/psnr"] == math.inf and values["appearance/generated/frame/ssim"] == 1.0
+    assert "appearance/ceiling/frame/psnr" not in values  # the loader had no VAE: no ceiling
     assert values["sync_synthetic"] == values["sync_synthetic_real"] > 0.9
     assert set(skipped) == {"fvd", "sync_c", "sync_d"}
 

@@ -22,7 +22,7 @@ from pipeline.generate import CheckpointError, GenerationError, frame_count, gen
 
 def test_demo_runs_every_stage_and_reports(demo: dict):
     out = Path(demo["checkpoint"]).parents[2]
-    assert list(demo["stage_seconds"]) == ["synth", "fit-vae", "prepare", "fit", "generate+sync"]
+    assert list(demo["stage_seconds"]) == ["synth", "fit-vae", "prepare", "fit", "generate+score"]
     assert json.loads((out / "demo.json").read_text())["videos"] == demo["videos"]
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert manifest["num_samples"] == 4 and manifest["failed"] == []
@@ -33,6 +33,17 @@ def test_demo_runs_every_stage_and_reports(demo: dict):
         streams = media.media_streams(video)
         assert (streams["video_codec"], streams["audio_codec"]) == ("h264", "aac")
         assert streams["num_frames"] == 50 and streams["audio_duration_s"] == pytest.approx(2.0, abs=0.05)
+    for i, clip in enumerate(demo["clips"]):  # the pictures, and the appearance scores with their references
+        sheet = media.read_image(out / f"contact_sheet_{i}.png")
+        assert sheet.shape == (3 * 64 + 2 * 2, 5 * 64 + 4 * 2, 3)  # portrait | real | generated, frames 0, 10, .. 40
+        real = media.read_video(out / "heldout" / f"clip_{i:04d}.mp4")
+        np.testing.assert_array_equal(sheet[66:130, 66:130], real[10])
+        side = media.media_streams(out / f"side_by_side_{i}.mp4")
+        assert (side["width"], side["num_frames"], side["audio_streams"]) == (3 * 64 + 2 * 2, 50, 1)
+        assert 10 < clip["static"]["frame"]["psnr"] < 60 and 0 < clip["ceiling"]["mouth"]["ssim"] < 1
+    assert set(demo["targets"]) == {"outside_mouth", "frame", "mouth", "drift"}
+    margin = demo["clips"][0]["generated"]["frame"]["psnr"] - demo["clips"][0]["static"]["frame"]["psnr"]
+    assert demo["targets"]["frame"][0] == pytest.approx(margin)
 
 
 def _wav(path: Path, seconds: float, rate: int = 22050, channels: int = 2) -> Path:

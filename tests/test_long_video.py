@@ -1,4 +1,5 @@
-"""Long videos: generation chains clips through motion frames and the memory bank; the seam metric."""
+"""Long videos: generation chains clips through motion frames and the memory bank; residual generation
+(relative to the portrait) in training and sampling; the seam metric."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_modules.letstalk import LetsTalkModule
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.generate import Generator, sample_latents
 from pipeline.metrics.seams import seam_ratio
@@ -70,6 +72,32 @@ def test_without_long_video_options_or_chaining_clips_are_independent():
     ref, windows = torch.randn(1, C, S, S, generator=g), torch.randn(2 * CLIP, WIN, DA, generator=g)
     sample_latents(unchained, ref, windows, steps=3, audio_scale=1.0, ref_scale=1.0, chain=False)
     assert all(motion is None and memory is None for motion, memory in unchained.net.calls)
+
+
+def test_residual_generation_adds_the_portrait_back_and_chains_absolute_latents():
+    """The network is the same with or without `residual`; only what its samples mean changes."""
+    plain, residual = generator(), generator(residual=True)
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(1, C, S, S, generator=g)
+    torch.testing.assert_close(sample(residual, 2 * CLIP), sample(plain, 2 * CLIP) + ref)  # sample() draws this ref
+    chained = generator(residual=True, motion_frames=2, cond_noise_infer=0.0)
+    z = sample(chained, 2 * CLIP)
+    torch.testing.assert_close(chained.net.calls[3][0][0], z[CLIP - 2 : CLIP])  # motion: the video so far, not residuals
+
+
+def test_residual_training_targets_the_change_from_the_portrait():
+    info = {"latent_channels": C, "audio_dim": DA, "audio_tokens": WIN}
+    net = {"patch_size": 2, **info}
+    plain, residual = (LetsTalkModule(net={**net, "residual": r}, data_info={"clip_frames": CLIP, **info})
+                       for r in (False, True))
+    residual.net.load_state_dict(plain.net.state_dict())
+    g = torch.Generator().manual_seed(2)
+    ref, change = torch.randn(3, 1, C, S, S, generator=g), torch.randn(3, CLIP, C, S, S, generator=g)
+    batch = {"ref": ref, "audio": torch.randn(3, CLIP, WIN, DA, generator=g)}
+    loss = lambda module, latents: module._loss({**batch, "latents": latents},  # noqa: E731
+                                                torch.Generator().manual_seed(3), dropout=False)
+    assert loss(residual, ref + change) == loss(plain, change)
+    assert loss(residual, ref + change) != loss(plain, ref + change)
 
 
 def test_seam_ratio_measures_jumps_at_clip_boundaries():

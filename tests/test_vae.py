@@ -14,6 +14,7 @@ from diffusers import AutoencoderDC, AutoencoderKL
 
 from lightning_modules.vae import _read_frames, fit_vae, train_vae
 from pipeline.media import read_video
+from pipeline.metrics.appearance import psnr
 from pipeline.prepare import prepare
 from pipeline.shards import iter_tar
 from pipeline.sync import mouth_opening, mouth_region
@@ -25,7 +26,6 @@ from pipeline.vae import (
     demo_vae_config,
     encode_frames,
     load_vae,
-    psnr,
     recommended_patch_size,
     scale_latents,
     unscale_latents,
@@ -322,14 +322,6 @@ def test_prepare_with_a_dc_vae_writes_dc_latents(tmp_path):
         np.testing.assert_array_equal(segment.latents, encode_frames(vae, read_video(video, fps=25, size=64)))
     with pytest.raises(ValueError, match="not divisible by the VAE downsampling factor 32"):
         prepare(tmp_path / "videos", tmp_path / "shards48", dc_dir, size=48, progress=False)
-
-
-def test_psnr():
-    a = np.zeros((2, 4, 4, 3), np.uint8)
-    assert psnr(a, a) == float("inf")
-    assert psnr(a, a + 1) == pytest.approx(10 * np.log10(255.0**2), rel=1e-9)
-    with pytest.raises(ValueError, match="same shape"):
-        psnr(a, a[:1])
 
 
 def _logged(out: Path, name: str) -> list[float]:

@@ -1,9 +1,13 @@
 """`letstalk demo`: the whole pipeline end to end on synthetic talking faces, on a CPU.
 
-synth -> fit-vae -> prepare -> fit -> generate (held-out portrait and audio) -> lip sync.
-The lip-sync score is the correlation between the mouth opening measured in the generated
-frames and the loudness envelope of the driving audio; as a control, the same frames are
-scored against another clip's audio, which should give about 0.
+synth -> fit-vae -> prepare -> fit -> generate (held-out portrait and audio) -> score.
+Each held-out face is generated from its clip's first frame and its own audio, so the real clip
+is ground truth. Scores: lip sync, the correlation between the mouth opening measured in the
+generated frames and the loudness envelope of the driving audio (as a control, the same frames
+against another clip's audio, which should give about 0); and appearance
+(`pipeline.metrics.appearance`): PSNR / SSIM against the real frames over the whole frame, outside
+and inside the mouth, beside a static copy of the portrait and the VAE's reconstruction, and the
+drift from the first to the last chained clip. `TARGETS` are what the demo should reach.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import media
+from pipeline.metrics.appearance import comparison_sheet, fidelity, format_fidelity
 from pipeline.sync import loudness_envelope, mouth_opening, mouth_region, sync_score
+from pipeline.vae import reconstruct
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -25,14 +31,28 @@ FAST = dict(clips=4, seconds=2.0, heldout=2, vae_clips=4, vae_steps=20, vae_time
             fit_time="00:00:02:00")
 
 
-def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, fps: float = 25.0) -> dict:
-    from lightning_modules.vae import fit_vae
-    from pipeline.cli.train import run_lightning_cli
-    from pipeline.generate import generate
-    from pipeline.prepare import prepare
-    from pipeline.synth import synthesize
+# name -> (what it asks, margin of one clip's scores: >= 0 when met), for the appearance targets of issue 13
+TARGETS = {
+    "outside_mouth": ("outside the mouth within 1 dB of the VAE ceiling (PSNR)",
+                      lambda c: c["generated"]["outside_mouth"]["psnr"] - c["ceiling"]["outside_mouth"]["psnr"] + 1.0),
+    "frame": ("whole frame at or above the static portrait (PSNR)",
+              lambda c: c["generated"]["frame"]["psnr"] - c["static"]["frame"]["psnr"]),
+    "mouth": ("mouth box at least 2 dB above the static portrait (PSNR)",
+              lambda c: c["generated"]["mouth"]["psnr"] - c["static"]["mouth"]["psnr"] - 2.0),
+    "drift": ("last chained clip within 0.5 dB of the first (PSNR, whole frame)",
+              lambda c: c["drift"]["last"]["frame"]["psnr"] - c["drift"]["first"]["frame"]["psnr"] + 0.5),
+}
 
-    plan = FAST if fast else FULL
+
+def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, fps: float = 25.0,
+             fit_args: list[str] | None = None, generation: dict | None = None, plan: dict | None = None) -> dict:
+    """Run every stage into `out` and return the scores (also written to `out`/demo.json).
+
+    fit_args: extra `letstalk fit` arguments (after the demo's own); generation: `generate` keyword
+    arguments (steps, audio_scale, ...); plan: overrides of FULL / FAST. Ablations use these
+    (benchmarks/fidelity_ablations.py); `letstalk demo` runs the defaults.
+    """
+    plan = {**(FAST if fast else FULL), **(plan or {})}
     out = Path(out)
     times: dict[str, float] = {}
 
@@ -43,49 +63,95 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, 
         times[name] = time.perf_counter() - t0
         return result
 
-    def synth() -> list[Path]:
-        synthesize(out / "videos", clips=plan["clips"], seconds=plan["seconds"], size=size, fps=fps, seed=0)
-        # The VAE stands in for a pretrained, general-purpose one: it learns from its own, more varied
-        # set of one-second faces, none of them a training or held-out identity.
-        synthesize(out / "vae_videos", clips=plan["vae_clips"], seconds=1.0, size=size, fps=fps, seed=20_000)
-        return synthesize(out / "heldout", clips=plan["heldout"], seconds=plan["seconds"], size=size, fps=fps,
-                          seed=10_000)
-
-    heldout = stage("synth", synth)
-    stage("fit-vae", fit_vae, out / "vae_videos", out / "vae", size=size, max_steps=plan["vae_steps"],
-          max_time_s=plan["vae_time"], seed=0)
-    stage("prepare", prepare, out / "videos", out / "shards", vae_path=out / "vae", audio_encoder="mel",
-          fps=fps, size=size, segment_seconds=plan["seconds"], progress=False)
-    run = out / "train"
-    cli = stage("fit", run_lightning_cli, [
-        "fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "long_video.yaml"),
-        "--data.root", str(out / "shards"),
-        "--trainer.default_root_dir", str(run),
-        "--trainer.max_steps", str(plan["fit_steps"]), "--trainer.max_time", plan["fit_time"],
-    ] + (["--trainer.val_check_interval", "3", "--data.num_workers", "0"] if fast else []))
-    checkpoint = run / "checkpoints" / "last.ckpt"
+    heldout = stage("synth", synth_data, out, plan, size, fps)
+    stage("fit-vae", train_vae, out, plan, size)
+    stage("prepare", prepare_shards, out, plan, size, fps)
+    cli = stage("fit", fit_model, out / "shards", out / "train", plan, list(fit_args or []), fast)
+    checkpoint = out / "train" / "checkpoints" / "last.ckpt"
     final_loss = float(cli.trainer.callback_metrics.get("train/loss", float("nan")))
 
-    true_scores, control_scores, videos = [], [], []
     t0 = time.perf_counter()
-    for i, clip in enumerate(heldout):
-        video = out / f"generated_{i}.mp4"
-        generate(checkpoint, clip, clip, video)  # first frame of the held-out clip as portrait, its audio
-        frames = media.read_video(video, fps=fps)
-        side = json.loads(clip.with_suffix(".json").read_text())
-        mouth = mouth_opening(frames, mouth_region(side, margin=2))
-        other = heldout[(i + 1) % len(heldout)]
-        true_scores.append(sync_score(mouth, _envelope(clip, fps, len(frames))))
-        control_scores.append(sync_score(mouth, _envelope(other, fps, len(frames))))
-        videos.append(video)
-    times["generate+sync"] = time.perf_counter() - t0
+    clips = score_heldout(out, checkpoint, heldout, fps, **(generation or {}))
+    times["generate+score"] = time.perf_counter() - t0
 
     result = {"stage_seconds": times, "total_seconds": sum(times.values()), "final_loss": final_loss,
-              "sync_true_audio": float(np.mean(true_scores)), "sync_mismatched_audio": float(np.mean(control_scores)),
-              "sync_true_per_clip": true_scores, "sync_mismatched_per_clip": control_scores,
-              "videos": [str(v) for v in videos], "checkpoint": str(checkpoint), "logs": str(run)}
+              **summarize(clips), "clips": clips, "videos": [c["video"] for c in clips], "checkpoint": str(checkpoint),
+              "logs": str(out / "train")}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     _print_table(result)
+    return result
+
+
+def synth_data(out: Path, plan: dict, size: int, fps: float) -> list[Path]:
+    """Training faces in `out`/videos, the VAE's own faces in `out`/vae_videos; returns the held-out clips."""
+    from pipeline.synth import synthesize
+
+    synthesize(out / "videos", clips=plan["clips"], seconds=plan["seconds"], size=size, fps=fps, seed=0)
+    # The VAE stands in for a pretrained, general-purpose one: it learns from its own, more varied
+    # set of one-second faces, none of them a training or held-out identity.
+    synthesize(out / "vae_videos", clips=plan["vae_clips"], seconds=1.0, size=size, fps=fps, seed=20_000)
+    return synthesize(out / "heldout", clips=plan["heldout"], seconds=plan["seconds"], size=size, fps=fps, seed=10_000)
+
+
+def train_vae(out: Path, plan: dict, size: int) -> Path:
+    from lightning_modules.vae import fit_vae
+
+    return fit_vae(out / "vae_videos", out / "vae", size=size, max_steps=plan["vae_steps"], max_time_s=plan["vae_time"],
+                   latent_channels=plan.get("vae_channels", 4), seed=0)
+
+
+def prepare_shards(out: Path, plan: dict, size: int, fps: float) -> None:
+    from pipeline.prepare import prepare
+
+    prepare(out / "videos", out / "shards", vae_path=out / "vae", audio_encoder="mel", fps=fps, size=size,
+            segment_seconds=plan["seconds"], progress=False)
+
+
+def fit_model(shards: Path, run: Path, plan: dict, fit_args: list[str], fast: bool = False):
+    """`letstalk fit` of the demo config (with long-video options) on `shards` into `run`; returns the CLI."""
+    from pipeline.cli.train import run_lightning_cli
+
+    return run_lightning_cli([
+        "fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "long_video.yaml"),
+        "--data.root", str(shards), "--trainer.default_root_dir", str(run),
+        "--trainer.max_steps", str(plan["fit_steps"]), "--trainer.max_time", plan["fit_time"],
+    ] + (["--trainer.val_check_interval", "3", "--data.num_workers", "0"] if fast else []) + fit_args)
+
+
+def score_heldout(out: Path, checkpoint: Path, heldout: list[Path], fps: float, **generation) -> list[dict]:
+    """Generate each held-out face from its first frame and its own audio, then score lip sync and appearance
+    against the real clip; write a side-by-side video (portrait | real | generated) and a contact sheet of each."""
+    from pipeline.generate import load_model, generate
+
+    model = load_model(checkpoint)
+    clip_frames = int(model.gen.data_info["clip_frames"])
+    clips = []
+    for i, path in enumerate(heldout):
+        video = out / f"generated_{i}.mp4"
+        generate(model, path, path, video, **generation)  # first frame of the held-out clip as portrait, its audio
+        frames = media.read_video(video, fps=fps)
+        real = media.read_video(path, fps=fps)[: len(frames)]
+        side = json.loads(path.with_suffix(".json").read_text())
+        box = mouth_region(side, margin=2)
+        mouth = mouth_opening(frames, box)
+        other = heldout[(i + 1) % len(heldout)]
+        portrait = np.broadcast_to(real[:1], real.shape)
+        media.write_video(out / f"side_by_side_{i}.mp4", media.side_by_side(portrait, real, frames), fps,
+                          audio=media.read_audio(path), sample_rate=media.SAMPLE_RATE)
+        sheet = out / f"contact_sheet_{i}.png"
+        media.write_image(sheet, comparison_sheet(real, frames))
+        clips.append({"video": str(video), "contact_sheet": str(sheet),
+                      "sync_true": sync_score(mouth, _envelope(path, fps, len(frames))),
+                      "sync_mismatched": sync_score(mouth, _envelope(other, fps, len(frames))),
+                      **fidelity(frames, real, box, clip_frames, reconstruct(model.vae, real))})
+    return clips
+
+
+def summarize(clips: list[dict]) -> dict:
+    """Mean lip sync over the clips, and each target of `TARGETS` with its margin per clip."""
+    result = {"sync_true_audio": float(np.mean([c["sync_true"] for c in clips])),
+              "sync_mismatched_audio": float(np.mean([c["sync_mismatched"] for c in clips]))}
+    result["targets"] = {name: [float(check(c)) for c in clips] for name, (_, check) in TARGETS.items()}
     return result
 
 
@@ -100,7 +166,14 @@ def _print_table(result: dict) -> None:
              ("lip sync, true audio (r)", f"{result['sync_true_audio']:+.3f}"),
              ("lip sync, mismatched audio (r)", f"{result['sync_mismatched_audio']:+.3f}"),
              ("generated video", result["videos"][0]),
+             ("side by side, contact sheet", f"{Path(result['videos'][0]).parent}/side_by_side_*.mp4, contact_sheet_*.png"),
              ("checkpoint", result["checkpoint"]),
              ("logs (CSV, W&B offline)", result["logs"])]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print("\n" + format_fidelity({f"clip {i}": clip for i, clip in enumerate(result["clips"])}))
+    print("\ntargets (margin in dB per clip; met when >= 0)")
+    for name, (text, _) in TARGETS.items():
+        margins = result["targets"][name]
+        verdict = "met" if min(margins) >= 0 else "missed"
+        print(f"  {text}: {'  '.join(f'{m:+.2f}' for m in margins)}  {verdict}")

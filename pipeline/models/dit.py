@@ -100,6 +100,9 @@ class DiTConfig:
     motion_dropout: float = 0.1  # P(a training clip gets null motion and memory, as a video's first clip does)
     cond_noise_max: float = 0.3  # training: motion/memory noised to a level ~ U(0, cond_noise_max)
     cond_noise_infer: float = 0.05  # generation: motion/memory noised to this fixed level
+    # True: the diffusion generates each frame's latent minus the portrait's (known at generation, added back after
+    # sampling), so a zero output is the still portrait and the network only draws what moves (README, fidelity).
+    residual: bool = False
 
     def validate(self) -> None:
         hidden = get_size(self.size).hidden
