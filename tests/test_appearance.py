@@ -98,17 +98,19 @@ def test_fidelity_scores_the_references_and_the_drift_of_the_generated_video():
     generated[16:] = np.clip(real[16:].astype(np.int16) + 20, 0, 255)  # the last clip of 8 drifted
     result = fidelity(generated, real, BOX, clip_frames=8, reconstruction=real.copy())
     assert result["static"]["frame"]["psnr"] == math.inf and result["ceiling"]["mouth"]["psnr"] == math.inf
-    assert result["drift"]["first"]["frame"]["psnr"] == math.inf
-    assert result["drift"]["last"]["frame"]["psnr"] == pytest.approx(10 * math.log10(255**2 / 400), abs=1e-9)
+    assert result["drift"]["first"]["generated"]["frame"]["psnr"] == math.inf
+    assert result["drift"]["last"]["generated"]["frame"]["psnr"] == pytest.approx(10 * math.log10(255**2 / 400),
+                                                                                abs=1e-9)
+    assert result["drift"]["last"]["static"]["mouth"]["psnr"] == math.inf  # the references on the same frames
     # frames 1..23 are scored: 8 of the 23 carry the error
     assert result["generated"]["frame"]["psnr"] == pytest.approx(10 * math.log10(255**2 / (400 * 8 / 23)), abs=1e-9)
     flat = flatten(result)
     assert flat["generated/mouth/psnr"] == result["generated"]["mouth"]["psnr"]
-    assert flat["drift_last/frame/ssim"] == result["drift"]["last"]["frame"]["ssim"]
+    assert flat["drift_last/generated/frame/ssim"] == result["drift"]["last"]["generated"]["frame"]["ssim"]
     assert "ceiling" not in fidelity(generated, real, BOX, clip_frames=8)
     mean = mean_fidelity([result, fidelity(real, real, BOX, 8, real)])
-    assert mean["drift"]["last"]["frame"]["ssim"] == pytest.approx(
-        (result["drift"]["last"]["frame"]["ssim"] + 1.0) / 2)
+    assert mean["drift"]["last"]["generated"]["frame"]["ssim"] == pytest.approx(
+        (result["drift"]["last"]["generated"]["frame"]["ssim"] + 1.0) / 2)
     table = format_fidelity({"clip 0": result})
     assert "mouth box: static portrait" in table and "drift: last chained clip" in table
 

@@ -131,7 +131,8 @@ def test_logged_to_wandb_and_csv_and_training_is_undisturbed(shards: Path, tmp_p
         assert set(result["skipped"]) == {"fid", "fvd", "sync_c", "sync_d"}
         assert result["metrics"]["sync_synthetic_real"] > 0.9  # the ground truth's mouths follow the audio
         appearance = {k: v for k, v in result["metrics"].items() if k.startswith("appearance/")}
-        assert len(appearance) == 5 * 3 * 2  # generated, static, ceiling, drift first / last x 3 regions x 2
+        assert len(appearance) == 3 * (1 + 2) * 3 * 2  # (generated, static, ceiling) x (all, first, last clip)
+        # x 3 regions x (PSNR, SSIM)
         assert 5 < appearance["appearance/generated/frame/psnr"] < appearance["appearance/ceiling/frame/psnr"]
     first, second = (r["metrics"] for r in callback.results)
     assert first["sync_synthetic"] != second["sync_synthetic"]

@@ -108,7 +108,8 @@ def test_without_weights_metrics_are_skipped_with_notes(tiny, tmp_path, capsys):
     assert result["metrics"]["appearance/static/frame/psnr"] == pytest.approx(np.mean(static), abs=1e-9)
     assert result["appearance"]["static"]["frame"]["psnr"] == result["metrics"]["appearance/static/frame/psnr"]
     sheets = sorted((out.parent / "result_sheets").glob("*.png"))  # portrait | real | generated, per clip
-    assert len(sheets) == 2 and media.read_image(sheets[0]).shape == (3 * 64 + 4, 64, 3)
+    columns = math.ceil(FRAMES / 10)  # frames 0, 10, ..
+    assert len(sheets) == 2 and media.read_image(sheets[0]).shape == (3 * 64 + 4, columns * 66 - 2, 3)
 
 
 def test_with_random_weight_networks_every_metric_is_computed(full):

@@ -311,10 +311,24 @@ def test_portrait_crop_modes(demo: dict, tmp_path: Path):
     assert model.checkpoint_sha256 == hashlib.sha256(Path(demo["checkpoint"]).read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The real demo (~10 min on 2 cores), once for the slow tests below."""
+    return run_demo(tmp_path_factory.mktemp("full") / "demo")
+
+
 @pytest.mark.slow
-def test_full_demo_learns_audio_driven_mouth_motion(tmp_path: Path):
-    """The real demo (~9 min on 2 cores): lip sync with the true audio well above the mismatched control."""
-    result = run_demo(tmp_path / "demo")
-    assert result["sync_true_audio"] >= 0.5
-    assert abs(result["sync_mismatched_audio"]) < 0.25
-    assert result["total_seconds"] < 15 * 60
+def test_full_demo_learns_audio_driven_mouth_motion(full_demo: dict):
+    """Lip sync with the true audio well above the mismatched control, within the demo's 15 minutes."""
+    assert full_demo["sync_true_audio"] >= 0.9
+    assert abs(full_demo["sync_mismatched_audio"]) <= 0.15
+    assert full_demo["total_seconds"] < 15 * 60
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 13: the appearance targets are not reached yet (README, Portrait fidelity)")
+def test_full_demo_keeps_the_portrait(full_demo: dict):
+    """Issue 13's targets, clip by clip: outside the mouth within 1 dB of the VAE ceiling, the whole frame at or
+    above the static portrait, the mouth 2 dB above it, the last chained clip within 0.5 dB of the first."""
+    missed = {name: margins for name, margins in full_demo["targets"].items() if min(margins) < 0}
+    assert not missed, f"targets missed (margin in dB per clip): {missed}"

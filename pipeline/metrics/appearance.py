@@ -8,8 +8,11 @@ portrait should simply persist), beside two references on the same frames:
     static   the portrait repeated (a video that never moves): what generation must beat
     ceiling  the VAE's reconstruction of the real frames: the best a latent model can do
 
-Frame 0 is left out everywhere (it is the portrait itself). `drift` scores the first and the last
-chained clip separately: identity and colour that degrade over the video show as a drop.
+Frame 0 is left out everywhere (it is the portrait itself). The drift block scores the first and
+the last chained clip separately: identity and colour that degrade over the video show as a drop.
+The references are scored on the same spans, because the real frames themselves change over a
+video (the head moves, the mouth is open or shut): the static portrait drops too, and a generated
+video that only follows the ceiling down has not drifted.
 
 The mouth box: on synthetic data, `pipeline.sync.mouth_region` of `synth`'s ground truth; on real
 data, `face_mouth_box`, the lower-centre region of a `pipeline.faces` crop.
@@ -107,25 +110,25 @@ def fidelity(generated: np.ndarray, real: np.ndarray, box: Box, clip_frames: int
     """Appearance of `generated` and of the references against `real` (uint8 [T, H, W, 3], frame 0 the portrait).
 
     Returns {reference: {region: {"psnr", "ssim"}}} for "generated", "static" (frame 0 repeated) and, given the
-    VAE `reconstruction` of `real`, "ceiling"; plus "drift": {"first" | "last": the generated scores over the
-    first / last chained clip of `clip_frames`}. Frames 1..T-1 only.
+    VAE `reconstruction` of `real`, "ceiling"; plus "drift": {"first" | "last": {reference: {region: ...}}}, the
+    same over the first / last chained clip of `clip_frames`. Frames 1..T-1 only.
     """
     _check(generated, real)
     if len(real) < 2:
         raise ValueError(f"appearance needs at least 2 frames (frame 0 is the portrait), got {len(real)}")
-    static = np.broadcast_to(real[:1], real.shape)
-    result: dict[str, Any] = {"generated": appearance(generated[1:], real[1:], box),
-                              "static": appearance(static[1:], real[1:], box)}
+    videos = {"generated": generated, "static": np.broadcast_to(real[:1], real.shape)}
     if reconstruction is not None:
         _check(reconstruction, real)
-        result["ceiling"] = appearance(reconstruction[1:], real[1:], box)
-    result["drift"] = {name: appearance(generated[span], real[span], box)
-                       for name, span in clip_spans(len(real), clip_frames).items()}
+        videos["ceiling"] = reconstruction
+    result: dict[str, Any] = {name: appearance(video[1:], real[1:], box) for name, video in videos.items()}
+    result["drift"] = {span_name: {name: appearance(video[span], real[span], box) for name, video in videos.items()}
+                       for span_name, span in clip_spans(len(real), clip_frames).items()}
     return result
 
 
 def flatten(scores: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """`fidelity` as flat metric names: "<reference>/<region>/<psnr|ssim>", drift as "drift_<first|last>/..."."""
+    """`fidelity` as flat metric names: "<reference>/<region>/<psnr|ssim>", drift as
+    "drift_<first|last>/<reference>/<region>/<psnr|ssim>"."""
     flat: dict[str, float] = {}
     for key, value in scores.items():
         name = f"{prefix}{key}"
@@ -150,7 +153,7 @@ _LABELS = {"frame": "whole frame", "outside_mouth": "outside mouth", "mouth": "m
 
 def format_fidelity(columns: dict[str, dict[str, Any]]) -> str:
     """A text table of `fidelity` results, one column each (e.g. per clip): "PSNR dB / SSIM" for every region
-    and reference, then drift (generated, whole frame, first vs last chained clip)."""
+    and reference, then the drift block (whole frame, first and last chained clip, each reference)."""
     rows = [("appearance vs real, frames 1.. (PSNR dB / SSIM)", *columns)]
     for region in REGIONS:
         for ref in REFERENCES:
@@ -158,9 +161,11 @@ def format_fidelity(columns: dict[str, dict[str, Any]]) -> str:
                 cells = [f"{c[ref][region]['psnr']:5.2f} / {c[ref][region]['ssim']:.3f}" for c in columns.values()]
                 rows.append((f"{_LABELS[region]}: {_LABELS[ref]}", *cells))
     for span in ("first", "last"):
-        cells = [f"{c['drift'][span]['frame']['psnr']:5.2f} / {c['drift'][span]['frame']['ssim']:.3f}"
-                 for c in columns.values()]
-        rows.append((f"drift: {span} chained clip, whole frame", *cells))
+        for ref in REFERENCES:
+            if all(ref in c["drift"][span] for c in columns.values()):
+                cells = [f"{c['drift'][span][ref]['frame']['psnr']:5.2f} / {c['drift'][span][ref]['frame']['ssim']:.3f}"
+                         for c in columns.values()]
+                rows.append((f"drift: {span} chained clip, whole frame: {_LABELS[ref]}", *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
