@@ -48,6 +48,13 @@ VARIANTS: dict[str, dict] = {
     "vae 3000 steps": {"data": "demo"},
     "vae 3000 steps + x0 output + residual": {"data": "demo", "fit": ["--model.diffusion.network_output", "x0",
                                                                    "--model.net.residual", "true"]},
+    "vae 3000 steps + x0 output": {"data": "demo", "fit": ["--model.diffusion.network_output", "x0"]},
+    "vae 3000 steps + motion noise 0.6 / 0.15": {"data": "demo", "fit": ["--model.net.cond_noise_max", "0.6",
+                                                                      "--model.net.cond_noise_infer", "0.15"]},
+    "x0 output + residual, audio guidance 3": {"parent": "vae 3000 steps + x0 output + residual",
+                                               "generation": {"audio_scale": 3.0}},
+    "x0 output + residual, audio guidance 4": {"parent": "vae 3000 steps + x0 output + residual",
+                                               "generation": {"audio_scale": 4.0}},
     "patch 2 (64 tokens/frame), 300 steps": {"data": "demo", "steps": 300, "fit": ["--model.net.patch_size", "2"]},
 }
 
