@@ -95,8 +95,9 @@ def run_variant(out: Path, name: str, steps: int, rescore: bool = False) -> dict
     parent = spec.get("parent")
     root, heldout = _data(out, VARIANTS.get(parent, spec).get("data", "demo"))
     fit_seconds = None
-    if parent:
-        checkpoint = Path(run_variant(out, parent, steps, rescore)["checkpoint"])
+    if parent:  # read back (rescored only when named itself)
+        parent_result = run_variant(out, parent, steps)
+        checkpoint = Path(parent_result["checkpoint"])
     else:
         t0 = time.perf_counter()
         steps = spec.get("steps", steps)
@@ -105,8 +106,7 @@ def run_variant(out: Path, name: str, steps: int, rescore: bool = False) -> dict
         fit_seconds = time.perf_counter() - t0
         checkpoint = folder / "train" / "checkpoints" / "last.ckpt"
     clips = score_heldout(folder, checkpoint, heldout, 25.0, **spec.get("generation", {}))
-    result = _result(name, spec, run_variant(out, parent, steps)["steps"] if parent else steps, fit_seconds,
-                     checkpoint, clips)
+    result = _result(name, spec, parent_result["steps"] if parent else steps, fit_seconds, checkpoint, clips)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "score.json").write_text(json.dumps(result, indent=2))
     return result

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from pipeline.media import contact_sheet
 from pipeline.sync import Box
 
 REGIONS = ("frame", "outside_mouth", "mouth")
@@ -172,7 +173,5 @@ def format_fidelity(columns: dict[str, dict[str, Any]]) -> str:
 
 def comparison_sheet(real: np.ndarray, generated: np.ndarray, every: int = 10) -> np.ndarray:
     """uint8 [H', W', 3]: rows portrait (real frame 0) | real | generated, every `every`-th frame of [T, H, W, 3]."""
-    from pipeline.media import contact_sheet
-
     _check(generated, real)
     return contact_sheet([np.broadcast_to(real[:1], real.shape), real, generated], every=every)
