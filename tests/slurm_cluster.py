@@ -102,8 +102,7 @@ class SlurmCluster:
         self._run([str(SBIN / "slurmd"), "-f", str(self.conf), "-N", "localhost"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if state.stdout.strip() == "idle":
+            if self._node_state() == "idle":
                 return
             time.sleep(0.5)
         self.stop()
@@ -154,6 +153,27 @@ class SlurmCluster:
     def cancel_all(self) -> None:
         """Cancel every job of this cluster (a failed test leaves none running for the next)."""
         subprocess.run(["scancel", f"--user={getpass.getuser()}"], env=self.env, capture_output=True, text=True)
+
+    def wait_idle(self, timeout: float) -> None:
+        """Poll until the node is idle: a requeued job's previous start has released it (its processes are gone).
+        SLURM's requeue delay (~120 s) gives this time; a test that starts the job at once must wait for it."""
+        deadline = time.monotonic() + timeout
+        while (state := self._node_state()) != "idle":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node still {state} after {timeout:.0f} s\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def _node_state(self) -> str:
+        return subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout.strip()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of slurmctld's and slurmd's logs: why a job failed to start, for a failing test's message."""
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.state / "log" / name
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else ["(no log)"]
+            parts.append(f"--- {name}\n" + "\n".join(text))
+        return "\n".join(parts)
 
     def wait(self, job_id: int, states: set[str], timeout: float) -> dict[str, str]:
         """Poll until the job is in one of `states`; a clear error with the job record otherwise."""

@@ -79,10 +79,11 @@ def test_requeued_ddp_job_resumes_from_its_last_checkpoint(cluster: SlurmCluster
     cluster.scontrol("requeue", str(job))
     requeued_at = time.monotonic()
     cluster.wait(job, {"PENDING"}, 60)
+    cluster.wait_idle(60)
     cluster.scontrol("update", f"JobId={job}", "StartTime=now")
-    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
+    info = cluster.wait(job, ENDED, 300)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-3000:]}\n{cluster.log_tail()}"
     assert info["Restarts"] == "1"
     assert "restart 0:" in text and "restart 1:" in text
     resumed = re.findall(r"resumed at step (\d+) \(SLURM_RESTART_COUNT=1\)", text)
@@ -141,10 +142,12 @@ def _restarted_to_completion(cluster: SlurmCluster, job: int, log: Path) -> str:
     took = time.monotonic() - stopping
     print(f"job {job} pending again after {took:.0f} s")
     assert took < KILL_WAIT - 5, f"the job's processes hung until SLURM killed them: {log.read_text()[-4000:]}"
+    cluster.wait_idle(60)  # the first start's processes are gone (SLURM's requeue delay would give them 120 s)
     cluster.scontrol("update", f"JobId={job}", "StartTime=now")
     info = cluster.wait(job, ENDED, 300)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        f"{info}\n{text[-4000:]}\n{cluster.log_tail()}")
     return text
 
 
