@@ -23,16 +23,22 @@ uneven data never hang. A run resumed in the middle of an epoch continues exactl
 stopped: the loader reads and drops the batches the checkpoint had already trained on (it never
 trains on them twice), so a resumed run sees the same batches as one that never stopped.
 Validation is a fixed set of clips (first frames of the first
-validation segments), identical on every run and every rank. Videos are split between train and
-validation by a stable hash of their id, so no video is in both.
+validation segments), identical on every run and every rank. Splits are by speaker: each video
+follows the split `prepare` recorded for its speaker in the manifest (a list's `split` column
+wins there); with `val_percent` set, speakers are split again by a stable hash at that percent.
+Either way no speaker is in both splits.
+
+Damaged data (`pipeline.shards.BadSamples`): a shard or sample that cannot be read is skipped,
+named and counted wherever it is met (index, training stream, validation); each training batch
+carries `bad_samples`, the skips of its worker since its previous batch, so that the
+LetsTalkModule can sum them over workers and ranks, log `data/bad_samples` and stop the run past
+`max_bad_samples`. Training reads only the members clips are cut from (no waveform).
 """
 
 from __future__ import annotations
 
 import random
-import tarfile
 import warnings
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -52,83 +58,11 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
-from pipeline.shards import LATENTS, MANIFEST, MEMBERS, Manifest, Segment, ShardFormatError
+from pipeline.shards import (MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample, Manifest, Segment,
+                             ShardFormatError, index_shards, read_segments, speaker_split)
 from pipeline.vae import scale_latents
 
 REF_MODES = ("outside", "any")
-
-
-class DataWarning(UserWarning):
-    """Data that was skipped (unreadable shard or sample) or a fallback that was taken."""
-
-
-def is_val_video(key: str, val_percent: float) -> bool:
-    """True if the sample's video (the key before "/") hashes into the first `val_percent` % (crc32, stable)."""
-    bucket = zlib.crc32(key.split("/", 1)[0].encode("utf-8")) % 10000
-    return bucket < round(val_percent * 100)
-
-
-@dataclass(frozen=True)
-class IndexedSample:
-    """One complete sample found by `index_shards`: where it is, its frame count and latent channels."""
-
-    shard: str
-    key: str
-    frames: int
-    channels: int
-
-
-def _npy_shape(fileobj: Any) -> tuple[int, ...]:
-    """The shape in a `.npy` header, read without touching the array data."""
-    version = np.lib.format.read_magic(fileobj)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return tuple(read(fileobj)[0])
-
-
-def index_shards(paths: list[str]) -> list[IndexedSample]:
-    """List every complete sample of every shard, in shard order, from tar headers and `.npy` headers only.
-
-    Why: the manifest has per-shard counts, but the train/validation split is per video and clips
-    need segments of at least `clip_frames` frames, so epoch lengths need per-sample keys and
-    frame counts. Walking tar headers seeks past the payloads and reads ~100 bytes of each
-    latents header: a few small reads per sample, no decoding. A missing or truncated shard is
-    warned about and only its complete samples (all members present, data inside the file) count.
-    """
-    found: list[IndexedSample] = []
-    for path in paths:
-        members: dict[str, set[str]] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        order: list[str] = []
-        try:
-            size = Path(path).stat().st_size
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if member.offset_data + member.size > size:
-                        raise tarfile.ReadError(f"truncated inside {member.name}")
-                    if not member.isreg():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    if key not in members:
-                        members[key] = set()
-                        order.append(key)
-                    members[key].add(ext)
-                    if ext == LATENTS:
-                        try:
-                            shapes[key] = _npy_shape(tar.extractfile(member))
-                        except ValueError as err:
-                            message = f"{path}: sample {key}: unreadable {LATENTS} header ({err}); skipped"
-                            warnings.warn(message, DataWarning)
-                tar.fileobj.seek(tar.offset)
-                if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-                    raise tarfile.ReadError("no end-of-archive block after the last member (truncated)")
-        except (OSError, tarfile.TarError) as err:
-            message = f"{path}: unreadable shard ({type(err).__name__}: {err}); using its complete samples only"
-            warnings.warn(message, DataWarning)
-        for key in order:
-            shape = shapes.get(key)
-            if members[key].issuperset(MEMBERS) and shape is not None and len(shape) == 4:
-                found.append(IndexedSample(path, key, int(shape[0]), int(shape[1])))
-    return found
 
 
 def choose_window(rng: np.random.Generator, frames: int, clip_frames: int, ref_mode: str,
@@ -190,70 +124,6 @@ def scale_batch(clips: list[dict[str, Any]], vae: dict[str, Any]) -> dict[str, A
     return batch
 
 
-class _SkipCounter:
-    """A webdataset error handler that warns about each skipped item and counts them (per process)."""
-
-    def __init__(self) -> None:
-        self.skipped = 0
-
-    def __call__(self, exn: Exception) -> bool:
-        self.skipped += 1
-        warnings.warn(f"skipped unreadable data ({self.skipped} so far in this process): {exn}", DataWarning)
-        return True
-
-
-def _decode(sample: dict[str, Any]) -> Segment:
-    """Raw member bytes -> Segment; any decoding failure becomes a ShardFormatError naming shard and key."""
-    try:
-        return Segment.from_wds(sample)
-    except ShardFormatError:
-        raise
-    except (ValueError, EOFError, OSError, UnicodeDecodeError) as err:
-        raise ShardFormatError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {err}") from err
-
-
-def _tar_samples(urls: Iterator[dict[str, Any]], handler: _SkipCounter) -> Iterator[dict[str, Any]]:
-    """Shard urls -> raw samples {__key__, __url__, extension: bytes}, in tar order.
-
-    Shards are local files, read with `tarfile` (one read per member; ~1.3x the clips/s of
-    webdataset's streaming expander, which assembles members from 10 KB reads). An unreadable or
-    truncated shard goes to `handler`: its complete samples before the damage are kept, the
-    sample being read when it failed is dropped, and the stream goes on with the next shard.
-    """
-    for source in urls:
-        url, sample = source["url"], None
-        try:
-            with tarfile.open(url, "r:") as tar:
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    if sample is not None and sample["__key__"] != key:
-                        yield sample
-                        sample = None
-                    sample = sample or {"__key__": key, "__url__": url}
-                    sample[ext] = tar.extractfile(member).read()
-            if sample is not None:
-                yield sample
-        except (OSError, tarfile.TarError) as err:
-            handler(ShardFormatError(f"{url}: unreadable shard ({type(err).__name__}: {err})"))
-
-
-def _segments(
-    source: Any, handler: _SkipCounter, keep: Callable[[dict[str, Any]], bool] | None = None
-) -> wds.DataPipeline:
-    """Shard url source -> decoded Segments whose raw sample passes `keep` (checked before decoding).
-
-    No webdataset auto-decoding: members are decoded by `Segment.from_wds`, nothing is unpickled.
-    """
-    return wds.DataPipeline(
-        source,
-        partial(_tar_samples, handler=handler),
-        wds.select(keep) if keep is not None else None,
-        wds.map(_decode, handler=handler),
-    )
-
-
 class TrainClips(IterableDataset):
     """Endless stream of random training clips, batched; each rank yields exactly `batches` batches per epoch.
 
@@ -277,7 +147,7 @@ class TrainClips(IterableDataset):
         audio_radius: int,
         batch_size: int,
         batches: int,
-        val_percent: float,
+        val_videos: frozenset[str],
         ref_mode: str,
         shuffle_buffer: int,
         seed: int,
@@ -286,22 +156,26 @@ class TrainClips(IterableDataset):
         epoch: int = 0,
         context: DiTConfig | None = None,
         skip: int = 0,
+        max_bad_samples: float = 0.01,
+        total_samples: int = 0,
+        exclude: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self.context, self.skip = context, skip
         self.shards, self.vae = shards, vae
         self.clip_frames, self.audio_radius, self.ref_mode = clip_frames, audio_radius, ref_mode
         self.batch_size, self.batches = batch_size, batches
-        self.val_percent, self.shuffle_buffer, self.seed = val_percent, shuffle_buffer, seed
+        self.val_videos, self.shuffle_buffer, self.seed = val_videos, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch
         self.iterations = 0
-        self.handler = _SkipCounter()
+        self.faults = BadSamples(max_bad_samples, total_samples)  # this process's (each worker has its own copy)
+        self.exclude = exclude  # keys the index already found damaged (and counted): not read again
 
     def __len__(self) -> int:
         return self.batches
 
-    def _shard_urls(self, epoch: int, slot: int, slots: int, progress: Callable[[], int]) -> Iterator[dict[str, str]]:
+    def _shard_urls(self, epoch: int, slot: int, slots: int, progress: Callable[[], int]) -> Iterator[str]:
         """This slot's shards, cycle after cycle; raises if a whole cycle produced no clip (all shards broken)."""
         cycle = 0
         while True:
@@ -310,8 +184,7 @@ class TrainClips(IterableDataset):
             while len(order) < slots or not order:  # fewer shards than slots: deal several permutations
                 perm = np.random.default_rng([self.seed, epoch, cycle, len(order)]).permutation(len(self.shards))
                 order.extend(self.shards[i] for i in perm)
-            for url in order[slot::slots]:
-                yield {"url": url}
+            yield from order[slot::slots]
             if progress() == before:
                 raise RuntimeError(
                     f"no readable training clip in a full pass over {len(order[slot::slots])} shards "
@@ -340,15 +213,23 @@ class TrainClips(IterableDataset):
             return clip
 
         urls = self._shard_urls(epoch, self.rank * workers + worker, self.world_size * workers, lambda: produced[0])
-        segments = _segments(lambda: urls, self.handler, lambda s: not is_val_video(s["__key__"], self.val_percent))
+        def training(key: str) -> bool:
+            return key.split("/", 1)[0] not in self.val_videos and key not in self.exclude
+
+        def count_faults(batch: dict[str, Any]) -> dict[str, Any]:
+            batch["bad_samples"] = torch.tensor(self.faults.take())  # skips since this worker's previous batch
+            return batch
+
+        segments = wds.DataPipeline(lambda: read_segments(urls, self.faults, training, TRAINING_MEMBERS))
         stages = [
             wds.select(lambda segment: len(segment.latents) >= self.clip_frames + lead),
-            wds.map(to_clip, handler=self.handler),
+            wds.map(to_clip, handler=self.faults),
         ]
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
         stages.append(wds.batched(self.batch_size, collation_fn=partial(scale_batch, vae=self.vae), partial=False))
+        stages.append(wds.map(count_faults))
         pipeline = wds.DataPipeline(segments, *stages)
         yield from islice(iter(pipeline), done, share)
 
@@ -363,11 +244,12 @@ class LetsTalkDataModule(L.LightningDataModule):
         audio_radius: int = 2,
         batch_size: int = 8,
         num_workers: int = 2,
-        val_percent: float = 10.0,
+        val_percent: float | None = None,
         shuffle_buffer: int = 256,
         seed: int = 0,
         val_batches: int = 2,
         ref_mode: str = "outside",
+        max_bad_samples: float = 0.01,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -378,11 +260,14 @@ class LetsTalkDataModule(L.LightningDataModule):
             audio_radius: neighbouring frames on each side whose audio vectors join a frame's window.
             batch_size: clips per batch, per rank.
             num_workers: DataLoader worker processes for training (0 = load in the main process).
-            val_percent: percent of videos (by a stable hash of the video id) held out for validation.
+            val_percent: None: the splits `prepare` recorded per speaker (manifest `inputs`; a video without a record
+                is its own speaker, split at 10 %); a number: that percent of speakers (stable hash) for validation.
             shuffle_buffer: clips held in the shuffle buffer of each worker (0 or 1: no shuffling).
             seed: seed of the shard order, clip windows and shuffling (with epoch, rank and worker).
             val_batches: number of fixed validation batches (first frames of the first validation segments).
             ref_mode: "outside" (reference frame outside the clip when possible) or "any" (any frame of the segment).
+            max_bad_samples: damaged samples skipped before the run stops: >= 1 a count, < 1 a fraction of the
+                dataset's samples, 0 none (`pipeline.shards.BadSamples`).
             rank: this process's rank, used only when no trainer is attached (tests, tools).
             world_size: number of processes, used only when no trainer is attached.
         """
@@ -392,23 +277,26 @@ class LetsTalkDataModule(L.LightningDataModule):
             "audio_radius": (audio_radius, audio_radius >= 0),
             "batch_size": (batch_size, batch_size >= 1),
             "num_workers": (num_workers, num_workers >= 0),
-            "val_percent": (val_percent, 0.0 <= val_percent < 100.0),
+            "val_percent": (val_percent, val_percent is None or 0.0 <= val_percent < 100.0),
             "shuffle_buffer": (shuffle_buffer, shuffle_buffer >= 0),
             "seed": (seed, seed >= 0),
             "val_batches": (val_batches, val_batches >= 1),
             "ref_mode": (ref_mode, ref_mode in REF_MODES),
+            "max_bad_samples": (max_bad_samples, max_bad_samples >= 0),
         }
         bad = ", ".join(f"{name}={value!r}" for name, (value, ok) in checks.items() if not ok)
         if bad:
             raise ValueError(
                 f"invalid LetsTalkDataModule arguments: {bad} "
                 f"(need clip_frames>=1, audio_radius>=0, batch_size>=1, num_workers>=0, 0<=val_percent<100, "
-                f"shuffle_buffer>=0, seed>=0, val_batches>=1, ref_mode in {REF_MODES})"
+                f"shuffle_buffer>=0, seed>=0, val_batches>=1, ref_mode in {REF_MODES}, max_bad_samples>=0)"
             )
         self.root = root
         self.clip_frames, self.audio_radius, self.batch_size = clip_frames, audio_radius, batch_size
         self.num_workers, self.val_percent, self.shuffle_buffer = num_workers, val_percent, shuffle_buffer
         self.seed, self.val_batches, self.ref_mode = seed, val_batches, ref_mode
+        self.max_bad_samples = max_bad_samples
+        self.faults = BadSamples(max_bad_samples)  # this process's skips (index, validation); `total` set at setup
         self._rank, self._world_size = rank, world_size
         self._epoch = 0
         self.context: DiTConfig | None = None
@@ -417,6 +305,7 @@ class LetsTalkDataModule(L.LightningDataModule):
         self.train_samples: list[IndexedSample] = []
         self.val_samples: list[IndexedSample] = []
         self._val_cache: list[dict[str, Any]] | None = None
+        self._speakers: dict[str, tuple[str, str]] = {}  # video id -> (speaker, split) from the manifest
 
     def setup(self, stage: str | None = None) -> None:
         """Read the manifest and index the shards (tar and .npy headers only); idempotent."""
@@ -427,7 +316,8 @@ class LetsTalkDataModule(L.LightningDataModule):
             problem = "does not exist" if not root.is_dir() else f"has no {MANIFEST}"
             raise FileNotFoundError(f"{root}: dataset folder {problem}; run `letstalk prepare` to create the dataset")
         manifest = Manifest.load(root)
-        samples = index_shards(manifest.shard_paths(root))
+        self.faults = BadSamples(self.max_bad_samples, manifest.num_samples)
+        samples = index_shards(manifest.shard_paths(root), self.faults)
         if not samples:
             raise ShardFormatError(f"{root / MANIFEST}: no readable samples in {len(manifest.shards)} shards")
         channels = int(manifest.vae["latent_channels"])
@@ -445,8 +335,20 @@ class LetsTalkDataModule(L.LightningDataModule):
         """Frames a segment needs: clip_frames, plus the model's motion frames before the clip."""
         return self.clip_frames + (self.context.motion_frames if self.context is not None else 0)
 
+    def split_of(self, key: str) -> str:
+        """"train" or "val" for a sample key: its video's speaker's split (see `val_percent`)."""
+        video = key.split("/", 1)[0]
+        speaker, split = self._speakers.get(video, (video, None))
+        if self.val_percent is not None or split is None:
+            return speaker_split(speaker, 10.0 if self.val_percent is None else self.val_percent)
+        return split
+
+    def speaker_of(self, key: str) -> str:
+        video = key.split("/", 1)[0]
+        return self._speakers.get(video, (video, None))[0]
+
     def _split(self) -> None:
-        """Keep the segments long enough for a clip (and its motion frames), split by video into train/val."""
+        """Keep the segments long enough for a clip (and its motion frames), split by speaker into train/val."""
         longest = max(s.frames for s in self.samples)
         if longest < self.min_frames:
             motion = self.min_frames - self.clip_frames
@@ -458,8 +360,9 @@ class LetsTalkDataModule(L.LightningDataModule):
                 f"set clip_frames <= {longest - motion} or prepare the dataset with longer segments"
             )
         usable = [s for s in self.samples if s.frames >= self.min_frames]
-        self.val_samples = [s for s in usable if is_val_video(s.key, self.val_percent)]
-        self.train_samples = [s for s in usable if not is_val_video(s.key, self.val_percent)]
+        self._speakers = self.manifest.video_splits()
+        self.val_samples = [s for s in usable if self.split_of(s.key) == "val"]
+        self.train_samples = [s for s in usable if self.split_of(s.key) != "val"]
 
     def set_context(self, net: DiTConfig) -> None:
         """Take the model's long-video settings (motion_frames, memory_frames, memory_stride): batches then carry
@@ -527,7 +430,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             self.audio_radius,
             self.batch_size,
             self.train_batches_per_epoch,
-            self.val_percent,
+            frozenset(s.key.split("/", 1)[0] for s in self.samples if self.split_of(s.key) == "val"),
             self.ref_mode,
             self.shuffle_buffer,
             self.seed,
@@ -536,6 +439,9 @@ class LetsTalkDataModule(L.LightningDataModule):
             epoch,
             self.context,
             skip,
+            self.max_bad_samples,
+            self.manifest.num_samples,
+            frozenset(self.faults.keys),
         )
         return DataLoader(
             dataset,
@@ -557,11 +463,11 @@ class LetsTalkDataModule(L.LightningDataModule):
             )
             wanted = self.train_samples[: self.val_batches * self.batch_size]
         keys = {s.key for s in wanted}
-        shards = wds.SimpleShardList(list(dict.fromkeys(s.shard for s in wanted)))
+        shards = list(dict.fromkeys(s.shard for s in wanted))
         clips: dict[str, dict[str, Any]] = {}
         vae = self.manifest.vae
         start = self.context.motion_frames if self.context is not None else 0
-        for segment in _segments(shards, _SkipCounter(), lambda sample: sample["__key__"] in keys):
+        for segment in read_segments(shards, self.faults, keys.__contains__, TRAINING_MEMBERS):
             last = len(segment.latents) - 1
             clips[segment.key] = make_clip(segment, start, last, self.clip_frames, self.audio_radius, self.context)
         ordered = [clips[s.key] for s in wanted if s.key in clips]

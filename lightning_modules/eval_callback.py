@@ -40,7 +40,7 @@ from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.evaluate import METRICS, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip, select_segments
 from pipeline.generate import Generator
 from pipeline.metrics.appearance import comparison_sheet
-from pipeline.shards import Manifest
+from pipeline.shards import BadSamples, Manifest, ShardFormatError
 from pipeline.vae import load_vae
 
 
@@ -124,12 +124,20 @@ class EvalCallback(L.Callback):
         vae_path = info["vae"].get("path")
         if not vae_path:
             raise ValueError(f"{root}: the training data's manifest names no VAE path; EvalCallback needs its decoder")
-        segments = select_segments(root, self.num_clips, self.seed, keys)
+        # damaged data is skipped, named and counted by the training run's fault policy (the DataModule's)
+        faults = getattr(trainer.datamodule, "faults", None) or BadSamples(total=manifest.num_samples)
+        segments = select_segments(root, self.num_clips, self.seed, keys, faults)
         self._vae = load_vae(vae_path, device=pl_module.device)
         load = ClipLoader(manifest, int(info["size"]), self._vae if self.metrics.appearance else None)
         rank, world = trainer.global_rank, trainer.world_size
         self.keys = [s.key for s in segments]
-        self._clips = {i: load(s) for i, s in enumerate(segments) if i % world == rank}
+        self._clips = {}
+        for i, segment in enumerate(segments):
+            if i % world == rank:
+                try:
+                    self._clips[i] = load(segment)
+                except ShardFormatError as err:  # e.g. an undecodable waveform: this clip is left out
+                    faults.skip(err)
         self._suite = MetricSuite(self.metrics, device=str(pl_module.device))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: LetsTalkModule, outputs: Any, batch: Any,

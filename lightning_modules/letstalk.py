@@ -80,6 +80,7 @@ class LetsTalkModule(L.LightningModule):
         self._tick: float | None = None
         self._skipped = 0  # consecutive non-finite steps skipped (nan_policy "skip")
         self._skipped_total = 0
+        self._bad_samples = 0  # damaged samples the training stream skipped (its batches say so); checkpointed
         self._val_net: LetsTalkDiT | None = None  # the EMA network during a validation epoch
         self._loaded_ema: dict[str, torch.Tensor] | None = None  # a checkpoint's `ema.*`, when no optimizer runs
         if data_info:  # restored from a checkpoint: sizes already resolved
@@ -164,8 +165,9 @@ class LetsTalkModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss = self._loss(batch, self._step_generator())
         b = batch["latents"].shape[0]
+        self._count_bad_samples(batch.pop("bad_samples", None), b)
+        loss = self._loss(batch, self._step_generator())
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:  # every rank decides alike, so all skip or all stop together
             self._skipped += 1
@@ -201,6 +203,20 @@ class LetsTalkModule(L.LightningModule):
                 self.log("train/gpu_mem_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, batch_size=b)
                 torch.cuda.reset_peak_memory_stats(self.device)
         return loss
+
+    def _count_bad_samples(self, new: torch.Tensor | None, b: int) -> None:
+        """Sum the damaged samples skipped so far over workers (`new`: the batch's worker's skips since its last
+        batch), the main process (index, validation) and ranks; log it as `data/bad_samples` and stop the run, on
+        every rank alike, once it passes the datamodule's budget (`pipeline.shards.BadSamples`)."""
+        if new is None:
+            return
+        self._bad_samples += int(new)
+        faults = getattr(self.trainer.datamodule, "faults", None)
+        local = self._bad_samples + (faults.count if faults is not None else 0)
+        total = int(self.trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum"))
+        self.log("data/bad_samples", float(total), batch_size=b)
+        if faults is not None:
+            faults.check(total)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Global gradient norm before clipping (DDP: of the all-reduced gradients; ZeRO: see `optimizer_step`)."""
@@ -266,6 +282,7 @@ class LetsTalkModule(L.LightningModule):
         `pipeline.checkpoints`) the EMA network as `ema.*`, which generation and export read."""
         checkpoint["hyper_parameters"] = dict(self.hparams)
         checkpoint["world_size"] = self.trainer.world_size
+        checkpoint["bad_samples"] = self._bad_samples
         if "state_dict" in checkpoint and not hasattr(self.trainer.strategy, "deepspeed_engine"):
             ema = self._ema_state()
             checkpoint["state_dict"].update({f"ema.{k}": v for k, v in ema.items()})
@@ -283,6 +300,7 @@ class LetsTalkModule(L.LightningModule):
                 f"{self.trainer.world_size}: each rank's place in the data stream belongs to that number of ranks. "
                 f"Resume it with {written_by} ranks (--trainer.num_nodes x --trainer.devices); the weights alone go "
                 "anywhere with `letstalk export`")
+        self._bad_samples = int(checkpoint.get("bad_samples", 0))
         state = checkpoint.get("state_dict", {})
         ema = {k[len("ema."):]: state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
         self._loaded_ema = ema or None

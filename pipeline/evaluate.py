@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -56,7 +55,7 @@ from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clip
 from pipeline.metrics.inception import inception_features, load_fid_inception
 from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
 from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
-from pipeline.shards import META, WAVEFORM, Manifest, Segment, ShardFormatError, iter_tar
+from pipeline.shards import WAVEFORM, BadSamples, Manifest, Segment, ShardFormatError, index_shards, read_segments
 from pipeline.sync import Box, loudness_envelope, mouth_opening, mouth_region, sync_score
 from pipeline.vae import decode_latents, load_vae, reconstruct
 
@@ -195,37 +194,29 @@ class MetricSuite:
         return metrics, skipped
 
 
-def _sample_keys(path: str) -> list[str]:
-    """Keys of the samples in a shard, in order, from the tar headers (samples are keyed by their json member)."""
-    try:
-        with tarfile.open(path, "r:") as tar:
-            names = [m.name.partition(".") for m in tar if m.isreg()]  # "<key>.<member>", as `iter_tar` splits
-    except (OSError, tarfile.TarError) as err:
-        raise ShardFormatError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from err
-    return [key for key, _, member in names if member == META]
-
-
-def select_segments(data: str | Path, num_clips: int, seed: int, keys: Collection[str] | None = None) -> list[Segment]:
+def select_segments(data: str | Path, num_clips: int, seed: int, keys: Collection[str] | None = None,
+                    faults: BadSamples | None = None) -> list[Segment]:
     """`num_clips` segments of the dataset at `data`, chosen by `seed` (all of them if there are fewer).
 
     keys: choose among these samples only (e.g. a training run's validation split); None: all samples.
+    faults: the fault policy (`pipeline.shards.BadSamples`, default budget): damaged shards and samples are
+    skipped, named and counted; a chosen sample that fails to decode is left out of the evaluation.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     manifest = Manifest.load(data)
-    keyed = [(path, key) for path in manifest.shard_paths(data) for key in _sample_keys(path)
-             if keys is None or key in keys]
+    faults = faults if faults is not None else BadSamples(total=manifest.num_samples)
+    keyed = [(s.shard, s.key) for s in index_shards(manifest.shard_paths(data), faults)
+             if keys is None or s.key in keys]
     if not keyed:
         among = "" if keys is None else f" among the {len(keys)} requested keys"
         raise ShardFormatError(f"{data}: the dataset has no samples{among}")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(keyed), size=min(num_clips, len(keyed)), replace=False).tolist())
     wanted = [keyed[i] for i in chosen]
-    found: dict[str, Segment] = {}
-    for path in dict.fromkeys(p for p, _ in wanted):
-        keys = {k for p, k in wanted if p == path}
-        found.update({s.key: s for s in iter_tar(path) if s.key in keys})
-    return [found[key] for _, key in wanted]
+    chosen = {key for _, key in wanted}
+    found = {s.key: s for s in read_segments(dict.fromkeys(p for p, _ in wanted), faults, chosen.__contains__)}
+    return [found[key] for _, key in wanted if key in found]
 
 
 def _mouth_box(meta: dict[str, Any], size: int) -> Box | None:
@@ -320,8 +311,13 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
     stats: list[dict[str, Any]] = []
     sheets = None if out is None else Path(out).with_suffix("").with_name(Path(out).stem + "_sheets")
     seconds = {"setup": time.perf_counter() - t_start, "generate": 0.0, "metrics": 0.0}
-    for i, segment in enumerate(select_segments(data, num_clips, seed)):
-        clip = load(segment)
+    faults = BadSamples(total=manifest.num_samples)
+    for i, segment in enumerate(select_segments(data, num_clips, seed, faults=faults)):
+        try:
+            clip = load(segment)
+        except ShardFormatError as err:  # e.g. an undecodable waveform: this clip is left out, named and counted
+            faults.skip(err)
+            continue
         t0 = time.perf_counter()
         generated = generate_clip(gen, vae, clip, seed + i, sampler, steps, audio_scale, ref_scale, device)
         t1 = time.perf_counter()
@@ -335,7 +331,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
     references = [s["reference"] for s in stats]
     result = {
         "checkpoint": str(checkpoint), "data": str(data), "seed": seed, "num_clips": len(stats),
-        "metrics": values, "skipped": skipped,
+        "metrics": values, "skipped": skipped, "bad_samples": faults.records,
         "reference_frames": {name: references.count(name) for name in dict.fromkeys(references)},
         "generation": {"steps": steps, "sampler": sampler, "audio_scale": audio_scale, "ref_scale": ref_scale,
                        "ema": ema},

@@ -20,7 +20,8 @@ is recorded in `manifest.failed` with a short reason and the run goes on.
 
 Splits are by speaker: a `split` column wins; otherwise the crc32 of the speaker id (the
 video id when the input list has no speaker column) sends `val_percent` % of speakers to
-"val", the same hash `datamodules.letstalk.is_val_video` applies to video ids.
+"val" (`pipeline.shards.speaker_split`); the manifest records each input's speaker and split,
+which training and evaluation follow.
 
 Cluster scale: with `num_tasks > 1`, an input goes to task sha1(path) % num_tasks (a stable
 hash, so adding inputs does not move the others; crc32 is linear and splits numbered file
@@ -45,7 +46,6 @@ import json
 import os
 import re
 import sys
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -58,7 +58,8 @@ from tqdm import tqdm
 
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
-from pipeline.shards import MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, video_id
+from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, speaker_split,
+                             video_id)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
 
 MAX_AUDIO_SHORTFALL_S = 0.5
@@ -159,12 +160,6 @@ def _jsonl_rows(file: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict) or not isinstance(row.get("path"), str):
             raise ValueError(f"{file}:{line}: each line must be an object with a \"path\" string")
         yield line, row
-
-
-def speaker_split(speaker: str, val_percent: float) -> str:
-    """"val" for the speakers whose crc32 falls in the first `val_percent` % (stable across runs), else "train"."""
-    bucket = zlib.crc32(speaker.encode("utf-8")) % 10000
-    return "val" if bucket < round(val_percent * 100) else "train"
 
 
 def task_of(path: Path, num_tasks: int) -> int:

@@ -10,16 +10,27 @@ One WebDataset sample is one segment of one source video (DESIGN.md section 2):
 
 Arrays are stored with ``numpy.save(allow_pickle=False)`` and read back the same
 way, so nothing in a shard is ever unpickled. Writer, reader and tests all import
-this module; nothing else knows the member names.
+this module; nothing else knows the member names or opens a shard: `read_samples`
+is the one tar reader (optionally only some members), `index_shards` the one walk
+over headers, `read_segments` the one decoding stream, and `BadSamples` the one
+fault policy every consumer applies (a damaged shard or sample is skipped, named
+and counted; past a budget the run stops with a message).
+
+Splits are by speaker (`speaker_split`; `prepare` records each input's speaker and
+split in the manifest, a list's `split` column winning), so no speaker is in both.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import tarfile
+import warnings
+import zlib
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +43,8 @@ WAVEFORM = "audio.flac"
 META = "json"
 MEMBERS = (LATENTS, AUDIO, WAVEFORM, META)
 
+TRAINING_MEMBERS = (LATENTS, AUDIO, META)  # what clips are cut from: training never reads the waveform
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-{index:06d}.tar"
@@ -40,7 +53,11 @@ _KEY_PART = re.compile(r"[^A-Za-z0-9_\-]")
 
 
 class ShardFormatError(ValueError):
-    """A sample or manifest that does not follow the shard format."""
+    """A sample or manifest that does not follow the shard format (`key`: the sample's, where one is at fault)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def video_id(path: str | os.PathLike) -> str:
@@ -192,19 +209,216 @@ class AtomicShardWriter:
             self._final.with_name(self._final.name + ".tmp").unlink(missing_ok=True)
 
 
+class DataWarning(UserWarning):
+    """Data that was skipped (unreadable shard or sample) or a fallback that was taken."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """More damaged samples than the run's budget (`data.max_bad_samples`) allows."""
+
+
+def speaker_split(speaker: str, val_percent: float) -> str:
+    """"val" for the speakers whose crc32 falls in the first `val_percent` % (stable across runs), else "train"."""
+    bucket = zlib.crc32(speaker.encode("utf-8")) % 10000
+    return "val" if bucket < round(val_percent * 100) else "train"
+
+
+def read_samples(path: str | os.PathLike, members: Collection[str] | None = None,
+                 keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """The one tar reader: a shard's samples {__key__, __url__, member: bytes} in tar order.
+
+    `members`: read only these (the others' payloads are seeked past, not read), e.g. training skips the FLAC;
+    `keep`: read only the samples whose key passes it. A shard that cannot be opened or is damaged part-way
+    yields its complete samples before the damage and then raises ShardFormatError naming the shard and the
+    sample being read (its `key`; None when the damage lies outside every sample read).
+    """
+    url, sample = str(path), None
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if keep is not None and not keep(key):
+                    continue
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                sample = sample or {"__key__": key, "__url__": url}
+                if members is None or ext in members:
+                    sample[ext] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
+    except (OSError, tarfile.TarError) as err:
+        if sample is not None and set(members or MEMBERS) <= sample.keys():  # read whole: the damage comes after it
+            yield sample
+            sample = None
+        key = sample["__key__"] if sample is not None else None
+        at = f"sample {key}: " if key is not None else ""
+        raise ShardFormatError(f"{url}: {at}unreadable shard ({type(err).__name__}: {err})", key) from err
+
+
 def iter_tar(path: str | os.PathLike) -> Iterator[Segment]:
-    """Read a shard with the standard library only (used by tests and tools)."""
-    groups: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key not in groups:
-                groups[key] = {"__key__": key, "__url__": str(path)}
-                order.append(key)
-            groups[key][ext] = tar.extractfile(member).read()
-    for key in order:
-        yield Segment.from_wds(groups[key])
+    """Every sample of a shard, decoded; the first damage raises (tools and tests; training uses `read_segments`)."""
+    for sample in read_samples(path):
+        yield decode(sample)
+
+
+def decode(sample: dict[str, Any]) -> Segment:
+    """Raw member bytes -> Segment; any decoding failure (an object array, a bad header, a wrong shape or dtype)
+    becomes a ShardFormatError naming shard and key. Nothing is unpickled."""
+    try:
+        return Segment.from_wds(sample)
+    except ShardFormatError:
+        raise
+    except (ValueError, EOFError, OSError, UnicodeDecodeError) as err:
+        raise ShardFormatError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {err}") from err
+
+
+class BadSamples:
+    """The fault policy of every shard reader: skip a damaged shard or sample, name it and count it; stop the run
+    (TooManyBadSamples) once the count passes the budget.
+
+    budget (`data.max_bad_samples`): >= 1 an absolute count, in (0, 1) a fraction of `total` samples (the dataset's),
+    0 none at all. Also a webdataset error handler (`handler=policy`): it returns True, i.e. "skip and go on".
+    `take()` returns the skips since its last call (the datamodule hands them on with each batch, so the count
+    crosses worker processes).
+    """
+
+    def __init__(self, budget: float = 0.01, total: int = 0, name: str = "data.max_bad_samples"):
+        if budget < 0:
+            raise ValueError(f"{name} must be >= 0 (a count, or a fraction < 1 of the samples), got {budget}")
+        self.budget, self.total, self.name = budget, total, name
+        self.allowed = int(budget) if budget >= 1 or budget == 0 else math.floor(budget * total)
+        self.count, self._taken = 0, 0
+        self.records: list[str] = []  # "<shard>: sample <key>: <reason>" of each skip, in order
+        self.keys: set[str] = set()  # keys of the skipped samples, where known (readers leave them out afterwards)
+
+    def __call__(self, error: Exception) -> bool:
+        self.skip(error)
+        return True
+
+    def skip(self, error: Exception, key: str | None = None) -> None:
+        self.count += 1
+        if key is not None:
+            self.keys.add(key)
+        self.records.append(str(error))
+        warnings.warn(f"skipped ({self.count} so far in this process): {error}", DataWarning, stacklevel=2)
+        self.check(self.count)
+
+    def check(self, count: int) -> None:
+        """Raise if `count` bad samples (this process's, or a run's sum over processes) pass the budget."""
+        if count > self.allowed:
+            of = f" ({self.budget:g} of {self.total} samples)" if 0 < self.budget < 1 else ""
+            raise TooManyBadSamples(
+                f"{count} damaged samples, more than {self.name}={self.allowed}{of} allows; the last: "
+                f"{self.records[-1] if self.records else '(counted in other processes)'}. Run `letstalk check` on "
+                f"the dataset, repair or re-prepare it, or raise {self.name}")
+
+    def take(self) -> int:
+        new, self._taken = self.count - self._taken, self.count
+        return new
+
+
+def read_segments(paths: Iterable[str], faults: BadSamples, keep: Callable[[str], bool] | None = None,
+                  members: Collection[str] | None = None) -> Iterator[Segment]:
+    """Shards -> decoded Segments, under `faults`: each damaged shard or sample is skipped, named and counted.
+
+    keep, members: see `read_samples`; without WAVEFORM among the members the Segment's `waveform_flac` is
+    empty. With `keep`, damage outside every kept sample (what the index already found and counted, such as
+    the rest of a truncated shard) is not counted again.
+    """
+    for path in paths:
+        try:
+            for sample in read_samples(path, members, keep):
+                if members is not None and WAVEFORM not in members:
+                    sample[WAVEFORM] = b""
+                try:
+                    yield decode(sample)
+                except ShardFormatError as err:
+                    faults.skip(err)
+        except ShardFormatError as err:
+            if keep is None or err.key is not None:
+                faults.skip(err, err.key)
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    """One complete sample found by `index_shards`: where it is, its frame count and latent channels."""
+
+    shard: str
+    key: str
+    frames: int
+    channels: int
+
+
+def _npy_header(fileobj: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype in a `.npy` header, read without touching the array data."""
+    version = np.lib.format.read_magic(fileobj)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fileobj)
+    return tuple(shape), dtype
+
+
+def index_shards(paths: list[str], faults: BadSamples | None = None) -> list[IndexedSample]:
+    """List every complete sample of every shard, in shard order, from tar headers and `.npy` headers only.
+
+    Why: the manifest has per-shard counts, but the train/validation split is per speaker and clips
+    need segments of at least `clip_frames` frames, so epoch lengths need per-sample keys and
+    frame counts. Walking tar headers seeks past the payloads and reads ~100 bytes of each
+    latents header: a few small reads per sample, no decoding. A sample that lacks a member, lies
+    past the end of a truncated shard, or whose latents header is not float16 [T, C, h, w] (an
+    object array, say) goes to `faults` (named, counted, its key remembered); so does a shard that
+    cannot be read at all.
+    """
+    faults = faults if faults is not None else BadSamples(budget=math.inf)
+    found: list[IndexedSample] = []
+    for path in paths:
+        members: dict[str, set[str]] = {}
+        headers: dict[str, tuple[tuple[int, ...], np.dtype] | str] = {}  # key -> (shape, dtype) or why unreadable
+        order: list[str] = []
+        damage = ""
+        try:
+            size = Path(path).stat().st_size
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if key not in members:
+                        members[key] = set()
+                        order.append(key)
+                    if member.offset_data + member.size > size:
+                        raise tarfile.ReadError(f"truncated inside {member.name}")
+                    members[key].add(ext)
+                    if ext == LATENTS:
+                        try:
+                            headers[key] = _npy_header(tar.extractfile(member))
+                        except ValueError as err:
+                            headers[key] = f"unreadable {LATENTS} header ({err})"
+                tar.fileobj.seek(tar.offset)
+                if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+                    raise tarfile.ReadError("no end-of-archive block after the last member (truncated)")
+        except (OSError, tarfile.TarError) as err:
+            damage = f"unreadable shard ({type(err).__name__}: {err})"
+        named = False
+        for key in order:
+            header = headers.get(key)
+            lacks = [m for m in MEMBERS if m not in members[key]]
+            if lacks:
+                problem = f"lacks {lacks}" + (f"; {damage}" if damage else "")
+            elif isinstance(header, str):
+                problem = header
+            elif header[1] != np.float16 or len(header[0]) != 4:
+                problem = f"{LATENTS} is {header[1]} {header[0]}, not float16 [T, C, h, w]"
+            else:
+                found.append(IndexedSample(path, key, int(header[0][0]), int(header[0][1])))
+                continue
+            named = named or bool(lacks and damage)
+            faults.skip(ShardFormatError(f"{path}: sample {key}: {problem}"), key)
+        if damage and not named:
+            faults.skip(ShardFormatError(f"{path}: {damage}; using its complete samples only"))
+    return found
 
 
 @dataclass
@@ -248,6 +462,10 @@ class Manifest:
             entry["samples"] += int(record["segments"])
             entry["frames"] += int(record["frames"])
         return {k: {**v, "speakers": sorted(v["speakers"])} for k, v in sorted(out.items())}
+
+    def video_splits(self) -> dict[str, tuple[str, str]]:
+        """Video id -> (speaker, split), as `prepare` recorded them for the done inputs."""
+        return {str(r["id"]): (str(r["speaker"]), str(r["split"])) for r in self.inputs}
 
     def save(self, root: str | os.PathLike, name: str = MANIFEST) -> Path:
         """Write `root/name` atomically (temp file + rename); an unchanged file is left untouched."""

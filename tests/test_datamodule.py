@@ -15,10 +15,9 @@ import soundfile as sf
 import torch
 
 from datamodules import LetsTalkDataModule
-from datamodules.letstalk import DataWarning, is_val_video
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
-from pipeline.shards import AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key
+from pipeline.shards import AtomicShardWriter, DataWarning, Manifest, Segment, ShardFormatError, sample_key
 from pipeline.vae import unscale_latents
 
 C, H, K, D = 4, 4, 2, 3
@@ -145,7 +144,6 @@ def test_train_and_val_videos_are_disjoint_and_cover_all_usable_videos(dataset):
     val = {s.key.split("/")[0] for s in dm.val_samples}
     usable = {k.split("/")[0] for k, s in segments.items() if len(s.latents) >= F}
     assert train and val and not train & val and train | val == usable
-    assert val == {v for v in usable if is_val_video(v, VAL_PERCENT)}
     streamed = {key.split("/")[0] for batch in _epoch(dm.train_dataloader()) for key in batch["key"]}
     assert streamed and streamed <= train
     val_keys = {key for batch in dm.val_dataloader() for key in batch["key"]}
@@ -201,23 +199,28 @@ def test_ranks_with_uneven_shards_yield_equal_batch_counts(dataset):
         assert len(_epoch(dm.train_dataloader())) == dm.train_batches_per_epoch == len(single.train_samples) // 5
 
 
-def test_truncated_shard_and_bad_sample_are_skipped_with_warning(dataset, tmp_path):
+def test_truncated_shard_costs_its_cut_sample_named_and_counted_once(dataset, tmp_path):
+    """The index names the sample the cut went through and remembers its key: the stream never reads it again,
+    so it is counted once, not once per epoch; the shard's complete samples still train."""
     root, segments = dataset
     shutil.copytree(root, tmp_path / "ds")
     shard = tmp_path / "ds" / "shard-000000.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.warns(DataWarning, match="shard-000000.tar"):
-        dm = _module(tmp_path / "ds")
+    with pytest.warns(DataWarning, match=r"skipped \(1 so far .*shard-000000.tar: sample vid\d\d/\d{4}: lacks"):
+        dm = _module(tmp_path / "ds", max_bad_samples=10)
         dm.setup("fit")
+    (cut,) = dm.faults.keys
+    assert dm.faults.count == 1 and cut in segments
     full = _module(root)
     full.setup("fit")
-    assert 0 < len(dm.train_samples) + len(dm.val_samples) < len(full.train_samples) + len(full.val_samples)
+    kept = {s.key for s in dm.train_samples + dm.val_samples}
+    assert 0 < len(kept) < len(full.train_samples) + len(full.val_samples) and cut not in kept
     loader = dm.train_dataloader()
-    with pytest.warns(DataWarning, match="skipped unreadable data"):
-        batches = _epoch(loader)
-    assert len(batches) == dm.train_batches_per_epoch
-    assert loader.dataset.handler.skipped >= 1
+    batches = _epoch(loader) + _epoch(loader)
+    assert len(batches) == 2 * dm.train_batches_per_epoch
+    assert loader.dataset.faults.count == 0 and all(int(b["bad_samples"]) == 0 for b in batches)
+    assert cut not in {key for batch in batches for key in batch["key"]}
     for batch in batches:
         for i in range(len(batch["key"])):
             _check_clip(batch, i, segments)
@@ -237,17 +240,17 @@ def test_sample_with_mismatched_arrays_is_skipped_and_counted(tmp_path):
             info = tarfile.TarInfo(f"{bad.key}.{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    dm = _module(root, shuffle_buffer=0)
+    dm = _module(root, shuffle_buffer=0, max_bad_samples=100)
     dm.setup("fit")
     assert bad.key in {s.key for s in dm.train_samples}  # its latents header is fine
     loader = dm.train_dataloader()
     batches: list[dict] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        while not loader.dataset.handler.skipped and len(batches) < 100:  # until the stream reaches the bad sample
+        while not loader.dataset.faults.count and len(batches) < 100:  # until the stream reaches the bad sample
             batches += _epoch(loader)
     assert any(bad.key in str(w.message) for w in caught if issubclass(w.category, DataWarning))
-    assert loader.dataset.handler.skipped >= 1
+    assert loader.dataset.faults.count >= 1
     assert bad.key not in {key for batch in batches for key in batch["key"]}
     for batch in batches:
         for i in range(len(batch["key"])):
@@ -304,7 +307,7 @@ def test_clear_errors(dataset, tmp_path):
 def test_all_training_shards_unreadable_raises_instead_of_hanging(dataset, tmp_path):
     root, _ = dataset
     shutil.copytree(root, tmp_path / "ds")
-    dm = _module(tmp_path / "ds")
+    dm = _module(tmp_path / "ds", max_bad_samples=10**9)
     dm.setup("fit")
     for shard in (tmp_path / "ds").glob("*.tar"):
         shard.write_bytes(b"not a tar file" * 100)
@@ -422,3 +425,42 @@ def test_motion_frames_count_against_segment_length(dataset):
     dm.set_context(LONG)
     with pytest.raises(ValueError, match=r"clip_frames=9 \+ model.net.motion_frames=2 = 11 frames.*clip_frames <= 8"):
         dm.setup("fit")
+
+
+def _with_speakers(root: Path, splits: dict[str, str]) -> None:
+    """Record in the manifest, as `prepare` does, that speaker s<i> owns vid<2i> and vid<2i+1>, in `splits`."""
+    manifest = Manifest.load(root)
+    manifest.inputs = [{"path": f"{video}.mp4", "id": video, "speaker": f"s{i // 2}", "split": splits[f"s{i // 2}"],
+                        "segments": 2, "frames": 20} for i, video in enumerate(VIDEOS)]
+    manifest.save(root)
+
+
+def _speakers(dm: LetsTalkDataModule, samples) -> set[str]:
+    return {f"s{VIDEOS.index(s.key.split('/')[0]) // 2}" for s in samples}
+
+
+def test_splits_follow_the_speakers_prepare_recorded(dataset, tmp_path):
+    """Speaker s0 was put in val by the list's split column: both its videos are validation videos, whatever a hash
+    of their ids says; every other speaker trains."""
+    root, _ = dataset
+    shutil.copytree(root, tmp_path / "ds")
+    _with_speakers(tmp_path / "ds", {"s0": "val", "s1": "train", "s2": "train", "s3": "train", "s4": "train"})
+    dm = _module(tmp_path / "ds", val_percent=None)
+    dm.setup("fit")
+    assert _speakers(dm, dm.val_samples) == {"s0"} and _speakers(dm, dm.train_samples) == {"s1", "s2", "s3", "s4"}
+    assert {s.key.split("/")[0] for s in dm.val_samples} == {"vid00", "vid01"}
+    streamed = {key.split("/")[0] for batch in _epoch(dm.train_dataloader()) for key in batch["key"]}
+    assert streamed and not streamed & {"vid00", "vid01"}
+
+
+@pytest.mark.parametrize("percent", [55.0, 65.0, 90.0])
+def test_a_new_val_percent_splits_speakers_not_videos(dataset, tmp_path, percent):
+    """Re-split at another percent: a speaker's two videos stay together (a split by video id puts s0..s4's
+    videos on both sides at these percents)."""
+    root, _ = dataset
+    shutil.copytree(root, tmp_path / "ds")
+    _with_speakers(tmp_path / "ds", dict.fromkeys(("s0", "s1", "s2", "s3", "s4"), "train"))
+    dm = _module(tmp_path / "ds", val_percent=percent)
+    dm.setup("fit")
+    train, val = _speakers(dm, dm.train_samples), _speakers(dm, dm.val_samples)
+    assert train and val and not train & val

@@ -24,10 +24,10 @@ from pipeline import media
 from pipeline.audio_encoders import MelEncoder, Wav2Vec2Encoder
 import pipeline
 from pipeline.prepare import (
-    InputItem, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds, slurm_task, speaker_split,
+    InputItem, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds, slurm_task,
     summary, task_of, unique_ids,
 )
-from pipeline.shards import Manifest, iter_tar
+from pipeline.shards import Manifest, iter_tar, speaker_split
 from pipeline.synth import make_clip, synthesize
 from pipeline.vae import VAEError, demo_vae_config, encode_frames, load_vae, vae_info
 

@@ -79,8 +79,9 @@ def fit_args(shards: Path, run: Path | None, every: int = 2) -> list[str]:
     return ["--config", str(config)] + (["--trainer.default_root_dir", str(run)] if run else [])
 
 
-def _data(root: Path) -> LetsTalkDataModule:
-    return LetsTalkDataModule(str(root), clip_frames=4, audio_radius=1, batch_size=4, num_workers=0, val_percent=20)
+def _data(root: Path, **kw) -> LetsTalkDataModule:
+    return LetsTalkDataModule(str(root), clip_frames=4, audio_radius=1, batch_size=4, num_workers=0, val_percent=20,
+                              **kw)
 
 
 def _trainer(tmp: Path, max_steps: int, **kw) -> L.Trainer:
@@ -253,12 +254,12 @@ def test_the_optimizer_keeps_an_fp32_ema_that_follows_its_updates_with_the_warmu
 
 
 def _fit(shards: Path, tmp: Path, steps: int, ckpt: str | None = None, module: LetsTalkModule | None = None,
-         **kw) -> LetsTalkModule:
+         data: dict | None = None, **kw) -> LetsTalkModule:
     L.seed_everything(0)
     module = module or LetsTalkModule(net={"size": "tiny"}, optim={"lr": 1e-3, "warmup_steps": 2})
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=3, save_last=True,
                                                 save_top_k=-1)
-    _trainer(tmp, steps, callbacks=[saver], **kw).fit(module, _data(shards), ckpt_path=ckpt)
+    _trainer(tmp, steps, callbacks=[saver], **kw).fit(module, _data(shards, **(data or {})), ckpt_path=ckpt)
     return module
 
 

@@ -1,0 +1,145 @@
+"""Damaged data costs a sample, not the run (`pipeline.shards.BadSamples`), through `letstalk fit`, validation and
+evaluation: the two cases a user met (a shard cut in half; a sample whose latents are a pickled object array), the
+budget, and an exact resume on damaged data. ~25 s on 2 CPU cores."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.letstalk import LetsTalkModule
+from pipeline.cli import main
+from pipeline.evaluate import select_segments
+from pipeline.shards import LATENTS, BadSamples, DataWarning, Manifest, TooManyBadSamples, index_shards
+from test_training import _fit, fit_args, write_shards
+
+POISONED = "v1/0001"  # in shard-000000.tar
+BUDGET = {"max_bad_samples": 10}
+
+
+class _Payload:
+    """Unpickling this would create `marker`: it must never happen."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _damage(root: Path, marker: Path) -> None:
+    """shard-000001.tar cut in half; in shard-000000.tar, POISONED's latents replaced by an object array of the same
+    4-D shape whose first element unpickles to a file write."""
+    cut = root / "shard-000001.tar"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    shard = root / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            if member.name == f"{POISONED}.{LATENTS}":
+                shape = np.load(io.BytesIO(payload)).shape
+                poison = np.empty(shape, dtype=object)
+                poison.flat[0] = _Payload(marker)
+                buffer = io.BytesIO()
+                np.save(buffer, poison, allow_pickle=True)
+                payload = buffer.getvalue()
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = write_shards(tmp_path_factory.mktemp("damaged"))
+    marker = root.parent / "unpickled"
+    _damage(root, marker)
+    return root, marker
+
+
+def test_the_index_names_and_counts_both_kinds_of_damage(damaged):
+    root, marker = damaged
+    faults = BadSamples(budget=10)
+    with pytest.warns(DataWarning) as caught:
+        samples = index_shards(Manifest.load(root).shard_paths(root), faults)
+    messages = [str(w.message) for w in caught]
+    assert any(f"shard-000000.tar: sample {POISONED}: latents.npy is object" in m for m in messages), messages
+    assert any("shard-000001.tar: sample v" in m and "lacks" in m for m in messages), messages
+    assert faults.count == 2 and POISONED in faults.keys and len(samples) < 16
+    assert not marker.exists()
+
+
+def test_damaged_shards_train_to_max_steps_with_the_bad_samples_counted_and_named(damaged, tmp_path):
+    """Training, validation (every 2 steps) and the log: nothing stops the run, `data/bad_samples` says 2."""
+    root, marker = damaged
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", *fit_args(root, run), "--trainer.max_steps", "6", "--data.max_bad_samples", "10"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+    named = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert any(POISONED in m for m in named) and any("shard-000001.tar" in m for m in named), named
+    rows = [row for path in run.glob("lightning_logs/version_*/metrics.csv") for row in csv.DictReader(open(path))]
+    counts = [float(r["data/bad_samples"]) for r in rows if r.get("data/bad_samples")]
+    assert counts and set(counts) == {2.0}
+    assert not marker.exists()
+
+
+def test_a_budget_of_zero_stops_with_a_clear_message(damaged, tmp_path):
+    root, _ = damaged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        with pytest.raises(TooManyBadSamples, match=r"1 damaged samples, more than data.max_bad_samples=0 allows; the "
+                                                    rf"last: .*shard-000000.tar: sample {POISONED}: .*letstalk check"):
+            main(["fit", *fit_args(root, tmp_path / "run"), "--trainer.max_steps", "2", "--data.max_bad_samples", "0"])
+
+
+def test_a_fractional_budget_counts_against_the_dataset(damaged):
+    root, _ = damaged
+    paths = Manifest.load(root).shard_paths(root)
+    assert BadSamples(budget=0.2, total=16).allowed == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        index_shards(paths, BadSamples(budget=0.125, total=16))  # 2 allowed: both pass
+        with pytest.raises(TooManyBadSamples, match=r"more than data.max_bad_samples=1 \(0.1 of 16 samples\)"):
+            index_shards(paths, BadSamples(budget=0.1, total=16))
+
+
+def test_evaluation_clips_skip_damaged_samples(damaged):
+    """`letstalk evaluate` and EvalCallback choose clips through `select_segments`: damage is skipped there too."""
+    root, marker = damaged
+    faults = BadSamples(budget=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        segments = select_segments(root, 100, seed=0, faults=faults)
+    assert segments and POISONED not in {s.key for s in segments} and faults.count == 2
+    assert not marker.exists()
+
+
+def test_exact_resume_on_damaged_data(damaged, tmp_path):
+    """6 steps in one go == 3 steps then a resume to 6, with the damaged shards (skips are deterministic)."""
+    root, _ = damaged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        whole = _fit(root, tmp_path / "whole", 6, data=BUDGET)
+        _fit(root, tmp_path / "parts", 3, data=BUDGET)
+        torch.manual_seed(1234)
+        resumed = _fit(root, tmp_path / "parts", 6, ckpt=str(tmp_path / "parts" / "ckpt" / "last.ckpt"), data=BUDGET)
+    assert isinstance(resumed, LetsTalkModule) and resumed.global_step == whole.global_step == 6
+    for (key, x), y in zip(whole.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(x, y), f"{key} differs after resume"
+
+
+def test_a_readable_dataset_counts_nothing(tmp_path):
+    root = write_shards(tmp_path / "good")
+    faults = BadSamples(budget=0)
+    assert len(index_shards(Manifest.load(root).shard_paths(root), faults)) == 16 and faults.count == 0
+    shutil.rmtree(root)
