@@ -59,7 +59,7 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
 from pipeline.shards import (MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample, Manifest, Segment,
-                             ShardFormatError, index_shards, read_segments, speaker_split)
+                             ShardFormatError, index_dataset, read_segments, speaker_split)
 from pipeline.vae import scale_latents
 
 REF_MODES = ("outside", "any")
@@ -317,7 +317,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{root}: dataset folder {problem}; run `letstalk prepare` to create the dataset")
         manifest = Manifest.load(root)
         self.faults = BadSamples(self.max_bad_samples, manifest.num_samples)
-        samples = index_shards(manifest.shard_paths(root), self.faults)
+        samples = index_dataset(root, manifest, self.faults)
         if not samples:
             raise ShardFormatError(f"{root / MANIFEST}: no readable samples in {len(manifest.shards)} shards")
         channels = int(manifest.vae["latent_channels"])

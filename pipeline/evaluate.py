@@ -55,7 +55,7 @@ from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clip
 from pipeline.metrics.inception import inception_features, load_fid_inception
 from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
 from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
-from pipeline.shards import WAVEFORM, BadSamples, Manifest, Segment, ShardFormatError, index_shards, read_segments
+from pipeline.shards import WAVEFORM, BadSamples, Manifest, Segment, ShardFormatError, index_dataset, read_segments
 from pipeline.sync import Box, loudness_envelope, mouth_opening, mouth_region, sync_score
 from pipeline.vae import decode_latents, load_vae, reconstruct
 
@@ -206,7 +206,7 @@ def select_segments(data: str | Path, num_clips: int, seed: int, keys: Collectio
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     manifest = Manifest.load(data)
     faults = faults if faults is not None else BadSamples(total=manifest.num_samples)
-    keyed = [(s.shard, s.key) for s in index_shards(manifest.shard_paths(data), faults)
+    keyed = [(s.shard, s.key) for s in index_dataset(data, manifest, faults)
              if keys is None or s.key in keys]
     if not keyed:
         among = "" if keys is None else f" among the {len(keys)} requested keys"

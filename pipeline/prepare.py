@@ -59,7 +59,7 @@ from tqdm import tqdm
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, speaker_split,
-                             video_id)
+                             video_id, write_index)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
 
 MAX_AUDIO_SHORTFALL_S = 0.5
@@ -569,6 +569,8 @@ def prepare(
                 record["cut"] = cuts
             log.input_done(record)
         log.finish()
+    if name == MANIFEST:  # a single task: the dataset is whole (an array job's `merge` writes the index)
+        write_index(out, manifest)
     if progress:
         print(summary(manifest))
     return manifest
@@ -610,6 +612,7 @@ def merge(out: str | Path) -> Manifest:
         settings=first.settings,
     )
     merged.save(out)
+    write_index(out, merged)
     return merged
 
 

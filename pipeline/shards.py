@@ -22,6 +22,7 @@ split in the manifest, a list's `split` column winning), so no speaker is in bot
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -46,6 +47,9 @@ MEMBERS = (LATENTS, AUDIO, WAVEFORM, META)
 TRAINING_MEMBERS = (LATENTS, AUDIO, META)  # what clips are cut from: training never reads the waveform
 
 MANIFEST = "manifest.json"
+INDEX = "index.npz"  # compiled by `write_index`: one row per sample, read once at start instead of every shard
+INDEX_LOG = "index.jsonl"  # AtomicShardWriter's append-only log of finished shards' rows (`<prefix>index.jsonl`)
+INDEX_COLUMNS = ("key", "frames", "channels", *(f"{m}:{part}" for m in MEMBERS for part in ("offset", "size")))
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "shard-{index:06d}.tar"
 
@@ -139,11 +143,26 @@ class Segment:
         return segment
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through: a shard's sha256 and size without reading it back."""
+
+    def __init__(self, file: Any):
+        self.file, self.sha256, self.bytes = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+
 class AtomicShardWriter:
     """Writes numbered tar shards under a temporary name and renames each when complete.
 
     A killed job leaves at most a `*.tar.tmp`, never a `.tar` that looks whole.
-    `shards` lists the finished ones as manifest entries.
+    `shards` lists the finished ones as manifest entries (with size and sha256, computed while
+    writing). Each finished shard's sample rows (key, frames, channels, byte offset and size of
+    every member) are appended to `<prefix>index.jsonl` (append-only: a killed job leaves at most a
+    torn last line, which `write_index` ignores), from which `write_index` compiles `index.npz`.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_samples: int = 64, start_index: int = 0, prefix: str = ""):
@@ -155,8 +174,10 @@ class AtomicShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._file = None
+        self._hashing: _HashingFile | None = None
         self._count = 0
         self._frames = 0
+        self._rows: list[list[Any]] = []  # the open shard's index rows (`INDEX_COLUMNS`)
 
     @property
     def _final(self) -> Path:
@@ -165,14 +186,20 @@ class AtomicShardWriter:
     def write(self, segment: Segment) -> None:
         if self._tar is None:
             self._file = open(self._final.with_name(self._final.name + ".tmp"), "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w|")
+            self._hashing = _HashingFile(self._file)
+            self._tar = tarfile.open(fileobj=self._hashing, mode="w|")
         members = segment.to_wds()
         key = members.pop("__key__")
-        for name, data in members.items():
+        row: list[Any] = [key, int(segment.latents.shape[0]), int(segment.latents.shape[1])]
+        for name in MEMBERS:
+            data = members[name]
             info = tarfile.TarInfo(f"{key}.{name}")
             info.size = len(data)
             info.mode = 0o444
+            header = info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)
+            row += [self._tar.offset + len(header), len(data)]  # where the member's data starts, its size
             self._tar.addfile(info, io.BytesIO(data))
+        self._rows.append(row)
         self._count += 1
         self._frames += int(segment.latents.shape[0])
         if self._count >= self.max_samples:
@@ -188,10 +215,14 @@ class AtomicShardWriter:
         self._file.close()
         tmp = self._final.with_name(self._final.name + ".tmp")
         os.replace(tmp, self._final)
-        self.shards.append(
-            {"path": self._final.name, "samples": self._count, "frames": self._frames, "bytes": self._final.stat().st_size}
-        )
-        self._tar, self._file, self._count, self._frames = None, None, 0, 0
+        entry = {"path": self._final.name, "samples": self._count, "frames": self._frames,
+                 "bytes": self._hashing.bytes, "sha256": self._hashing.sha256.hexdigest()}
+        self.shards.append(entry)
+        with open(self.out_dir / f"{self.prefix}{INDEX_LOG}", "a", encoding="utf-8") as log:
+            log.write(json.dumps({**entry, "rows": self._rows}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+        self._tar, self._file, self._hashing, self._count, self._frames, self._rows = None, None, None, 0, 0, []
         self.index += 1
 
     def close(self) -> None:
@@ -289,7 +320,8 @@ class BadSamples:
         if budget < 0:
             raise ValueError(f"{name} must be >= 0 (a count, or a fraction < 1 of the samples), got {budget}")
         self.budget, self.total, self.name = budget, total, name
-        self.allowed = int(budget) if budget >= 1 or budget == 0 else math.floor(budget * total)
+        self.allowed = budget if math.isinf(budget) else int(budget) if budget >= 1 or budget == 0 else \
+            math.floor(budget * total)
         self.count, self._taken = 0, 0
         self.records: list[str] = []  # "<shard>: sample <key>: <reason>" of each skip, in order
         self.keys: set[str] = set()  # keys of the skipped samples, where known (readers leave them out afterwards)
@@ -504,3 +536,86 @@ class Manifest:
     def shard_paths(self, root: str | os.PathLike) -> list[str]:
         base = Path(root) if Path(root).is_dir() else Path(root).parent
         return [str(base / s["path"]) for s in self.shards]
+
+
+def write_index(root: str | os.PathLike, manifest: Manifest) -> Path:
+    """Compile `root/index.npz` (atomically) from the writers' `*index.jsonl` logs, for the manifest's shards.
+
+    Columns: `shards` (paths) and `shard_bytes`; per sample `shard` (its row in `shards`), `key` (ASCII),
+    `frames`, `channels`, `offsets` and `sizes` [N, 4] of the members in MEMBERS order, and `speaker` (its row
+    in `speakers`) and `split` (0 train, 1 val) from the manifest's inputs (-1 / -1 where it has none).
+    Plain arrays only: `np.load(allow_pickle=False)` reads it.
+    """
+    root = Path(root)
+    wanted = {s["path"]: s for s in manifest.shards}
+    rows: dict[str, list[list[Any]]] = {}
+    for log in sorted(root.glob(f"*{INDEX_LOG}")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line of a killed writer
+            shard = wanted.get(entry.get("path"))
+            if shard is not None and (shard.get("bytes"), shard.get("sha256")) == (entry["bytes"], entry["sha256"]):
+                rows[entry["path"]] = entry["rows"]
+    missing = [path for path in wanted if path not in rows]
+    if missing:
+        raise ShardFormatError(f"{root}: no index rows for {len(missing)} of {len(wanted)} shards (e.g. {missing[0]}); "
+                               f"written by an older `letstalk prepare`? Training walks the shards' headers instead")
+    splits = manifest.video_splits()
+    speakers = sorted({speaker for speaker, _ in splits.values()})
+    speaker_row = {speaker: i for i, speaker in enumerate(speakers)}
+    order = [(i, row) for i, path in enumerate(wanted) for row in rows[path]]
+    video = [str(row[0]).split("/", 1)[0] for _, row in order]
+    columns = {
+        "shards": np.array(list(wanted), dtype=str),
+        "shard_bytes": np.array([int(s["bytes"]) for s in wanted.values()], dtype=np.int64),
+        "shard": np.array([i for i, _ in order], dtype=np.int32),
+        "key": np.array([str(row[0]).encode("ascii") for _, row in order], dtype=bytes),
+        "frames": np.array([row[1] for _, row in order], dtype=np.int32),
+        "channels": np.array([row[2] for _, row in order], dtype=np.int32),
+        "offsets": np.array([row[3::2] for _, row in order], dtype=np.int64).reshape(-1, len(MEMBERS)),
+        "sizes": np.array([row[4::2] for _, row in order], dtype=np.int64).reshape(-1, len(MEMBERS)),
+        "speakers": np.array(speakers, dtype=str),
+        "speaker": np.array([speaker_row[splits[v][0]] if v in splits else -1 for v in video], dtype=np.int32),
+        "split": np.array([("train", "val").index(splits[v][1]) if v in splits else -1 for v in video], dtype=np.int8),
+    }
+    path = root / INDEX
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as file:
+        np.savez(file, **columns)
+    os.replace(tmp, path)
+    return path
+
+
+def index_dataset(root: str | os.PathLike, manifest: Manifest, faults: BadSamples | None = None
+                  ) -> list[IndexedSample]:
+    """The dataset's complete samples, in shard order: from `index.npz` when it lists the manifest's shards (one
+    read, then one `stat` per shard; a shard whose size differs from the index's is walked by `index_shards`,
+    so damage is found, named and counted as without an index), else by walking every shard's headers."""
+    root = Path(root) if Path(root).is_dir() else Path(root).parent
+    paths = manifest.shard_paths(root)
+    if not (root / INDEX).is_file():
+        return index_shards(paths, faults)
+    with np.load(root / INDEX, allow_pickle=False) as index:
+        columns = {name: index[name] for name in ("shards", "shard_bytes", "shard", "key", "frames", "channels")}
+    if columns["shards"].tolist() != [s["path"] for s in manifest.shards]:
+        warnings.warn(f"{root / INDEX}: lists other shards than {MANIFEST}; walking the shards' headers instead",
+                      DataWarning, stacklevel=2)
+        return index_shards(paths, faults)
+    changed: dict[int, list[IndexedSample]] = {}
+    for i, (path, size) in enumerate(zip(paths, columns["shard_bytes"].tolist())):
+        try:
+            intact = os.stat(path).st_size == size
+        except OSError:
+            intact = False
+        if not intact:
+            changed[i] = index_shards([path], faults)
+    found: list[IndexedSample] = []
+    shard, keys, frames, channels = (columns[c].tolist() for c in ("shard", "key", "frames", "channels"))
+    for i in range(len(keys)):
+        if shard[i] not in changed:
+            found.append(IndexedSample(paths[shard[i]], keys[i].decode("ascii"), frames[i], channels[i]))
+        elif shard[i] != (shard[i - 1] if i else -1):
+            found.extend(changed[shard[i]])
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from pipeline.prepare import (
     InputItem, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds, slurm_task,
     summary, task_of, unique_ids,
 )
-from pipeline.shards import Manifest, iter_tar, speaker_split
+from pipeline.shards import Manifest, index_dataset, index_shards, iter_tar, speaker_split
 from pipeline.synth import make_clip, synthesize
 from pipeline.vae import VAEError, demo_vae_config, encode_frames, load_vae, vae_info
 
@@ -147,7 +148,17 @@ def test_manifest_matches_shards_and_nothing_is_left_half_written(dataset, vae_d
         assert entry["samples"] == len(segs) and entry["frames"] == sum(len(s.latents) for s in segs)
         assert entry["bytes"] == Path(path).stat().st_size
     assert (manifest.num_samples, manifest.num_frames) == (5, 37 + 37 + 26 + 37 + 30)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [s["path"] for s in manifest.shards]
+    assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "index.npz", "manifest.json"] + [
+        s["path"] for s in manifest.shards]
+    assert all(entry["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+               for entry, path in zip(manifest.shards, manifest.shard_paths(out)))
+    assert index_dataset(out, manifest) == index_shards(manifest.shard_paths(out))  # the index, as walking finds
+    with np.load(out / "index.npz", allow_pickle=False) as index:
+        speakers, split = index["speakers"][index["speaker"]].tolist(), index["split"].tolist()
+    by_id = {r["id"]: r for r in manifest.inputs}
+    keys = [s.key for s in index_shards(manifest.shard_paths(out))]
+    assert speakers == [by_id[k.split("/")[0]]["speaker"] for k in keys]
+    assert split == [("train", "val").index(by_id[k.split("/")[0]]["split"]) for k in keys]
     assert manifest.vae == {**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve())}
     assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "layers": -1, "K": 4, "D": 80,
                                       "sample_rate": SR}
@@ -432,6 +443,9 @@ def test_tasks_partition_inputs_and_merge_equals_single_run(tmp_path, corpus_run
         assert ours[key].meta == seg.meta
     assert sorted(map(str, merged.failed)) == sorted(map(str, single.failed))
     assert merged.splits() == single.splits()
+    merged_index = [(Path(s.shard).name.split("-shard-")[0], s.key, s.frames) for s in index_dataset(out, merged)]
+    assert [(k, f) for _, k, f in merged_index] == [(s.key, s.frames) for s in index_shards(merged.shard_paths(out))]
+    assert sorted(k for _, k, _ in merged_index) == sorted(reference)  # both tasks' logs, compiled by merge
 
 
 def test_merge_refuses_missing_unfinished_or_mismatched_tasks(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -12,8 +13,9 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-from pipeline.shards import (AtomicShardWriter, Manifest, Segment, ShardFormatError, iter_tar, npy_bytes, npy_load,
-                             sample_key, video_id)
+from pipeline.shards import (INDEX, LATENTS, MEMBERS, WAVEFORM, AtomicShardWriter, BadSamples, DataWarning, Manifest,
+                             Segment, ShardFormatError, index_dataset, index_shards, iter_tar, npy_bytes, npy_load,
+                             sample_key, video_id, write_index)
 
 
 def _segment(rng: np.random.Generator, key: str, frames: int = 7) -> Segment:
@@ -82,8 +84,10 @@ def test_a_failed_write_leaves_no_shard_and_keeps_finished_ones(tmp_path: Path):
             for i in range(3):
                 writer.write(_segment(rng, sample_key("v", i)))
             raise RuntimeError("killed")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # the finished one only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.jsonl", "shard-000000.tar"]  # the finished one only
     assert len(list(iter_tar(tmp_path / "shard-000000.tar"))) == 2
+    assert [json.loads(line)["path"] for line in (tmp_path / "index.jsonl").read_text().splitlines()] == [
+        "shard-000000.tar"]  # logged once finished, not before
 
 
 def test_manifest_round_trip_and_clear_errors(tmp_path: Path, written):
@@ -125,3 +129,46 @@ def test_nothing_is_unpickled_and_bad_samples_are_named():
 def test_keys_are_webdataset_safe():
     assert video_id("/data/Some clip.v2.mp4") == "Some_clip_v2"
     assert sample_key("abc", 7) == "abc/0007"
+
+
+def test_the_writer_hashes_sizes_and_indexes_each_shard_while_writing(written):
+    """sha256 and size as `hashlib`/`stat` find them in the files; each index row's offsets hold the member's bytes."""
+    root, segments, writer = written
+    for shard in writer.shards:
+        data = (root / shard["path"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    manifest = Manifest(shards=writer.shards, vae={"latent_channels": 4, "downsample": 8, "scaling_factor": 1.0},
+                        audio_encoder={"K": 2, "D": 6},
+                        inputs=[{"id": "video_1", "speaker": "ann", "split": "val", "segments": 2, "frames": 12}])
+    manifest.save(root)
+    write_index(root, manifest)
+    with np.load(root / INDEX, allow_pickle=False) as index:
+        columns = {name: index[name] for name in index.files}
+    assert [k.decode() for k in columns["key"]] == [s.key for s in segments]
+    assert columns["frames"].tolist() == [len(s.latents) for s in segments]
+    by_name = {s["path"]: (root / s["path"]).read_bytes() for s in writer.shards}
+    for i, segment in enumerate(segments):
+        data = by_name[str(columns["shards"][columns["shard"][i]])]
+        offset, size = columns["offsets"][i], columns["sizes"][i]
+        member = lambda m: data[offset[m]: offset[m] + size[m]]  # noqa: E731  (m: the member's place in MEMBERS)
+        assert np.array_equal(npy_load(member(MEMBERS.index(LATENTS))), segment.latents)
+        assert member(MEMBERS.index(WAVEFORM)) == segment.waveform_flac
+    assert columns["speakers"].tolist() == ["ann"]
+    assert columns["speaker"].tolist() == [-1, -1, 0, 0, -1, -1] and columns["split"].tolist() == [-1, -1, 1, 1, -1, -1]
+
+
+def test_the_index_lists_what_walking_the_shards_finds_and_sees_a_shard_cut_short(written):
+    root, segments, writer = written
+    manifest = Manifest(shards=writer.shards, vae={"latent_channels": 4, "downsample": 8, "scaling_factor": 1.0},
+                        audio_encoder={"K": 2, "D": 6})
+    write_index(root, manifest)
+    paths = manifest.shard_paths(root)
+    assert index_dataset(root, manifest) == index_shards(paths) and len(index_shards(paths)) == 6
+    shard = root / writer.shards[0]["path"]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    faults = BadSamples(budget=10)
+    with pytest.warns(DataWarning, match="shard-000000.tar"):
+        found = index_dataset(root, manifest, faults)
+    assert found == index_shards(paths) and 2 <= len(found) < 6 and faults.count >= 1
+    (root / INDEX).unlink()  # no index: the same samples by walking
+    assert index_dataset(root, manifest) == found
