@@ -159,6 +159,7 @@ class TrainClips(IterableDataset):
         max_bad_samples: float = 0.01,
         total_samples: int = 0,
         exclude: frozenset[str] = frozenset(),
+        open_shards: int = 32,
     ) -> None:
         super().__init__()
         self.context, self.skip = context, skip
@@ -171,26 +172,53 @@ class TrainClips(IterableDataset):
         self.iterations = 0
         self.faults = BadSamples(max_bad_samples, total_samples)  # this process's (each worker has its own copy)
         self.exclude = exclude  # keys the index already found damaged (and counted): not read again
+        self.open_shards = open_shards
 
     def __len__(self) -> int:
         return self.batches
 
-    def _shard_urls(self, epoch: int, slot: int, slots: int, progress: Callable[[], int]) -> Iterator[str]:
-        """This slot's shards, cycle after cycle; raises if a whole cycle produced no clip (all shards broken)."""
+    def _shard_urls(self, epoch: int, slot: int, slots: int) -> Iterator[str]:
+        """This slot's shards, cycle after cycle (each cycle a new permutation of all shards, dealt to the slots)."""
         cycle = 0
         while True:
-            before = progress()
             order: list[str] = []
             while len(order) < slots or not order:  # fewer shards than slots: deal several permutations
                 perm = np.random.default_rng([self.seed, epoch, cycle, len(order)]).permutation(len(self.shards))
                 order.extend(self.shards[i] for i in perm)
             yield from order[slot::slots]
-            if progress() == before:
-                raise RuntimeError(
-                    f"no readable training clip in a full pass over {len(order[slot::slots])} shards "
-                    f"(e.g. {order[slot]}); check the shards or rerun `letstalk prepare`"
-                )
             cycle += 1
+
+    def _interleaved(self, urls: Iterator[str], keep: Callable[[str], bool], usable: Callable[[Segment], bool],
+                     open_shards: int) -> Iterator[Segment]:
+        """Read `open_shards` shards at once, one usable segment from each in turn: a shard holds a few speakers
+        (`prepare` writes a video's segments side by side), so this is what mixes speakers within a batch.
+        Raises once more shards than the dataset has in a row gave nothing usable (all broken), not to hang."""
+        readers: list[Iterator[Segment]] = []
+        gave: list[bool] = []
+        empty_run = 0
+
+        def open_next() -> None:
+            readers.append(filter(usable, read_segments([next(urls)], self.faults, keep, TRAINING_MEMBERS)))
+            gave.append(False)
+
+        for _ in range(open_shards):
+            open_next()
+        while True:
+            i = 0
+            while i < len(readers):
+                segment = next(readers[i], None)
+                if segment is not None:
+                    gave[i] = True
+                    yield segment
+                    i += 1
+                    continue
+                empty_run = 0 if gave[i] else empty_run + 1
+                if empty_run > len(self.shards) + open_shards:
+                    raise RuntimeError(
+                        f"no readable training clip in {empty_run} shards in a row (the dataset has "
+                        f"{len(self.shards)}); check the shards or rerun `letstalk prepare`")
+                del readers[i], gave[i]
+                open_next()  # joins at the end of this turn
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -202,17 +230,17 @@ class TrainClips(IterableDataset):
         share = self.batches // workers + (worker < self.batches % workers)
         done = skip // workers + (worker < skip % workers)  # batches of this worker already trained on
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-        produced = [0]
-
         lead = self.context.motion_frames if self.context is not None else 0
 
         def to_clip(segment: Segment) -> dict[str, Any]:
             start, ref = choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode, lead)
-            clip = make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.context)
-            produced[0] += 1
-            return clip
+            return make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.context)
 
-        urls = self._shard_urls(epoch, self.rank * workers + worker, self.world_size * workers, lambda: produced[0])
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        urls = self._shard_urls(epoch, slot, slots)
+        dealt = len(self.shards) * -(-slots // len(self.shards))  # shards dealt per cycle (see `_shard_urls`)
+        open_shards = min(self.open_shards, len(range(slot, dealt, slots)))  # at most what a cycle deals it
+
         def training(key: str) -> bool:
             return key.split("/", 1)[0] not in self.val_videos and key not in self.exclude
 
@@ -220,11 +248,9 @@ class TrainClips(IterableDataset):
             batch["bad_samples"] = torch.tensor(self.faults.take())  # skips since this worker's previous batch
             return batch
 
-        segments = wds.DataPipeline(lambda: read_segments(urls, self.faults, training, TRAINING_MEMBERS))
-        stages = [
-            wds.select(lambda segment: len(segment.latents) >= self.clip_frames + lead),
-            wds.map(to_clip, handler=self.faults),
-        ]
+        usable = lambda segment: len(segment.latents) >= self.clip_frames + lead  # noqa: E731
+        segments = wds.DataPipeline(lambda: self._interleaved(urls, training, usable, open_shards))
+        stages = [wds.map(to_clip, handler=self.faults)]
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
@@ -246,6 +272,7 @@ class LetsTalkDataModule(L.LightningDataModule):
         num_workers: int = 2,
         val_percent: float | None = None,
         shuffle_buffer: int = 256,
+        open_shards: int = 32,
         seed: int = 0,
         val_batches: int = 2,
         ref_mode: str = "outside",
@@ -263,6 +290,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             val_percent: None: the splits `prepare` recorded per speaker (manifest `inputs`; a video without a record
                 is its own speaker, split at 10 %); a number: that percent of speakers (stable hash) for validation.
             shuffle_buffer: clips held in the shuffle buffer of each worker (0 or 1: no shuffling).
+            open_shards: shards each worker reads at once, a segment from each in turn (mixes speakers).
             seed: seed of the shard order, clip windows and shuffling (with epoch, rank and worker).
             val_batches: number of fixed validation batches (first frames of the first validation segments).
             ref_mode: "outside" (reference frame outside the clip when possible) or "any" (any frame of the segment).
@@ -279,6 +307,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             "num_workers": (num_workers, num_workers >= 0),
             "val_percent": (val_percent, val_percent is None or 0.0 <= val_percent < 100.0),
             "shuffle_buffer": (shuffle_buffer, shuffle_buffer >= 0),
+            "open_shards": (open_shards, open_shards >= 1),
             "seed": (seed, seed >= 0),
             "val_batches": (val_batches, val_batches >= 1),
             "ref_mode": (ref_mode, ref_mode in REF_MODES),
@@ -289,13 +318,14 @@ class LetsTalkDataModule(L.LightningDataModule):
             raise ValueError(
                 f"invalid LetsTalkDataModule arguments: {bad} "
                 f"(need clip_frames>=1, audio_radius>=0, batch_size>=1, num_workers>=0, 0<=val_percent<100, "
-                f"shuffle_buffer>=0, seed>=0, val_batches>=1, ref_mode in {REF_MODES}, max_bad_samples>=0)"
+                f"shuffle_buffer>=0, open_shards>=1, seed>=0, val_batches>=1, ref_mode in {REF_MODES}, max_bad_samples>=0)"
             )
         self.root = root
         self.clip_frames, self.audio_radius, self.batch_size = clip_frames, audio_radius, batch_size
         self.num_workers, self.val_percent, self.shuffle_buffer = num_workers, val_percent, shuffle_buffer
         self.seed, self.val_batches, self.ref_mode = seed, val_batches, ref_mode
         self.max_bad_samples = max_bad_samples
+        self.open_shards = open_shards
         self.faults = BadSamples(max_bad_samples)  # this process's skips (index, validation); `total` set at setup
         self._rank, self._world_size = rank, world_size
         self._epoch = 0
@@ -442,6 +472,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             self.max_bad_samples,
             self.manifest.num_samples,
             frozenset(self.faults.keys),
+            self.open_shards,
         )
         return DataLoader(
             dataset,

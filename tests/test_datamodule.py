@@ -464,3 +464,14 @@ def test_a_new_val_percent_splits_speakers_not_videos(dataset, tmp_path, percent
     dm.setup("fit")
     train, val = _speakers(dm, dm.train_samples), _speakers(dm, dm.val_samples)
     assert train and val and not train & val
+
+
+@pytest.mark.parametrize("open_shards, shards_in_first_batch", [(1, 1), (3, 3)])
+def test_workers_read_several_shards_at_once_a_segment_from_each_in_turn(dataset, open_shards, shards_in_first_batch):
+    """No shuffle buffer, batches of 3: one shard at a time fills a batch from one shard; three at once, from three."""
+    root, _ = dataset
+    dm = _module(root, shuffle_buffer=0, batch_size=3, open_shards=open_shards, val_percent=0.0)
+    dm.setup("fit")
+    shard_of = {s.key: s.shard for s in dm.train_samples}
+    first = next(iter(dm.train_dataloader()))
+    assert len({shard_of[key] for key in first["key"]}) == shards_in_first_batch
