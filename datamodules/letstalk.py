@@ -20,8 +20,9 @@ at the start of a video, so no segment is skipped for lack of memory history.
 Training streams shards endlessly in a (seed, epoch)-seeded order, partitioned over ranks and
 workers, and stops each rank after exactly `train_batches_per_epoch` batches, so ranks with
 uneven data never hang. A run resumed in the middle of an epoch continues exactly where it
-stopped: the loader reads and drops the batches the checkpoint had already trained on (it never
-trains on them twice), so a resumed run sees the same batches as one that never stopped.
+stopped: the loader draws the batches the checkpoint had already trained on from headers alone and
+drops them (it never trains on them twice, and reads none of their frames), so a resumed run sees
+the same batches as one that never stopped.
 Validation is a fixed set of clips (first frames of the first
 validation segments), identical on every run and every rank. Splits are by speaker: each video
 follows the split `prepare` recorded for its speaker in the manifest (a list's `split` column
@@ -32,7 +33,8 @@ Damaged data (`pipeline.shards.BadSamples`): a shard or sample that cannot be re
 named and counted wherever it is met (index, training stream, validation); each training batch
 carries `bad_samples`, the skips of its worker since its previous batch, so that the
 LetsTalkModule can sum them over workers and ranks, log `data/bad_samples` and stop the run past
-`max_bad_samples`. Training reads only the members clips are cut from (no waveform).
+`max_bad_samples`. Training reads only what clips are cut from: no waveform, and of the latents and
+audio features only the clip's rows (`pipeline.shards.NpyMember`, by offset), not whole segments.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
-from pipeline.shards import (MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample, Manifest, Segment,
+from pipeline.shards import (AUDIO, LATENTS, MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample, Manifest, Segment,
                              ShardFormatError, index_dataset, read_segments, speaker_split)
 from pipeline.vae import scale_latents
 
@@ -128,14 +130,16 @@ class TrainClips(IterableDataset):
     """Endless stream of random training clips, batched; each rank yields exactly `batches` batches per epoch.
 
     Shard order: one permutation of all training shards per (seed, epoch, cycle), the same on every
-    rank, dealt round-robin to the world_size * num_workers loader slots, repeated forever. Clip
-    windows and the shuffle buffer use RNGs seeded from (seed, epoch, rank, worker). The epoch is
+    rank, dealt round-robin to the world_size * num_workers loader slots, repeated forever; a slot
+    reads `open_shards` of its shards at once, a segment from each in turn. Clip windows and the
+    shuffle buffer (of windows: a segment's lazy arrays and a clip start; frames are read when the
+    batch is made) use RNGs seeded from (seed, epoch, rank, worker). The epoch is
     `epoch` plus the number of times this object was iterated (workers are persistent, so this
     advances each epoch in worker processes too).
 
     Batch k of an epoch comes from worker k % num_workers (the DataLoader's round robin). `skip`
-    (a mid-epoch resume) drops the first `skip` batches of the first epoch: each worker reads and
-    drops its share of them, and worker w plays the part of worker (w + skip) % num_workers, so the
+    (a mid-epoch resume) drops the first `skip` batches of the first epoch: each worker draws its
+    share of them from headers and drops them unread, and worker w plays the part of worker (w + skip) % num_workers, so the
     round robin continues with batch `skip` and the order equals an uninterrupted run's.
     """
 
@@ -198,7 +202,8 @@ class TrainClips(IterableDataset):
         empty_run = 0
 
         def open_next() -> None:
-            readers.append(filter(usable, read_segments([next(urls)], self.faults, keep, TRAINING_MEMBERS)))
+            segments = read_segments([next(urls)], self.faults, keep, TRAINING_MEMBERS, lazy=(LATENTS, AUDIO))
+            readers.append(filter(usable, segments))
             gave.append(False)
 
         for _ in range(open_shards):
@@ -232,9 +237,8 @@ class TrainClips(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         lead = self.context.motion_frames if self.context is not None else 0
 
-        def to_clip(segment: Segment) -> dict[str, Any]:
-            start, ref = choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode, lead)
-            return make_clip(segment, start, ref, self.clip_frames, self.audio_radius, self.context)
+        def window(segment: Segment) -> tuple[Segment, int, int]:
+            return segment, *choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode, lead)
 
         slot, slots = self.rank * workers + worker, self.world_size * workers
         urls = self._shard_urls(epoch, slot, slots)
@@ -244,20 +248,21 @@ class TrainClips(IterableDataset):
         def training(key: str) -> bool:
             return key.split("/", 1)[0] not in self.val_videos and key not in self.exclude
 
-        def count_faults(batch: dict[str, Any]) -> dict[str, Any]:
-            batch["bad_samples"] = torch.tensor(self.faults.take())  # skips since this worker's previous batch
-            return batch
-
         usable = lambda segment: len(segment.latents) >= self.clip_frames + lead  # noqa: E731
-        segments = wds.DataPipeline(lambda: self._interleaved(urls, training, usable, open_shards))
-        stages = [wds.map(to_clip, handler=self.faults)]
+        stages = [wds.map(window)]  # segments hold lazy arrays (headers only): windows are drawn, nothing read yet
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
-        stages.append(wds.batched(self.batch_size, collation_fn=partial(scale_batch, vae=self.vae), partial=False))
-        stages.append(wds.map(count_faults))
-        pipeline = wds.DataPipeline(segments, *stages)
-        yield from islice(iter(pipeline), done, share)
+        stages.append(wds.batched(self.batch_size, collation_fn=list, partial=False))
+        windows = wds.DataPipeline(lambda: self._interleaved(urls, training, usable, open_shards), *stages)
+        for k, group in enumerate(islice(iter(windows), share)):
+            bad = self.faults.take()  # skips since this worker's previous batch
+            if k < done:  # trained on before a mid-epoch resume: drawn and dropped, no frame read
+                continue
+            clips = [make_clip(*item, self.clip_frames, self.audio_radius, self.context) for item in group]
+            batch = scale_batch(clips, self.vae)  # the clips' frames and audio rows are read here, by offset
+            batch["bad_samples"] = torch.tensor(bad)
+            yield batch
 
 
 class LetsTalkDataModule(L.LightningDataModule):

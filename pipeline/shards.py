@@ -82,9 +82,81 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def npy_load(data: bytes) -> np.ndarray:
-    """Decode a `.npy` member; refuses object arrays (never unpickles)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def npy_load(data: "bytes | NpyMember") -> "np.ndarray | NpyMember":
+    """Decode a `.npy` member; refuses object arrays (never unpickles). A lazily read member stays as it is."""
+    return data if isinstance(data, NpyMember) else np.load(io.BytesIO(data), allow_pickle=False)
+
+
+_OPEN_FILES: dict[str, int] = {}  # path -> file descriptor, this process's few most recently read shards
+_MAX_OPEN_FILES = 64
+
+
+def _pread(path: str, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` of `path`, through a small cache of open descriptors (positional reads)."""
+    fd = _OPEN_FILES.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        if len(_OPEN_FILES) >= _MAX_OPEN_FILES:
+            os.close(_OPEN_FILES.pop(next(iter(_OPEN_FILES))))
+    _OPEN_FILES[path] = fd  # most recent last
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise ShardFormatError(f"{path}: {size} bytes wanted at offset {offset}, {len(data)} there (truncated?)")
+    return data
+
+
+@dataclass(frozen=True)
+class NpyMember:
+    """An uncompressed `.npy` member of a shard, read on demand: indexing the first axis (an int, a slice of step
+    1, or a list of ints) reads only those rows, by offset. What training holds instead of whole arrays, so a clip
+    of 16 frames reads 16 frames of a 100-frame segment, and a skipped batch reads nothing but headers."""
+
+    path: str
+    offset: int  # of the array data in the file
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        data = _pread(self.path, (stop - start) * row, self.offset + start * row)
+        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def __getitem__(self, index: int | slice | list[int] | np.ndarray) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("NpyMember reads contiguous rows only (slice step 1)")
+            return self._rows(start, max(start, stop))
+        if isinstance(index, (int, np.integer)):
+            return self._rows(*slice(index, index + 1).indices(len(self))[:2])[0]
+        return np.stack([self[int(i)] for i in index])
+
+    @classmethod
+    def from_tar(cls, path: str, member: tarfile.TarInfo, fileobj: Any) -> "NpyMember":
+        """Parse the member's `.npy` header (from `fileobj`, the member's data) and check that the data the header
+        promises is exactly what the member holds: C-ordered, no objects, no missing or extra bytes."""
+        try:
+            version = np.lib.format.read_magic(fileobj)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fileobj)
+        except ValueError as err:
+            raise ShardFormatError(f"{path}: {member.name}: unreadable .npy header ({err})") from err
+        if dtype.hasobject or fortran:
+            raise ShardFormatError(f"{path}: {member.name}: an {'object' if dtype.hasobject else 'F-ordered'} array "
+                                   "(refused; nothing is unpickled)")
+        header = fileobj.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if header + nbytes != member.size:
+            raise ShardFormatError(f"{path}: {member.name}: {member.size - header} data bytes, its header "
+                                   f"{dtype} {tuple(shape)} needs {nbytes}")
+        return cls(path, member.offset_data + header, tuple(shape), dtype)
 
 
 @dataclass
@@ -92,8 +164,8 @@ class Segment:
     """One decoded sample, as numpy arrays and its metadata."""
 
     key: str
-    latents: np.ndarray  # float16 [T, C, h, w]
-    audio: np.ndarray  # float16 [T, K, D]
+    latents: "np.ndarray | NpyMember"  # float16 [T, C, h, w]
+    audio: "np.ndarray | NpyMember"  # float16 [T, K, D]
     waveform_flac: bytes
     meta: dict[str, Any]
 
@@ -255,11 +327,12 @@ def speaker_split(speaker: str, val_percent: float) -> str:
 
 
 def read_samples(path: str | os.PathLike, members: Collection[str] | None = None,
-                 keep: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+                 keep: Callable[[str], bool] | None = None, lazy: Collection[str] = ()) -> Iterator[dict[str, Any]]:
     """The one tar reader: a shard's samples {__key__, __url__, member: bytes} in tar order.
 
     `members`: read only these (the others' payloads are seeked past, not read), e.g. training skips the FLAC;
-    `keep`: read only the samples whose key passes it. A shard that cannot be opened or is damaged part-way
+    `keep`: read only the samples whose key passes it; `lazy`: `.npy` members given as `NpyMember` (header read
+    and checked, data read on demand). A shard that cannot be opened or is damaged part-way
     yields its complete samples before the damage and then raises ShardFormatError naming the shard and the
     sample being read (its `key`; None when the damage lies outside every sample read).
     """
@@ -276,7 +349,12 @@ def read_samples(path: str | os.PathLike, members: Collection[str] | None = None
                     yield sample
                     sample = None
                 sample = sample or {"__key__": key, "__url__": url}
-                if members is None or ext in members:
+                if ext in lazy:
+                    try:
+                        sample[ext] = NpyMember.from_tar(url, member, tar.extractfile(member))
+                    except ShardFormatError as err:  # this sample is damaged, the shard reads on
+                        sample["__error__"] = str(err)
+                elif members is None or ext in members:
                     sample[ext] = tar.extractfile(member).read()
         if sample is not None:
             yield sample
@@ -298,6 +376,8 @@ def iter_tar(path: str | os.PathLike) -> Iterator[Segment]:
 def decode(sample: dict[str, Any]) -> Segment:
     """Raw member bytes -> Segment; any decoding failure (an object array, a bad header, a wrong shape or dtype)
     becomes a ShardFormatError naming shard and key. Nothing is unpickled."""
+    if "__error__" in sample:
+        raise ShardFormatError(sample["__error__"], sample.get("__key__"))
     try:
         return Segment.from_wds(sample)
     except ShardFormatError:
@@ -353,7 +433,7 @@ class BadSamples:
 
 
 def read_segments(paths: Iterable[str], faults: BadSamples, keep: Callable[[str], bool] | None = None,
-                  members: Collection[str] | None = None) -> Iterator[Segment]:
+                  members: Collection[str] | None = None, lazy: Collection[str] = ()) -> Iterator[Segment]:
     """Shards -> decoded Segments, under `faults`: each damaged shard or sample is skipped, named and counted.
 
     keep, members: see `read_samples`; without WAVEFORM among the members the Segment's `waveform_flac` is
@@ -362,7 +442,7 @@ def read_segments(paths: Iterable[str], faults: BadSamples, keep: Callable[[str]
     """
     for path in paths:
         try:
-            for sample in read_samples(path, members, keep):
+            for sample in read_samples(path, members, keep, lazy):
                 if members is not None and WAVEFORM not in members:
                     sample[WAVEFORM] = b""
                 try:

@@ -475,3 +475,30 @@ def test_workers_read_several_shards_at_once_a_segment_from_each_in_turn(dataset
     shard_of = {s.key: s.shard for s in dm.train_samples}
     first = next(iter(dm.train_dataloader()))
     assert len({shard_of[key] for key in first["key"]}) == shards_in_first_batch
+
+
+def test_a_mid_epoch_resume_draws_skipped_batches_from_headers_and_reads_only_clip_frames(dataset, monkeypatch):
+    """Training holds lazy arrays (`pipeline.shards.NpyMember`): a clip reads its own frames and audio rows by offset,
+    and the batches a resume skips read no array data at all, yet the resumed batches equal the uninterrupted ones."""
+    import pipeline.shards as shards
+
+    root, _ = dataset
+    reads: list[int] = []
+    real = shards._pread
+    monkeypatch.setattr(shards, "_pread", lambda path, size, offset: reads.append(size) or real(path, size, offset))
+    dm = _module(root, val_percent=0.0)
+    dm.setup("fit")
+    whole, after = [], []
+    for batch in dm.train_dataloader():
+        whole.append(batch)
+        after.append(sum(reads))
+    assert len(whole) >= 3
+    row = H * H * C * 2  # bytes of one float16 latent frame
+    assert 0 < after[0] < 3 * dm.batch_size * (F + 1) * row  # the clips' frames (+ reference), not whole segments
+    reads.clear()
+    loader = dm.train_dataloader()
+    loader.dataset.skip = 2
+    resumed = _epoch(loader)
+    assert [b["key"] for b in resumed] == [b["key"] for b in whole[2:]]
+    assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(resumed, whole[2:]))
+    assert sum(reads) == after[-1] - after[1]  # only the batches it yields were read
