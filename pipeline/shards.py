@@ -661,6 +661,10 @@ def write_index(root: str | os.PathLike, manifest: Manifest) -> Path:
         "split": np.array([("train", "val").index(splits[v][1]) if v in splits else -1 for v in video], dtype=np.int8),
     }
     path = root / INDEX
+    if path.is_file():  # an unchanged index is left untouched (a rerun that prepares nothing writes nothing)
+        with np.load(path, allow_pickle=False) as old:
+            if set(old.files) == set(columns) and all(np.array_equal(old[k], v) for k, v in columns.items()):
+                return path
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as file:
         np.savez(file, **columns)

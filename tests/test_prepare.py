@@ -409,7 +409,8 @@ def test_changed_settings_redo_a_single_run_and_stop_a_task(tmp_path, corpus, va
     assert "settings changed (settings.vae_sha1: " in capsys.readouterr().err
     assert [s["path"] for s in first.shards] == ["shard-000000.tar", "shard-000001.tar"]
     assert [s["path"] for s in second.shards] == ["shard-000000.tar"]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]  # the stale shard is gone
+    assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "index.npz", "manifest.json",
+                                                     "shard-000000.tar"]  # the stale shard is gone
     segs = all_samples(out, second)
     frames = media.read_video(corpus.parent / "clips" / "fps24.mp4", FPS, SIZE)
     np.testing.assert_array_equal(segs["fps24/0000"].latents, encode_frames(load_vae(retrained), frames[:25], batch_size=25))
@@ -489,7 +490,7 @@ def test_interrupted_run_resumes_without_losing_or_repeating_segments(tmp_path, 
     assert not interrupted.complete and [s["samples"] for s in interrupted.shards] == [3]
     assert [Path(r["path"]).name for r in interrupted.inputs] == ["fps24.mp4"]
     assert list(interrupted.partial.values()) == [[0]]  # fps30's first segment is in the finished shard
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]  # no .tmp left
+    assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "manifest.json", "shard-000000.tar"]  # no .tmp
     monkeypatch.setattr(prep, "_segment", encode_segment)
     resumed = prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
     assert resumed.complete and not resumed.partial and resumed.shards[0] == interrupted.shards[0]
