@@ -464,14 +464,6 @@ class IndexedSample:
     channels: int
 
 
-def _npy_header(fileobj: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype in a `.npy` header, read without touching the array data."""
-    version = np.lib.format.read_magic(fileobj)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(fileobj)
-    return tuple(shape), dtype
-
-
 def index_shards(paths: list[str], faults: BadSamples | None = None) -> list[IndexedSample]:
     """List every complete sample of every shard, in shard order, from tar headers and `.npy` headers only.
 
@@ -487,7 +479,7 @@ def index_shards(paths: list[str], faults: BadSamples | None = None) -> list[Ind
     found: list[IndexedSample] = []
     for path in paths:
         members: dict[str, set[str]] = {}
-        headers: dict[str, tuple[tuple[int, ...], np.dtype] | str] = {}  # key -> (shape, dtype) or why unreadable
+        headers: dict[str, NpyMember | str] = {}  # key -> its latents header, or why it is unreadable
         order: list[str] = []
         damage = ""
         try:
@@ -505,9 +497,9 @@ def index_shards(paths: list[str], faults: BadSamples | None = None) -> list[Ind
                     members[key].add(ext)
                     if ext == LATENTS:
                         try:
-                            headers[key] = _npy_header(tar.extractfile(member))
-                        except ValueError as err:
-                            headers[key] = f"unreadable {LATENTS} header ({err})"
+                            headers[key] = NpyMember.from_tar(path, member, tar.extractfile(member))
+                        except ShardFormatError as err:
+                            headers[key] = str(err)
                 tar.fileobj.seek(tar.offset)
                 if tar.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
                     raise tarfile.ReadError("no end-of-archive block after the last member (truncated)")
@@ -518,16 +510,16 @@ def index_shards(paths: list[str], faults: BadSamples | None = None) -> list[Ind
             header = headers.get(key)
             lacks = [m for m in MEMBERS if m not in members[key]]
             if lacks:
-                problem = f"lacks {lacks}" + (f"; {damage}" if damage else "")
+                problem = f"{path}: sample {key}: lacks {lacks}" + (f"; {damage}" if damage else "")
             elif isinstance(header, str):
                 problem = header
-            elif header[1] != np.float16 or len(header[0]) != 4:
-                problem = f"{LATENTS} is {header[1]} {header[0]}, not float16 [T, C, h, w]"
+            elif header.dtype != np.float16 or header.ndim != 4:
+                problem = f"{path}: sample {key}: {LATENTS} is {header.dtype} {header.shape}, not float16 [T, C, h, w]"
             else:
-                found.append(IndexedSample(path, key, int(header[0][0]), int(header[0][1])))
+                found.append(IndexedSample(path, key, header.shape[0], header.shape[1]))
                 continue
             named = named or bool(lacks and damage)
-            faults.skip(ShardFormatError(f"{path}: sample {key}: {problem}"), key)
+            faults.skip(ShardFormatError(problem), key)
         if damage and not named:
             faults.skip(ShardFormatError(f"{path}: {damage}; using its complete samples only"))
     return found
