@@ -29,6 +29,7 @@ import math
 import os
 import re
 import tarfile
+import tokenize
 import warnings
 import zlib
 from collections.abc import Callable, Collection, Iterable
@@ -86,6 +87,9 @@ def npy_load(data: "bytes | NpyMember") -> "np.ndarray | NpyMember":
     """Decode a `.npy` member; refuses object arrays (never unpickles). A lazily read member stays as it is."""
     return data if isinstance(data, NpyMember) else np.load(io.BytesIO(data), allow_pickle=False)
 
+
+# what numpy raises on a damaged `.npy` header: it parses the header's dict text with Python's tokenizer
+NPY_HEADER_ERRORS = (ValueError, SyntaxError, tokenize.TokenError, UnicodeDecodeError)
 
 _OPEN_FILES: dict[str, int] = {}  # path -> file descriptor, this process's few most recently read shards
 _MAX_OPEN_FILES = 64
@@ -146,7 +150,7 @@ class NpyMember:
             version = np.lib.format.read_magic(fileobj)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(fileobj)
-        except ValueError as err:
+        except NPY_HEADER_ERRORS as err:
             raise ShardFormatError(f"{path}: {member.name}: unreadable .npy header ({err})") from err
         if dtype.hasobject or fortran:
             raise ShardFormatError(f"{path}: {member.name}: an {'object' if dtype.hasobject else 'F-ordered'} array "
@@ -382,7 +386,7 @@ def decode(sample: dict[str, Any]) -> Segment:
         return Segment.from_wds(sample)
     except ShardFormatError:
         raise
-    except (ValueError, EOFError, OSError, UnicodeDecodeError) as err:
+    except (*NPY_HEADER_ERRORS, EOFError, OSError) as err:
         raise ShardFormatError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {err}") from err
 
 

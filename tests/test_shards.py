@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import soundfile as sf
 import webdataset as wds
 
 from pipeline.shards import (INDEX, LATENTS, MEMBERS, WAVEFORM, AtomicShardWriter, BadSamples, DataWarning, Manifest,
-                             Segment, ShardFormatError, index_dataset, index_shards, iter_tar, npy_bytes, npy_load,
+                             Segment, ShardFormatError, index_dataset, index_shards, iter_tar, npy_bytes, npy_load, read_segments,
                              sample_key, video_id, write_index)
 
 
@@ -172,3 +173,23 @@ def test_the_index_lists_what_walking_the_shards_finds_and_sees_a_shard_cut_shor
     assert found == index_shards(paths) and 2 <= len(found) < 6 and faults.count >= 1
     (root / INDEX).unlink()  # no index: the same samples by walking
     assert index_dataset(root, manifest) == found
+
+
+def test_a_flipped_byte_in_an_npy_header_costs_that_sample_only(written):
+    """numpy parses the header's dict text with Python's tokenizer, which raises its own errors (TokenError,
+    SyntaxError): they must name the sample like any other damage, in the index and in reading."""
+    root, segments, writer = written
+    path = root / writer.shards[0]["path"]
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"{segments[0].key}.{LATENTS}")
+    data = bytearray(path.read_bytes())
+    data[member.offset_data + 10] ^= 0xFF  # the header dict's opening brace
+    path.write_bytes(bytes(data))
+    faults = BadSamples(budget=10)
+    with pytest.warns(DataWarning, match=f"{segments[0].key}.latents.npy: unreadable .npy header"):
+        found = index_shards([str(path)], faults)
+    assert [s.key for s in found] == [s.key for s in segments[1:4]] and faults.count == 1
+    read = BadSamples(budget=10)
+    with pytest.warns(DataWarning, match=segments[0].key):
+        kept = list(read_segments([str(path)], read, lazy=(LATENTS,)))
+    assert [s.key for s in kept] == [s.key for s in segments[1:4]] and read.count == 1

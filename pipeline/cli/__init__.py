@@ -3,6 +3,7 @@
     letstalk synth     draw a synthetic talking-head dataset (mp4 + ground truth)
     letstalk fit-vae   train the small demo VAE on a video folder
     letstalk prepare   videos -> WebDataset shards + manifest.json
+    letstalk check     verify a dataset against its manifest and index before a launch
     letstalk fit       train (LightningCLI: --config, --print_config, --ckpt_path last)
     letstalk validate  validate a checkpoint (LightningCLI)
     letstalk generate  portrait + audio -> talking video (provenance-marked; --batch for a CSV)
@@ -123,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("check", help="verify a prepared dataset (sizes, hashes, members, arrays, audio alignment)")
+    p.add_argument("data", help="the dataset folder (manifest.json, index.npz, shards)")
+    p.add_argument("--clip-frames", type=int, default=None, help="also count segments shorter than this")
+    p.add_argument("--fast", action="store_true", help="sizes and the index only (what training does at start)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 8)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("export", help="checkpoint (a .ckpt or a DeepSpeed checkpoint folder) -> safetensors + config")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="output .safetensors; the config goes beside it as .json")
@@ -227,6 +236,14 @@ def _run(args: argparse.Namespace) -> int:
         evaluate(args.checkpoint, args.data, num_clips=args.num_clips, seed=args.seed, metrics=metrics, out=args.out,
                  steps=args.steps, sampler=args.sampler, audio_scale=args.audio_scale, ref_scale=args.ref_scale,
                  ema=not args.no_ema, vae_path=args.vae, device=args.device)
+    elif args.command == "check":
+        from pipeline.check import check_dataset, format_report, write_report
+
+        report = check_dataset(args.data, args.clip_frames, args.fast, args.workers, not args.no_progress)
+        print(format_report(report))
+        if args.json:
+            write_report(report, args.json)
+        return 0 if report["ok"] else 1
     elif args.command == "export":
         from pipeline.checkpoints import export
 
