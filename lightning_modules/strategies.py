@@ -11,7 +11,11 @@ Also, against Lightning's defaults:
   (Lightning reads `train_dataloader().batch_sampler`, which our streaming loader has not);
 - the network is built whole, not under `zero.Init` (see `model_sharded_context`);
 - a checkpoint folder written by another number of ranks is refused before DeepSpeed reads it
-  (ZeRO partitions belong to ranks: a silent wrong resume is worse than none).
+  (ZeRO partitions belong to ranks: a silent wrong resume is worse than none);
+- on CPU, DeepSpeed's shared-memory all-reduce op is not compiled: its communication backend JIT-builds it
+  with the machine's C++ compiler at start-up, but only its own launcher (which sets LOCAL_SIZE) switches it
+  on, and only inference all-reduces use it, so under Lightning the build is pure start-up cost and a
+  compiler dependency (and a lock file that a killed build leaves behind makes every later start wait).
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         if self._on_cpu():  # Lightning's version validates CUDA device indices
+            import deepspeed.ops
+            from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+            deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # see the module docstring
             reset_seed()
             self.set_world_ranks()
             self._init_deepspeed_distributed()

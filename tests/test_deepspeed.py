@@ -12,9 +12,9 @@ import csv
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -26,6 +26,7 @@ pytest.importorskip("deepspeed")
 
 from pipeline.checkpoints import no_unpickling, read_weights  # noqa: E402
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key  # noqa: E402
+from procs import run_job  # noqa: E402
 from test_training import C, D, FRAMES, HW, K, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,24 +77,27 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_fit(work: Path, name: str, preset: str, *flags: str, devices: int = 2, steps: int = STEPS,
-            config: Path | None = None) -> subprocess.CompletedProcess:
+            config: Path | None = None) -> CompletedProcess:
     """`letstalk fit` as a subprocess (Lightning launches the second rank) into `work/name`."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline"}
     argv = [sys.executable, "-m", "pipeline.cli", "fit", "--config", str(config or work / "fit.yaml"), *PRESETS[preset],
             "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.max_steps", str(steps),
             "--trainer.default_root_dir", str(work / name), *flags]
-    return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    return run_job(argv, timeout=300, cwd=work, env=env)
 
 
-_RUNS: dict[str, Path] = {}
+_RUNS: dict[str, Path | str] = {}  # name -> its folder, or why it failed (so the tests sharing it fail at once)
 
 
 def fit(work: Path, name: str, preset: str, *flags: str, **kw) -> Path:
     """A run that must succeed, made once per module and shared."""
     if name not in _RUNS:
-        done = run_fit(work, name, preset, *flags, **kw)
-        assert done.returncode == 0, done.stderr[-4000:]
-        _RUNS[name] = work / name
+        try:
+            done = run_fit(work, name, preset, *flags, **kw)
+            _RUNS[name] = work / name if done.returncode == 0 else done.stderr[-4000:]
+        except AssertionError as hung:
+            _RUNS[name] = str(hung)
+    assert isinstance(_RUNS[name], Path), f"the {name} run failed:\n{_RUNS[name]}"
     return _RUNS[name]
 
 

@@ -13,7 +13,6 @@ import csv
 import json
 import random
 import struct
-import subprocess
 import sys
 import textwrap
 import time
@@ -40,6 +39,7 @@ from pipeline.metrics.inception import FIDInceptionV3
 from pipeline.prepare import prepare
 from pipeline.synth import synthesize
 from pipeline.vae import demo_vae_config
+from procs import run_job
 
 FRAMES = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -221,8 +221,7 @@ def test_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Path, t
     script = tmp_path / "ddp_eval.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(repo=str(REPO), frames=FRAMES, strategy=STRATEGIES[strategy])))
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, str(script), str(shards), str(run), json.dumps(metrics)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = run_job([sys.executable, str(script), str(shards), str(run), json.dumps(metrics)], timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     logged = json.loads((run / "eval.json").read_text())
     (result,) = logged["results"]
