@@ -17,9 +17,11 @@ Clips then start at frame M or later, so segments need clip_frames + M frames; m
 that would fall before the segment's first frame are clamped to it, exactly as generation does
 at the start of a video, so no segment is skipped for lack of memory history.
 
-Training streams shards endlessly in a (seed, epoch)-seeded order, partitioned over ranks and
-workers, and stops each rank after exactly `train_batches_per_epoch` batches, so ranks with
-uneven data never hang. A run resumed in the middle of an epoch continues exactly where it
+Each epoch follows a plan (`datamodules.plan`) that every rank computes alike from the index,
+reading no data: the usable training segments, in a (seed, epoch) permutation of their shards, cut
+into one equal run per loader slot (rank x worker). So every rank yields exactly
+`train_batches_per_epoch` batches (ranks never hang on uneven data) and no segment is used twice
+in an epoch (a slot re-reads its run only if damaged samples left it short). A run resumed in the middle of an epoch continues exactly where it
 stopped: the loader draws the batches the checkpoint had already trained on from headers alone and
 drops them (it never trains on them twice, and reads none of their frames), so a resumed run sees
 the same batches as one that never stopped.
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -58,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 # that this loader "is not resumable" does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
+from datamodules.plan import plan_slot, resumed_worker, samples_per_slot
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
 from pipeline.shards import (AUDIO, LATENTS, MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample, Manifest, Segment,
@@ -127,11 +131,10 @@ def scale_batch(clips: list[dict[str, Any]], vae: dict[str, Any]) -> dict[str, A
 
 
 class TrainClips(IterableDataset):
-    """Endless stream of random training clips, batched; each rank yields exactly `batches` batches per epoch.
+    """Random training clips of the epoch plan, batched; each rank yields exactly `batches` batches per epoch.
 
-    Shard order: one permutation of all training shards per (seed, epoch, cycle), the same on every
-    rank, dealt round-robin to the world_size * num_workers loader slots, repeated forever; a slot
-    reads `open_shards` of its shards at once, a segment from each in turn. Clip windows and the
+    Each loader slot reads its run of the plan (`datamodules.plan.plan_slot`; `counts`: usable training
+    segments per shard), `open_shards` of its shards at once, a segment from each in turn. Clip windows and the
     shuffle buffer (of windows: a segment's lazy arrays and a clip start; frames are read when the
     batch is made) use RNGs seeded from (seed, epoch, rank, worker). The epoch is
     `epoch` plus the number of times this object was iterated (workers are persistent, so this
@@ -146,6 +149,7 @@ class TrainClips(IterableDataset):
     def __init__(
         self,
         shards: list[str],
+        counts: list[int],
         vae: dict[str, Any],
         clip_frames: int,
         audio_radius: int,
@@ -167,7 +171,7 @@ class TrainClips(IterableDataset):
     ) -> None:
         super().__init__()
         self.context, self.skip = context, skip
-        self.shards, self.vae = shards, vae
+        self.shards, self.counts, self.vae = shards, counts, vae  # counts: usable training samples per shard
         self.clip_frames, self.audio_radius, self.ref_mode = clip_frames, audio_radius, ref_mode
         self.batch_size, self.batches = batch_size, batches
         self.val_videos, self.shuffle_buffer, self.seed = val_videos, shuffle_buffer, seed
@@ -181,49 +185,29 @@ class TrainClips(IterableDataset):
     def __len__(self) -> int:
         return self.batches
 
-    def _shard_urls(self, epoch: int, slot: int, slots: int) -> Iterator[str]:
-        """This slot's shards, cycle after cycle (each cycle a new permutation of all shards, dealt to the slots)."""
-        cycle = 0
+    @staticmethod
+    def _interleaved(one_pass: Callable[[], Iterator[Iterator[Segment]]], open_shards: int) -> Iterator[Segment]:
+        """Read `open_shards` pieces (shards) at once, one usable segment from each in turn: a shard holds a few
+        speakers (`prepare` writes a video's segments side by side), so this is what mixes speakers within a
+        batch. `one_pass()` gives a pass's readers; a pass ends when all are read, and another begins only if
+        the consumer wants more (damaged samples left the plan short). Raises if a whole pass gave nothing."""
         while True:
-            order: list[str] = []
-            while len(order) < slots or not order:  # fewer shards than slots: deal several permutations
-                perm = np.random.default_rng([self.seed, epoch, cycle, len(order)]).permutation(len(self.shards))
-                order.extend(self.shards[i] for i in perm)
-            yield from order[slot::slots]
-            cycle += 1
-
-    def _interleaved(self, urls: Iterator[str], keep: Callable[[str], bool], usable: Callable[[Segment], bool],
-                     open_shards: int) -> Iterator[Segment]:
-        """Read `open_shards` shards at once, one usable segment from each in turn: a shard holds a few speakers
-        (`prepare` writes a video's segments side by side), so this is what mixes speakers within a batch.
-        Raises once more shards than the dataset has in a row gave nothing usable (all broken), not to hang."""
-        readers: list[Iterator[Segment]] = []
-        gave: list[bool] = []
-        empty_run = 0
-
-        def open_next() -> None:
-            segments = read_segments([next(urls)], self.faults, keep, TRAINING_MEMBERS, lazy=(LATENTS, AUDIO))
-            readers.append(filter(usable, segments))
-            gave.append(False)
-
-        for _ in range(open_shards):
-            open_next()
-        while True:
-            i = 0
-            while i < len(readers):
-                segment = next(readers[i], None)
-                if segment is not None:
-                    gave[i] = True
+            waiting = one_pass()
+            readers = list(islice(waiting, open_shards))
+            gave = 0
+            while readers:
+                i = 0
+                while i < len(readers):
+                    segment = next(readers[i], None)
+                    if segment is None:
+                        readers[i : i + 1] = list(islice(waiting, 1))  # the pass's next piece, if any, takes its place
+                        continue
+                    gave += 1
                     yield segment
                     i += 1
-                    continue
-                empty_run = 0 if gave[i] else empty_run + 1
-                if empty_run > len(self.shards) + open_shards:
-                    raise RuntimeError(
-                        f"no readable training clip in {empty_run} shards in a row (the dataset has "
-                        f"{len(self.shards)}); check the shards or rerun `letstalk prepare`")
-                del readers[i], gave[i]
-                open_next()  # joins at the end of this turn
+            if not gave:
+                raise RuntimeError("no readable training clip in a whole pass over this loader's share of the epoch; "
+                                   "check the shards (`letstalk check`) or rerun `letstalk prepare`")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -231,30 +215,36 @@ class TrainClips(IterableDataset):
         epoch = self.epoch + self.iterations
         skip = self.skip if self.iterations == 0 else 0
         self.iterations += 1
-        worker = (worker + skip) % workers  # the worker whose batch comes next in the round robin goes first
-        share = self.batches // workers + (worker < self.batches % workers)
-        done = skip // workers + (worker < skip % workers)  # batches of this worker already trained on
+        worker, done, share = resumed_worker(self.batches, workers, worker, skip)
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         lead = self.context.motion_frames if self.context is not None else 0
 
         def window(segment: Segment) -> tuple[Segment, int, int]:
             return segment, *choose_window(rng, len(segment.latents), self.clip_frames, self.ref_mode, lead)
 
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        urls = self._shard_urls(epoch, slot, slots)
-        dealt = len(self.shards) * -(-slots // len(self.shards))  # shards dealt per cycle (see `_shard_urls`)
-        open_shards = min(self.open_shards, len(range(slot, dealt, slots)))  # at most what a cycle deals it
+        pieces = plan_slot(self.counts, self.world_size * workers, self.rank * workers + worker, self.seed, epoch)
 
         def training(key: str) -> bool:
             return key.split("/", 1)[0] not in self.val_videos and key not in self.exclude
 
-        usable = lambda segment: len(segment.latents) >= self.clip_frames + lead  # noqa: E731
+        def usable(segment: Segment) -> bool:
+            return len(segment.latents) >= self.clip_frames + lead
+
+        def one_pass() -> Iterator[Iterator[Segment]]:
+            """A reader of each of this slot's pieces, opened when the interleaving reaches it."""
+            for piece in pieces:
+                segments = read_segments([self.shards[piece.shard]], self.faults, training, TRAINING_MEMBERS,
+                                         lazy=(LATENTS, AUDIO))
+                yield islice(filter(usable, segments), piece.first, piece.stop)
+
         stages = [wds.map(window)]  # segments hold lazy arrays (headers only): windows are drawn, nothing read yet
         if self.shuffle_buffer > 1:
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
         stages.append(wds.batched(self.batch_size, collation_fn=list, partial=False))
-        windows = wds.DataPipeline(lambda: self._interleaved(urls, training, usable, open_shards), *stages)
+        open_shards = min(self.open_shards, len(pieces))
+        planned = sum(piece.stop - piece.first for piece in pieces)  # exactly these: the shuffle buffer reads ahead
+        windows = wds.DataPipeline(lambda: islice(self._interleaved(one_pass, open_shards), planned), *stages)
         for k, group in enumerate(islice(iter(windows), share)):
             bad = self.faults.take()  # skips since this worker's previous batch
             if k < done:  # trained on before a mid-epoch resume: drawn and dropped, no frame read
@@ -433,14 +423,29 @@ class LetsTalkDataModule(L.LightningDataModule):
 
     @property
     def train_batches_per_epoch(self) -> int:
-        """Batches each rank yields per epoch: usable training segments // (world_size * batch_size), at least 1."""
+        """Batches each rank yields per epoch: each of its loader workers (one without workers) makes the batches
+        its share of the epoch plan holds (`datamodules.plan`: usable training segments // slots, batch_size a
+        batch), the same on every rank."""
         self.setup("fit")
         if not self.train_samples:
             raise ValueError(
                 f"{self.root}: no training segment of >= {self.min_frames} frames outside the validation split "
                 f"(val_percent={self.val_percent}); lower val_percent or clip_frames"
             )
-        return max(1, len(self.train_samples) // (self._dist()[1] * self.batch_size))
+        workers = max(1, self.num_workers)
+        slots = self._dist()[1] * workers
+        per_worker = samples_per_slot(self._train_shards()[1], slots) // self.batch_size
+        if per_worker < 1:
+            raise ValueError(
+                f"{self.root}: {len(self.train_samples)} training segments are too few for {slots} loader slots "
+                f"(ranks x data.num_workers) of data.batch_size={self.batch_size}; lower num_workers or batch_size"
+            )
+        return workers * per_worker
+
+    def _train_shards(self) -> tuple[list[str], list[int]]:
+        """The shards holding usable training segments, and how many each holds (the epoch plan's input)."""
+        counts = Counter(s.shard for s in self.train_samples)
+        return list(counts), list(counts.values())
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch the next `train_dataloader` starts from (used when no trainer is attached)."""
@@ -457,9 +462,10 @@ class LetsTalkDataModule(L.LightningDataModule):
             epoch = epochs.processed
             if epochs.started > epochs.processed:  # stopped inside epoch `processed`
                 skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        shards = list(dict.fromkeys(s.shard for s in self.train_samples))
+        shards, counts = self._train_shards()
         dataset = TrainClips(
             shards,
+            counts,
             self.manifest.vae,
             self.clip_frames,
             self.audio_radius,

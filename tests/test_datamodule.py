@@ -502,3 +502,17 @@ def test_a_mid_epoch_resume_draws_skipped_batches_from_headers_and_reads_only_cl
     assert [b["key"] for b in resumed] == [b["key"] for b in whole[2:]]
     assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(resumed, whole[2:]))
     assert sum(reads) == after[-1] - after[1]  # only the batches it yields were read
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 7])
+def test_an_epoch_uses_each_segment_at_most_once_over_all_ranks(dataset, world_size):
+    """The epoch plan (`datamodules.plan`) gives each rank the same number of segments, disjoint: uneven shards
+    (9, 6, 5 samples) never make a rank read a segment twice, nor two ranks the same one."""
+    root, _ = dataset
+    keys = []
+    for rank in range(world_size):
+        dm = _module(root, batch_size=1, rank=rank, world_size=world_size)
+        batches = _epoch(dm.train_dataloader())
+        assert len(batches) == dm.train_batches_per_epoch == len(dm.train_samples) // world_size
+        keys += [key for batch in batches for key in batch["key"]]
+    assert len(keys) == len(set(keys)) == world_size * (len(dm.train_samples) // world_size)
