@@ -28,9 +28,11 @@ hash, so adding inputs does not move the others; crc32 is linear and splits numb
 names unevenly), video ids are made unique over the whole
 list, and task t writes `task-000t-shard-NNNNNN.tar` and `task-000t.json`; `merge` joins the
 task manifests into `manifest.json`. A single task (the default) writes `shard-NNNNNN.tar`
-and `manifest.json` directly. The task manifest is rewritten atomically after every finished
-shard: finished shards, inputs done (all their segments in finished shards), segments
-already finished of inputs not yet done (`partial`), and failed inputs. A rerun deletes
+and `manifest.json` directly. The task manifest is kept with an append-only change log beside
+it (`task-000t.log.jsonl`: a line per finished shard, done input or failed input, which
+`Manifest.load` replays; the whole manifest is written at a run's start and end only): finished
+shards, inputs done (all their segments in finished shards), segments already finished of inputs
+not yet done (`partial`), and failed inputs. A rerun deletes
 unlisted leftovers of its task, skips done and failed inputs and finished segments, and
 continues the shard numbering, so a killed task loses at most the shard it was writing.
 Settings (VAE, including a hash of its files, audio encoder, fps, size, segment lengths, crop,
@@ -47,7 +49,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -59,7 +61,7 @@ from tqdm import tqdm
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, speaker_split,
-                             video_id, write_index)
+                             log_path, video_id, write_index)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
 
 MAX_AUDIO_SHORTFALL_S = 0.5
@@ -337,12 +339,18 @@ def _segment(
 
 class _TaskLog:
     """The task manifest kept in step with the shard writer: an input is done only once every one
-    of its segments is in a finished shard; the manifest is rewritten after every finished shard."""
+    of its segments is in a finished shard. Each finished shard, done input and failed input is a
+    line appended to the manifest's change log (`Manifest.append`); the whole manifest is written at
+    the start and the end of a run only (`Manifest.fold`)."""
 
     def __init__(self, out: Path, name: str, manifest: Manifest, writer: AtomicShardWriter):
         self.out, self.name, self.manifest, self.writer = out, name, manifest, writer
         self.open: dict[str, list[int]] = {}  # input path -> its segments in the open shard
         self.waiting: list[dict[str, Any]] = []  # inputs fully written, some segments in the open shard
+        path = out / name  # on disk from the start (the log's base), rewritten only if this run changed it
+        earlier = Manifest.load(path) if path.exists() else None
+        if earlier is None or replace(earlier, complete=manifest.complete, logged=manifest.logged) != manifest:
+            manifest.fold(out, name)
 
     def write(self, source: str, index: int, segment: Segment) -> None:
         self.open.setdefault(source, []).append(index)
@@ -355,12 +363,10 @@ class _TaskLog:
         if record["path"] in self.open:
             self.waiting.append(record)
         else:
-            self._done(record)
-            self.save()
+            self.manifest.append(self.out, self.name, {"done": record})
 
     def failed(self, path: str, reason: str) -> None:
-        self.manifest.failed.append({"path": path, "reason": reason})
-        self.save()
+        self.manifest.append(self.out, self.name, {"failed": {"path": path, "reason": reason}})
 
     def finish(self) -> None:
         finished = len(self.writer.shards)
@@ -368,24 +374,14 @@ class _TaskLog:
         if len(self.writer.shards) > finished:
             self._shard_finished()
         self.manifest.complete = True
-        self.save()
+        self.manifest.fold(self.out, self.name, keep_log=False)
 
     def _shard_finished(self) -> None:
-        self.manifest.shards = list(self.writer.shards)
-        for path, indices in self.open.items():
-            self.manifest.partial[path] = sorted(set(self.manifest.partial.get(path, [])) | set(indices))
+        self.manifest.append(self.out, self.name, {"shard": self.writer.shards[-1], "partial": self.open})
         self.open = {}
         for record in self.waiting:
-            self._done(record)
+            self.manifest.append(self.out, self.name, {"done": record})
         self.waiting = []
-        self.save()
-
-    def _done(self, record: dict[str, Any]) -> None:
-        self.manifest.partial.pop(record["path"], None)
-        self.manifest.inputs.append(record)
-
-    def save(self) -> None:
-        self.manifest.save(self.out, self.name)
 
 
 def vae_fingerprint(vae_path: str | Path) -> str:
@@ -430,6 +426,8 @@ def _resume(out: Path, name: str, prefix: str, fresh: Manifest, retry_failed: bo
                 f"{path}: an earlier run here used different settings ({'; '.join(differs)}); "
                 "use another --out or delete its files"
             )
+    if manifest is fresh:  # nothing to resume: an earlier run's change log is not ours
+        log_path(path).unlink(missing_ok=True)
     listed = {s["path"] for s in manifest.shards}
     pattern = re.compile(re.escape(prefix) + r"shard-\d{6}\.tar(\.tmp)?")
     for leftover in out.iterdir() if out.is_dir() else []:
@@ -524,7 +522,7 @@ def prepare(
         vae=info,
         audio_encoder={
             "id": encoder.id, "name": audio_encoder, "path": str(audio_encoder_path) if audio_encoder_path else None,
-            "layers": audio_encoder_layers,
+            "layers": [audio_encoder_layers] if isinstance(audio_encoder_layers, int) else list(audio_encoder_layers),
             "K": encoder.K, "D": encoder.D, "sample_rate": media.SAMPLE_RATE,
         },
         fps=fps,

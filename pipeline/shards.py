@@ -529,6 +529,11 @@ def index_shards(paths: list[str], faults: BadSamples | None = None) -> list[Ind
     return found
 
 
+def log_path(manifest: Path) -> Path:
+    """The change log beside a manifest: `manifest.json` -> `manifest.log.jsonl`."""
+    return manifest.with_name(manifest.stem + ".log.jsonl")
+
+
 @dataclass
 class Manifest:
     """`manifest.json` at the dataset root: what training needs to know without scanning shards.
@@ -551,6 +556,7 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)  # prepare settings that must agree across tasks
     task: int | None = None  # task index, for a task manifest
     complete: bool = True
+    logged: int = 0  # lines of the manifest's change log (`log_path`) already folded into this file
 
     @property
     def num_samples(self) -> int:
@@ -607,7 +613,49 @@ class Manifest:
             if key not in data.get("audio_encoder", {}):
                 raise ShardFormatError(f"{path}: audio_encoder.{key} missing")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        manifest._replay(log_path(path))
+        return manifest
+
+    def append(self, root: str | os.PathLike, name: str, change: dict[str, Any]) -> None:
+        """Apply one change and append it to the manifest's log (`log_path`): a line per finished shard or input,
+        not a rewrite of the whole manifest (which grows with the dataset) after each. Changes: {"shard": entry,
+        "partial": {input: [segments]}}, {"done": input record}, {"failed": {path, reason}}."""
+        self._apply(change)
+        with open(log_path(Path(root) / name), "a", encoding="utf-8") as log:
+            log.write(json.dumps(change) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+
+    def fold(self, root: str | os.PathLike, name: str, keep_log: bool = True) -> Path:
+        """Write the whole manifest (every logged change folded in); without `keep_log`, the log is removed."""
+        log = log_path(Path(root) / name)
+        self.logged = len(log.read_text(encoding="utf-8").splitlines()) if keep_log and log.is_file() else 0
+        path = self.save(root, name)
+        if not keep_log:
+            log.unlink(missing_ok=True)
+        return path
+
+    def _replay(self, log: Path) -> None:
+        if not log.is_file():
+            return
+        for line in log.read_text(encoding="utf-8").splitlines()[self.logged :]:
+            try:
+                change = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line of a killed run
+            self._apply(change)
+
+    def _apply(self, change: dict[str, Any]) -> None:
+        if "shard" in change:
+            self.shards.append(change["shard"])
+            for path, segments in change.get("partial", {}).items():
+                self.partial[path] = sorted(set(self.partial.get(path, [])) | set(segments))
+        if "done" in change:
+            self.partial.pop(change["done"]["path"], None)
+            self.inputs.append(change["done"])
+        if "failed" in change:
+            self.failed.append(change["failed"])
 
     def shard_paths(self, root: str | os.PathLike) -> list[str]:
         base = Path(root) if Path(root).is_dir() else Path(root).parent

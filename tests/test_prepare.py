@@ -160,7 +160,7 @@ def test_manifest_matches_shards_and_nothing_is_left_half_written(dataset, vae_d
     assert speakers == [by_id[k.split("/")[0]]["speaker"] for k in keys]
     assert split == [("train", "val").index(by_id[k.split("/")[0]]["split"]) for k in keys]
     assert manifest.vae == {**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve())}
-    assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "layers": -1, "K": 4, "D": 80,
+    assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "layers": [-1], "K": 4, "D": 80,
                                       "sample_rate": SR}
     assert (manifest.fps, manifest.sample_rate, manifest.size) == (FPS, SR, SIZE)
     saved = json.loads((out / "manifest.json").read_text())
@@ -229,7 +229,7 @@ def test_list_file_with_wav2vec2(tmp_path, videos, vae_dir, capsys):
     assert [(Path(f["path"]).name, f["reason"]) for f in manifest.failed] == [
         ("notes.txt", "not a video file (extension .txt)"), ("clip.mp4", "file not found"),
     ]  # fmt: skip
-    assert manifest.audio_encoder == {"id": "tiny-w2v2", "name": "wav2vec2", "path": str(w2v), "layers": -1, "K": 2, "D": 32,
+    assert manifest.audio_encoder == {"id": "tiny-w2v2", "name": "wav2vec2", "path": str(w2v), "layers": [-1], "K": 2, "D": 32,
                                       "sample_rate": SR}  # fmt: skip
     segs = list(iter_tar(manifest.shard_paths(out)[0]))
     assert [s.key for s in segs] == ["talk/0000", "talk/0001"]
@@ -490,7 +490,8 @@ def test_interrupted_run_resumes_without_losing_or_repeating_segments(tmp_path, 
     assert not interrupted.complete and [s["samples"] for s in interrupted.shards] == [3]
     assert [Path(r["path"]).name for r in interrupted.inputs] == ["fps24.mp4"]
     assert list(interrupted.partial.values()) == [[0]]  # fps30's first segment is in the finished shard
-    assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "manifest.json", "shard-000000.tar"]  # no .tmp
+    assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "manifest.json", "manifest.log.jsonl",
+                                                     "shard-000000.tar"]  # no .tmp left
     monkeypatch.setattr(prep, "_segment", encode_segment)
     resumed = prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
     assert resumed.complete and not resumed.partial and resumed.shards[0] == interrupted.shards[0]
