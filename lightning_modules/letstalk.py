@@ -212,7 +212,9 @@ class LetsTalkModule(L.LightningModule):
             return
         self._bad_samples += int(new)
         faults = getattr(self.trainer.datamodule, "faults", None)
-        local = self._bad_samples + (faults.count if faults is not None else 0)
+        # the main process's skips (index, validation, evaluation clips) are the same on every rank: rank 0's count
+        shared = faults.count if faults is not None and self.global_rank == 0 else 0
+        local = self._bad_samples + shared
         total = int(self.trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum"))
         self.log("data/bad_samples", float(total), batch_size=b)
         if faults is not None:
