@@ -21,7 +21,8 @@ Each epoch follows a plan (`datamodules.plan`) that every rank computes alike fr
 reading no data: the usable training segments, in a (seed, epoch) permutation of their shards, cut
 into one equal run per loader slot (rank x worker). So every rank yields exactly
 `train_batches_per_epoch` batches (ranks never hang on uneven data) and no segment is used twice
-in an epoch (a slot re-reads its run only if damaged samples left it short). A run resumed in the middle of an epoch continues exactly where it
+in an epoch (a slot re-reads its run only if damaged samples left it short, or if the dataset
+holds less than a batch per slot, as the fast demo's does). A run resumed in the middle of an epoch continues exactly where it
 stopped: the loader draws the batches the checkpoint had already trained on from headers alone and
 drops them (it never trains on them twice, and reads none of their frames), so a resumed run sees
 the same batches as one that never stopped.
@@ -243,7 +244,8 @@ class TrainClips(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng))
         stages.append(wds.batched(self.batch_size, collation_fn=list, partial=False))
         open_shards = min(self.open_shards, len(pieces))
-        planned = sum(piece.stop - piece.first for piece in pieces)  # exactly these: the shuffle buffer reads ahead
+        # exactly these (the shuffle buffer reads ahead); a run of less than a batch is read again to fill one
+        planned = max(sum(piece.stop - piece.first for piece in pieces), share * self.batch_size)
         windows = wds.DataPipeline(lambda: islice(self._interleaved(one_pass, open_shards), planned), *stages)
         for k, group in enumerate(islice(iter(windows), share)):
             bad = self.faults.take()  # skips since this worker's previous batch
@@ -342,7 +344,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{root}: dataset folder {problem}; run `letstalk prepare` to create the dataset")
         manifest = Manifest.load(root)
         self.faults = BadSamples(self.max_bad_samples, manifest.num_samples)
-        samples = index_dataset(root, manifest, self.faults)
+        samples = self._list_samples(root, manifest)
         if not samples:
             raise ShardFormatError(f"{root / MANIFEST}: no readable samples in {len(manifest.shards)} shards")
         channels = int(manifest.vae["latent_channels"])
@@ -354,6 +356,19 @@ class LetsTalkDataModule(L.LightningDataModule):
             )
         self.samples, self.manifest = samples, manifest
         self._split()
+
+    def _list_samples(self, root: Path, manifest: Manifest) -> list[IndexedSample]:
+        """The dataset's samples (`index_dataset`): read once by global rank 0 and broadcast when the job's ranks are
+        up, so 64 GPUs cost one read of the index and the damage it finds is counted once; else read here."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return index_dataset(root, manifest, self.faults)
+        listing = None
+        if trainer.is_global_zero:
+            listing = (index_dataset(root, manifest, self.faults), sorted(self.faults.keys))
+        samples, damaged = trainer.strategy.broadcast(listing, src=0)
+        self.faults.keys.update(damaged)  # the stream skips them on every rank
+        return samples
 
     @property
     def min_frames(self) -> int:
@@ -434,13 +449,13 @@ class LetsTalkDataModule(L.LightningDataModule):
             )
         workers = max(1, self.num_workers)
         slots = self._dist()[1] * workers
-        per_worker = samples_per_slot(self._train_shards()[1], slots) // self.batch_size
-        if per_worker < 1:
+        per_slot = samples_per_slot(self._train_shards()[1], slots)
+        if per_slot < 1:
             raise ValueError(
                 f"{self.root}: {len(self.train_samples)} training segments are too few for {slots} loader slots "
-                f"(ranks x data.num_workers) of data.batch_size={self.batch_size}; lower num_workers or batch_size"
+                f"(ranks x data.num_workers); lower num_workers or use fewer ranks"
             )
-        return workers * per_worker
+        return workers * max(1, per_slot // self.batch_size)  # a slot with less than a batch repeats its run
 
     def _train_shards(self) -> tuple[list[str], list[int]]:
         """The shards holding usable training segments, and how many each holds (the epoch plan's input)."""

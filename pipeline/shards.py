@@ -208,12 +208,15 @@ class Segment:
         missing = [m for m in MEMBERS if m not in sample]
         if missing:
             raise ShardFormatError(f"{where}: sample {sample.get('__key__')} lacks {missing}")
+        meta = json.loads(sample[META])
+        if not isinstance(meta, dict):
+            raise ShardFormatError(f"{where}: sample {sample.get('__key__')}: {META} is not a JSON object")
         segment = cls(
             key=sample["__key__"],
             latents=npy_load(sample[LATENTS]),
             audio=npy_load(sample[AUDIO]),
             waveform_flac=bytes(sample[WAVEFORM]),
-            meta=json.loads(sample[META]),
+            meta=meta,
         )
         segment.validate(where)
         return segment

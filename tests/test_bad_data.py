@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import subprocess
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -143,3 +145,39 @@ def test_a_readable_dataset_counts_nothing(tmp_path):
     faults = BadSamples(budget=0)
     assert len(index_shards(Manifest.load(root).shard_paths(root), faults)) == 16 and faults.count == 0
     shutil.rmtree(root)
+
+
+RANKS_SCRIPT = """
+import sys
+import lightning as L
+sys.path.insert(0, {repo!r})
+import datamodules.letstalk as dm
+from lightning_modules.letstalk import LetsTalkModule
+
+root, run = sys.argv[1], sys.argv[2]
+reads = []
+listing = dm.index_dataset
+dm.index_dataset = lambda *args: reads.append(1) or listing(*args)
+L.seed_everything(0)
+logger = L.pytorch.loggers.CSVLogger(run)
+trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=3, default_root_dir=run, logger=logger,
+                    log_every_n_steps=1, enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
+                    enable_checkpointing=False)
+data = dm.LetsTalkDataModule(root, clip_frames=4, audio_radius=1, batch_size=2, num_workers=0, max_bad_samples=10)
+trainer.fit(LetsTalkModule(net={{"size": "tiny"}}), data)
+open(f"{{run}}/reads-{{trainer.global_rank}}", "w").write(str(len(reads)))
+"""
+
+
+def test_two_ranks_read_the_index_once_and_count_its_damage_once(damaged, tmp_path):
+    """Rank 0 lists the dataset and broadcasts it: rank 1 reads no index, and the damage is counted once (2), not
+    once per rank. ~15 s on 2 CPU cores."""
+    root, _ = damaged
+    script, run = tmp_path / "ranks.py", tmp_path / "run"
+    script.write_text(RANKS_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1])))
+    done = subprocess.run([sys.executable, str(script), str(root), str(run)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(run / f"reads-{rank}").read_text() for rank in (0, 1)] == ["1", "0"]
+    rows = [row for path in run.glob("lightning_logs/version_*/metrics.csv") for row in csv.DictReader(open(path))]
+    assert {float(r["data/bad_samples"]) for r in rows if r.get("data/bad_samples")} == {2.0}

@@ -127,10 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="verify a prepared dataset (sizes, hashes, members, arrays, audio alignment)")
     p.add_argument("data", help="the dataset folder (manifest.json, index.npz, shards)")
     p.add_argument("--clip-frames", type=int, default=None, help="also count segments shorter than this")
-    p.add_argument("--fast", action="store_true", help="sizes and the index only (what training does at start)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: up to 8)")
+    p.add_argument("--fast", action="store_true",
+                   help="sizes and the index only: one stat per shard, no decoding, no hashing")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: min(8, CPU cores))")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export", help="checkpoint (a .ckpt or a DeepSpeed checkpoint folder) -> safetensors + config")
     p.add_argument("checkpoint")
@@ -239,7 +240,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "check":
         from pipeline.check import check_dataset, format_report, write_report
 
-        report = check_dataset(args.data, args.clip_frames, args.fast, args.workers, not args.no_progress)
+        try:
+            report = check_dataset(args.data, args.clip_frames, args.fast, args.workers, not args.no_progress)
+        except FileNotFoundError as err:  # DATA has no manifest: a usage error
+            print(f"letstalk check: error: {err}", file=sys.stderr)
+            return 2
         print(format_report(report))
         if args.json:
             write_report(report, args.json)
