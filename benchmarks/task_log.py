@@ -25,8 +25,11 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=2000)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    segment = lambda i: Segment(sample_key(f"video{i:06d}", 0), rng.standard_normal((2, 4, 2, 2)).astype(np.float16),  # noqa: E731
-                                rng.standard_normal((2, 1, 4)).astype(np.float16), b"fLaC", {"frames": 2})
+    def segment(i: int) -> Segment:
+        latents, audio = rng.standard_normal((2, 4, 2, 2)), rng.standard_normal((2, 1, 4))
+        return Segment(sample_key(f"video{i:06d}", 0), latents.astype(np.float16), audio.astype(np.float16), b"fLaC",
+                       {"frames": 2})
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         manifest = Manifest(vae=VAE, audio_encoder={"id": "random", "K": 1, "D": 4}, complete=False)

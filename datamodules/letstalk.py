@@ -22,10 +22,10 @@ reading no data: the usable training segments, in a (seed, epoch) permutation of
 into one equal run per loader slot (rank x worker). So every rank yields exactly
 `train_batches_per_epoch` batches (ranks never hang on uneven data) and no segment is used twice
 in an epoch (a slot re-reads its run only if damaged samples left it short, or if the dataset
-holds less than a batch per slot, as the fast demo's does). A run resumed in the middle of an epoch continues exactly where it
-stopped: the loader draws the batches the checkpoint had already trained on from headers alone and
-drops them (it never trains on them twice, and reads none of their frames), so a resumed run sees
-the same batches as one that never stopped.
+holds less than a batch per slot, as the fast demo's does). A run resumed in the middle of an epoch
+continues exactly where it stopped: the loader draws the batches the checkpoint had already trained
+on from headers alone and drops them (it never trains on them twice, and reads none of their
+frames), so a resumed run sees the same batches as one that never stopped.
 Validation is a fixed set of clips (first frames of the first
 validation segments), identical on every run and every rank. Splits are by speaker: each video
 follows the split `prepare` recorded for its speaker in the manifest (a list's `split` column
@@ -46,8 +46,6 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -65,8 +63,8 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 from datamodules.plan import plan_slot, resumed_worker, samples_per_slot
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
-from pipeline.shards import (AUDIO, LATENTS, MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample, Manifest, Segment,
-                             ShardFormatError, index_dataset, read_segments, speaker_split)
+from pipeline.shards import (AUDIO, LATENTS, MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample,
+                             Manifest, Segment, ShardFormatError, index_dataset, read_segments, speaker_split)
 from pipeline.vae import scale_latents
 
 REF_MODES = ("outside", "any")
@@ -143,8 +141,9 @@ class TrainClips(IterableDataset):
 
     Batch k of an epoch comes from worker k % num_workers (the DataLoader's round robin). `skip`
     (a mid-epoch resume) drops the first `skip` batches of the first epoch: each worker draws its
-    share of them from headers and drops them unread, and worker w plays the part of worker (w + skip) % num_workers, so the
-    round robin continues with batch `skip` and the order equals an uninterrupted run's.
+    share of them from headers and drops them unread, and worker w plays the part of worker
+    (w + skip) % num_workers, so the round robin continues with batch `skip` and the order equals
+    an uninterrupted run's (`datamodules.plan.resumed_worker`).
     """
 
     def __init__(
@@ -315,7 +314,8 @@ class LetsTalkDataModule(L.LightningDataModule):
             raise ValueError(
                 f"invalid LetsTalkDataModule arguments: {bad} "
                 f"(need clip_frames>=1, audio_radius>=0, batch_size>=1, num_workers>=0, 0<=val_percent<100, "
-                f"shuffle_buffer>=0, open_shards>=1, seed>=0, val_batches>=1, ref_mode in {REF_MODES}, max_bad_samples>=0)"
+                f"shuffle_buffer>=0, open_shards>=1, seed>=0, val_batches>=1, ref_mode in {REF_MODES}, "
+                "max_bad_samples>=0)"
             )
         self.root = root
         self.clip_frames, self.audio_radius, self.batch_size = clip_frames, audio_radius, batch_size

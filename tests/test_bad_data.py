@@ -100,7 +100,8 @@ def test_a_budget_of_zero_stops_with_a_clear_message(damaged, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         with pytest.raises(TooManyBadSamples, match=r"1 damaged samples, more than data.max_bad_samples=0 allows; the "
-                                                    rf"last: .*shard-000000.tar: {POISONED}.latents.npy: an object array .*letstalk check"):
+                                                    rf"last: .*shard-000000.tar: {POISONED}.latents.npy: an object "
+                                                    r"array .*letstalk check"):
             main(["fit", *fit_args(root, tmp_path / "run"), "--trainer.max_steps", "2", "--data.max_bad_samples", "0"])
 
 
