@@ -344,7 +344,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{root}: dataset folder {problem}; run `letstalk prepare` to create the dataset")
         manifest = Manifest.load(root)
         self.faults = BadSamples(self.max_bad_samples, manifest.num_samples)
-        samples = index_dataset(root, manifest, self.faults)
+        samples = self._list_samples(root, manifest)
         if not samples:
             raise ShardFormatError(f"{root / MANIFEST}: no readable samples in {len(manifest.shards)} shards")
         channels = int(manifest.vae["latent_channels"])
@@ -356,6 +356,19 @@ class LetsTalkDataModule(L.LightningDataModule):
             )
         self.samples, self.manifest = samples, manifest
         self._split()
+
+    def _list_samples(self, root: Path, manifest: Manifest) -> list[IndexedSample]:
+        """The dataset's samples (`index_dataset`): read once by global rank 0 and broadcast when the job's ranks are
+        up, so 64 GPUs cost one read of the index and the damage it finds is counted once; else read here."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return index_dataset(root, manifest, self.faults)
+        listing = None
+        if trainer.is_global_zero:
+            listing = (index_dataset(root, manifest, self.faults), sorted(self.faults.keys))
+        samples, damaged = trainer.strategy.broadcast(listing, src=0)
+        self.faults.keys.update(damaged)  # the stream skips them on every rank
+        return samples
 
     @property
     def min_frames(self) -> int:
