@@ -137,14 +137,18 @@ def frame_count(num_samples: int, fps: float) -> int:
 @torch.no_grad()
 def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
                    steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                   on_step: Callable[[], None] | None = None, chain: bool = True) -> torch.Tensor:
+                   on_step: Callable[[int], None] | None = None, chain: bool = True,
+                   clips_per_batch: int = 16) -> torch.Tensor:
     """Scaled latents [T, C, h, w] for portrait latents ref [R, C, h, w] and audio windows [T, W, D], clip by clip.
 
     Clips of clip_frames follow each other (the last one is padded with the last audio window and
     cut); with motion frames / a memory bank, clip i is conditioned on the latents generated before it
-    (`chain=False`, for ablations: every clip starts afresh from the null motion and memory). A `residual`
-    model samples the change from the portrait; the portrait's latent is added back before anything reads it.
-    `on_step` is called after every network evaluation (one per sampler step: guidance is batched).
+    (`chain=False`, for ablations: every clip starts afresh from the null motion and memory). Clips that
+    do not depend on each other are sampled `clips_per_batch` at a time, one batched network call per
+    step (with guidance, one batch of 3 × the clips); their noise is drawn clip by clip from the seed,
+    so the video equals clip-by-clip sampling up to float summation order. A `residual` model samples
+    the change from the portrait; the portrait's latent is added back before anything reads it.
+    `on_step(n)` is called after every network evaluation, with the n clips it advanced by one step.
     """
     cfg, clip = gen.net.config, int(gen.data_info["clip_frames"])
     num_frames = windows.shape[0]
@@ -154,35 +158,40 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
     audio = windows.view(clips, clip, *windows.shape[1:])  # [N, F, W, D]
     shape = (1, clip, *ref.shape[1:])
     rng = torch.Generator(device="cpu").manual_seed(seed)
-    latents: list[torch.Tensor] = []  # [1, F, C, h, w] each
-    for i in range(clips):
+    chained = chain and bool(cfg.motion_frames or cfg.memory_frames)
+    group = 1 if chained else max(1, clips_per_batch)
+    latents: list[torch.Tensor] = []  # [k·F, C, h, w] per batch of k clips
+    for first in range(0, clips, group):
+        k = min(group, clips - first)
         context = {}
-        if i and chain and (cfg.motion_frames or cfg.memory_frames):
-            history, start = torch.cat(latents, dim=1), i * clip  # [1, i·F, C, h, w]
-            motion = [max(0, start - cfg.motion_frames + k) for k in range(cfg.motion_frames)]
+        if first and chained:
+            history = torch.cat(latents)[None]  # [1, i·F, C, h, w]
+            start = first * clip
+            motion = [max(0, start - cfg.motion_frames + j) for j in range(cfg.motion_frames)]
             for key, index in (("motion", motion), ("memory", cfg.memory_indices(start))):
                 if index:
                     context[key] = noise_context(gen.diffusion, history[:, index], cfg.cond_noise_infer, rng)
 
-        def denoiser(x, t, drop_ref, drop_audio, a=audio[i:i + 1], context=context):
-            n = x.shape[0]
+        def denoiser(x, t, drop_ref, drop_audio, a=audio[first:first + k], k=k, context=context):
+            n = x.shape[0]  # k clips x the guidance branches, branch-major (Diffusion.guided)
             batch = {key: value.expand(n, -1, -1, -1, -1) for key, value in context.items()}
-            out = gen.net(x, t, ref[None].expand(n, -1, -1, -1, -1), a.expand(n, -1, -1, -1), drop_ref, drop_audio,
+            out = gen.net(x, t, ref[None].expand(n, -1, -1, -1, -1), a.repeat(n // k, 1, 1, 1), drop_ref, drop_audio,
                           **batch)
             if on_step is not None:
-                on_step()
+                on_step(k)
             return out
 
-        noise = torch.randn(shape, generator=rng).to(ref.device)
-        z = gen.diffusion.sample(denoiser, shape, sampler, steps, audio_scale, ref_scale, noise=noise)  # [1, F, C, h, w]
-        latents.append(z + ref[None, :1] if cfg.residual else z)  # residual: the portrait's latent added back
-    return torch.cat(latents, dim=1)[0, :num_frames]
+        noise = torch.cat([torch.randn(shape, generator=rng) for _ in range(k)]).to(ref.device)  # [k, F, C, h, w]
+        z = gen.diffusion.sample(denoiser, noise.shape, sampler, steps, audio_scale, ref_scale, noise=noise)
+        latents.append((z + ref[None, :1] if cfg.residual else z).flatten(0, 1))  # residual: the portrait added back
+    return torch.cat(latents)[:num_frames]
 
 
 @torch.no_grad()
 def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
                     steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                    device: str = "cpu", on_step: Callable[[], None] | None = None, chain: bool = True) -> np.ndarray:
+                    device: str = "cpu", on_step: Callable[[int], None] | None = None, chain: bool = True,
+                    clips_per_batch: int = 16) -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for `waveform` (16 kHz mono), T = `frame_count` (audio duration × fps, rounded)."""
     info = gen.data_info
     fps = float(info["fps"])
@@ -196,7 +205,8 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
     gen.timings["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed, on_step, chain)  # [T, C, h, w]
+    z = sample_latents(gen, ref, windows.to(device), sampler, steps, audio_scale, ref_scale, seed, on_step, chain,
+                       clips_per_batch)  # [T, C, h, w]
     gen.timings["denoise"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -237,9 +247,9 @@ def load_model(checkpoint: str | Path, vae_path: str | Path | None = None, ema: 
 def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
              vae_path: str | Path | None = None, sampler: str | None = None, steps: int = 25,
              audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0, ema: bool = True,
-             device: str = "cpu", size: int | None = None, crop: str = "center", provenance_marks: bool = True,
-             consent: str | None = None, c2pa_cert: str | Path | None = None, c2pa_key: str | Path | None = None,
-             progress: Callable[[float, str], None] | None = None) -> dict:
+             device: str = "cpu", clips_per_batch: int = 16, size: int | None = None, crop: str = "center",
+             provenance_marks: bool = True, consent: str | None = None, c2pa_cert: str | Path | None = None,
+             c2pa_key: str | Path | None = None, progress: Callable[[float, str], None] | None = None) -> dict:
     """Write `out` (H.264 yuv420p + AAC mp4, faststart) and return a summary with timings and the real-time factor.
 
     `checkpoint` may be a path or an already loaded `Model` (batch mode, the app). With
@@ -249,8 +259,8 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     complete (temporary file + rename). `progress(fraction, message)` is called as work proceeds.
     """
     report = progress or (lambda fraction, message: None)
-    if steps < 1:
-        raise GenerationError(f"steps must be at least 1, got {steps}")
+    if steps < 1 or clips_per_batch < 1:
+        raise GenerationError(f"steps and clips_per_batch must be at least 1, got {steps} and {clips_per_batch}")
     if (c2pa_cert is None) != (c2pa_key is None):
         raise GenerationError("C2PA signing needs both a certificate chain (--c2pa-cert) and its key (--c2pa-key)")
     if c2pa_cert is not None:
@@ -276,15 +286,15 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     bar = tqdm(total=total, desc=f"generating {out.name}", unit="step", disable=None)  # ETA on a terminal
     done = 0
 
-    def on_step() -> None:
+    def on_step(clips_advanced: int) -> None:
         nonlocal done
-        done += 1
-        bar.update(1)
+        done += clips_advanced
+        bar.update(clips_advanced)
         report(0.05 + 0.85 * done / total, f"denoising: step {done} of {total} ({clips} clips x {steps} steps)")
 
     try:
         frames = generate_frames(gen, image, waveform, model.vae, sampler, steps, audio_scale, ref_scale, seed,
-                                 model.device, on_step)
+                                 model.device, on_step, clips_per_batch=clips_per_batch)
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(out, err) from err
     finally:
@@ -314,8 +324,8 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
 
 
 def _out_of_memory(out: Path, err: torch.cuda.OutOfMemoryError) -> GenerationError:
-    return GenerationError(f"{out}: out of GPU memory ({str(err).splitlines()[0]}); try fewer --steps, "
-                           "shorter audio, a smaller model, or --device cpu")
+    return GenerationError(f"{out}: out of GPU memory ({str(err).splitlines()[0]}); try "
+                           "--clips-per-batch 1, shorter audio, a smaller model, or --device cpu")
 
 
 def _write(out: Path, frames: np.ndarray, fps: float, audio: np.ndarray, tags: dict[str, str] | None,

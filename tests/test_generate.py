@@ -186,7 +186,7 @@ def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path):
              steps=2, audio_scale=1.0, ref_scale=1.0, progress=lambda fraction, text: calls.append((fraction, text)))
     fractions = [fraction for fraction, _ in calls]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
-    steps = [message for _, message in calls if message.startswith("denoising")]
+    steps = [message for _, message in calls if message.startswith("denoising")]  # chained clips: one at a time
     assert len(steps) == 3 * 2 and steps[-1].endswith("step 6 of 6 (3 clips x 2 steps)")
 
 
@@ -288,7 +288,7 @@ def test_out_of_memory_becomes_advice(demo: dict, tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(generation, "sample_latents", exhausted)
     out = tmp_path / "oom.mp4"
-    with pytest.raises(GenerationError, match="out of GPU memory .* try fewer --steps"):
+    with pytest.raises(GenerationError, match="out of GPU memory .* try --clips-per-batch 1"):
         generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.4), out, **FAST)
     assert not out.exists()
 

@@ -17,14 +17,15 @@ C, S, WIN, DA, CLIP = 4, 8, 3, 6, 4
 
 
 class Recorder(torch.nn.Module):
-    """Wraps the network and records the motion/memory each denoiser call receives."""
+    """Wraps the network and records the motion/memory and batch size each denoiser call receives."""
 
     def __init__(self, net: LetsTalkDiT):
         super().__init__()
-        self.net, self.config, self.calls = net, net.config, []
+        self.net, self.config, self.calls, self.batch_sizes = net, net.config, [], []
 
     def forward(self, x, t, ref, audio, drop_ref=None, drop_audio=None, motion=None, memory=None, drop_motion=None):
         self.calls.append((motion, memory))
+        self.batch_sizes.append(x.shape[0])
         return self.net(x, t, ref, audio, drop_ref, drop_audio, motion=motion, memory=memory, drop_motion=drop_motion)
 
 
@@ -72,6 +73,25 @@ def test_without_long_video_options_or_chaining_clips_are_independent():
     ref, windows = torch.randn(1, C, S, S, generator=g), torch.randn(2 * CLIP, WIN, DA, generator=g)
     sample_latents(unchained, ref, windows, steps=3, audio_scale=1.0, ref_scale=1.0, chain=False)
     assert all(motion is None and memory is None for motion, memory in unchained.net.calls)
+
+
+def test_independent_clips_are_sampled_in_batches_equal_to_clip_by_clip():
+    """Without chaining, k clips share one network call per step (with guidance, one batch of 3k: full, portrait
+    only, none); their noise is drawn clip by clip, so the video equals sampling the clips one at a time."""
+    gen = generator()
+    with torch.no_grad():  # every weight random: audio and portrait reach the output (zero-initialised gates would not)
+        for param in gen.net.parameters():
+            param.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    ref, windows = torch.randn(1, C, S, S, generator=g), torch.randn(3 * CLIP - 1, WIN, DA, generator=g)
+    advanced: list[int] = []
+    batched = sample_latents(gen, ref, windows, steps=3, on_step=advanced.append, clips_per_batch=2)
+    assert gen.net.batch_sizes == [3 * 2] * 3 + [3 * 1] * 3 and advanced == [2, 2, 2, 1, 1, 1]
+    one_by_one = sample_latents(gen, ref, windows, steps=3, clips_per_batch=1)
+    assert batched.shape == (3 * CLIP - 1, C, S, S)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    other_audio = sample_latents(gen, ref, windows.flip(0), steps=3, clips_per_batch=2)
+    assert (other_audio - batched).abs().max() > 1e-2  # the audio matters, so its placement in the batch is tested
 
 
 def test_residual_generation_adds_the_portrait_back_and_chains_absolute_latents():

@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clips-per-batch", type=int, default=16,
+                   help="independent clips sampled in one batched network call per step (fewer: less memory)")
     p.add_argument("--no-provenance", action="store_true",
                    help="no watermark and no AI-generated metadata (not recommended)")
     p.add_argument("--consent", default=None, metavar="REF", help="consent reference for the portrait, kept in metadata")
@@ -216,8 +218,9 @@ def _run(args: argparse.Namespace) -> int:
 
         options = dict(vae_path=args.vae, sampler=args.sampler, steps=args.steps, audio_scale=args.audio_scale,
                        ref_scale=args.ref_scale, seed=args.seed, ema=not args.no_ema, device=args.device,
-                       size=args.size, crop=args.crop or default_crop(), provenance_marks=not args.no_provenance,
-                       consent=args.consent, c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
+                       clips_per_batch=args.clips_per_batch, size=args.size, crop=args.crop or default_crop(),
+                       provenance_marks=not args.no_provenance, consent=args.consent, c2pa_cert=args.c2pa_cert,
+                       c2pa_key=args.c2pa_key)
         if args.batch:
             return 1 if generate_batch(args.batch, args.checkpoint, **options)["failed"] else 0
         if not (args.portrait and args.audio and args.out):
