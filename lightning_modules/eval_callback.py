@@ -78,10 +78,12 @@ class EvalCallback(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 500, num_clips: int = 8, metrics: MetricsConfig | dict | None = None,
-                 data: str | None = None, sampler: str | None = None, steps: int = 25, audio_scale: float = 2.0,
-                 ref_scale: float = 1.5, log_videos: int = 2, seed: int = 0, at_fit_end: bool = True):
+                 data: str | None = None, sampler: str | None = None, steps: int | None = None,
+                 audio_scale: float = 2.0, ref_scale: float = 1.5, log_videos: int = 2, seed: int = 0,
+                 at_fit_end: bool = True):
         checks = {"every_n_steps": (every_n_steps, every_n_steps >= 1), "num_clips": (num_clips, num_clips >= 1),
-                  "steps": (steps, steps >= 1), "log_videos": (log_videos, log_videos >= 0), "seed": (seed, seed >= 0)}
+                  "steps": (steps, steps is None or steps >= 1), "log_videos": (log_videos, log_videos >= 0),
+                  "seed": (seed, seed >= 0)}
         bad = [f"{name}={value!r}" for name, (value, ok) in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid EvalCallback arguments: {', '.join(bad)} "

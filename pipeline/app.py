@@ -66,7 +66,7 @@ def run_generation(portrait: str | None, audio: str | None, checkpoint: str | No
     out = Path(out_dir) / f"letstalk-{uuid.uuid4().hex[:12]}.mp4"
     try:
         summary = generate(models.get(checkpoint), portrait, audio, out,
-                           sampler=None if sampler == AUTO_SAMPLER else sampler, steps=int(steps),
+                           sampler=None if sampler == AUTO_SAMPLER else sampler, steps=int(steps) or None,
                            audio_scale=float(audio_scale), ref_scale=float(ref_scale), seed=int(seed), crop=crop,
                            progress=report)
     except (ValueError, OSError) as err:  # our input errors subclass ValueError and name the file
@@ -75,7 +75,7 @@ def run_generation(portrait: str | None, audio: str | None, checkpoint: str | No
         log.exception("generation failed")
         raise gr.Error(f"generation failed ({type(err).__name__}: {err}); the server log has the details",
                        title="Generation failed") from err
-    line = (f"{summary['frames']} frames, {summary['seconds']:.2f} s, {int(steps)} steps, seed {int(seed)}, "
+    line = (f"{summary['frames']} frames, {summary['seconds']:.2f} s, {summary['steps']} steps, seed {int(seed)}, "
             f"real-time factor {summary['real_time_factor']:.2f}")
     return str(out), line
 
@@ -100,7 +100,8 @@ def build_app(checkpoints: Sequence[str | Path], out_dir: Path, device: str = "c
                                    placeholder="/path/to/model.safetensors", elem_id="other-checkpoint")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
                     sampler = gr.Dropdown(SAMPLER_CHOICES, value=AUTO_SAMPLER, label="Sampler", elem_id="sampler")
-                    steps = gr.Slider(1, 100, value=25, step=1, label="Denoising steps", elem_id="steps")
+                    steps = gr.Slider(0, 100, value=0, step=1, label="Denoising steps (0: the sampler's default)",
+                                      elem_id="steps")
                     audio_scale = gr.Slider(1.0, 5.0, value=2.0, step=0.1, label="Audio guidance",
                                             elem_id="audio-scale")
                     ref_scale = gr.Slider(1.0, 5.0, value=1.5, step=0.1, label="Reference guidance",

@@ -280,15 +280,16 @@ class ClipLoader:
                         None if self.model_vae is None else reconstruct(self.model_vae, real))
 
 
-def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None, steps: int = 25,
-                  audio_scale: float = 2.0, ref_scale: float = 1.5, device: str = "cpu") -> np.ndarray:
+def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None,
+                  steps: int | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5,
+                  device: str = "cpu") -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for one evaluation clip: its first real frame as the portrait, its own audio."""
     return generate_frames(gen, clip.real[:1], clip.waveform, vae, sampler, steps, audio_scale, ref_scale, seed,
                            device)[: len(clip.real)]
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed: int = 0,
-             metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int = 25,
+             metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int | None = None,
              sampler: str | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, ema: bool = True,
              vae_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) and a
@@ -298,6 +299,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
     metrics = metrics or MetricsConfig()
     suite = MetricSuite(metrics, device)
     gen = load_generator(checkpoint, ema=ema, device=device)
+    sampler, steps = gen.diffusion.sampling(sampler, steps)
     info = gen.data_info
     manifest = Manifest.load(data)
     if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):

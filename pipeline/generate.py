@@ -136,7 +136,7 @@ def frame_count(num_samples: int, fps: float) -> int:
 
 @torch.no_grad()
 def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
-                   steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
+                   steps: int | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
                    on_step: Callable[[int], None] | None = None, chain: bool = True,
                    clips_per_batch: int = 16) -> torch.Tensor:
     """Scaled latents [T, C, h, w] for portrait latents ref [R, C, h, w] and audio windows [T, W, D], clip by clip.
@@ -189,7 +189,7 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
 
 @torch.no_grad()
 def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
-                    steps: int = 25, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
+                    steps: int | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
                     device: str = "cpu", on_step: Callable[[int], None] | None = None, chain: bool = True,
                     clips_per_batch: int = 16) -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for `waveform` (16 kHz mono), T = `frame_count` (audio duration × fps, rounded)."""
@@ -245,21 +245,22 @@ def load_model(checkpoint: str | Path, vae_path: str | Path | None = None, ema: 
 
 
 def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
-             vae_path: str | Path | None = None, sampler: str | None = None, steps: int = 25,
+             vae_path: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
              audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0, ema: bool = True,
              device: str = "cpu", clips_per_batch: int = 16, size: int | None = None, crop: str = "center",
              provenance_marks: bool = True, consent: str | None = None, c2pa_cert: str | Path | None = None,
              c2pa_key: str | Path | None = None, progress: Callable[[float, str], None] | None = None) -> dict:
     """Write `out` (H.264 yuv420p + AAC mp4, faststart) and return a summary with timings and the real-time factor.
 
-    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app). With
+    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app). `sampler` / `steps`
+    None: the model objective's first sampler and its `pipeline.diffusion.DEFAULT_STEPS`. With
     `provenance_marks` (default) the frames carry an invisible watermark and the container says the
     video is AI-generated (`pipeline.provenance`); `c2pa_cert` + `c2pa_key` add a signed C2PA
     manifest. Bad input raises a ValueError subclass naming the file; `out` is written only
     complete (temporary file + rename). `progress(fraction, message)` is called as work proceeds.
     """
     report = progress or (lambda fraction, message: None)
-    if steps < 1 or clips_per_batch < 1:
+    if (steps is not None and steps < 1) or clips_per_batch < 1:
         raise GenerationError(f"steps and clips_per_batch must be at least 1, got {steps} and {clips_per_batch}")
     if (c2pa_cert is None) != (c2pa_key is None):
         raise GenerationError("C2PA signing needs both a certificate chain (--c2pa-cert) and its key (--c2pa-key)")
@@ -272,6 +273,7 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(out, err) from err
     gen, info = model.gen, model.gen.data_info
+    sampler, steps = gen.diffusion.sampling(sampler, steps)
     model_size = int(info["size"])
     if size is not None and size != model_size:
         raise GenerationError(f"--size {size} does not match the model, which makes {model_size}x{model_size} videos; "
@@ -314,7 +316,8 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     _write(out, frames, fps, waveform, tags, c2pa_cert, c2pa_key)  # write_video fits the audio to the frames
     gen.timings["mux"] = time.perf_counter() - t0
     seconds = len(frames) / fps
-    summary = {"out": str(out), "frames": len(frames), "seconds": seconds, "seed": seed,
+    summary = {"out": str(out), "frames": len(frames), "seconds": seconds, "seed": seed, "sampler": sampler,
+               "steps": steps,
                "checkpoint_sha256": model.checkpoint_sha256, "watermark_payload": tags and tags["watermark_payload"],
                "c2pa": c2pa_cert is not None, **gen.timings,
                "real_time_factor": sum(gen.timings.values()) / seconds}

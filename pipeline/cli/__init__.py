@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", default=None, choices=["face", "center", "none"],
                    help="portrait crop (default: face when facenet-pytorch is installed, else center)")
     p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the sampler's own, pipeline.diffusion.DEFAULT_STEPS)")
     p.add_argument("--audio-scale", type=float, default=2.0)
     p.add_argument("--ref-scale", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
@@ -120,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--vae", default=None, help="VAE folder (default: the one the training data was made with)")
     p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the sampler's own, pipeline.diffusion.DEFAULT_STEPS)")
     p.add_argument("--audio-scale", type=float, default=2.0)
     p.add_argument("--ref-scale", type=float, default=1.5)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
