@@ -209,9 +209,7 @@ class Diffusion:
         diffusers' ``DDIMScheduler.step`` assumes a stride of N // steps, which with trailing
         spacing is wrong whenever `steps` does not divide N (diffusers issue #12633).
         """
-        if sampler not in SAMPLERS[self.config.objective]:
-            raise ValueError(f"sampler {sampler!r} does not fit objective {self.config.objective!r}; "
-                             f"choose one of {SAMPLERS[self.config.objective]}")
+        sampler, steps = self.sampling(sampler, steps)
         if sampler == "euler":
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.config.num_train_timesteps, shift=1.0)
         else:
@@ -238,9 +236,13 @@ class Diffusion:
         return uncond + ref_scale * (ref_only - uncond) + audio_scale * (full - ref_only)
 
     def sampling(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
-        """(sampler, steps) with None filled in: the objective's first sampler and its DEFAULT_STEPS."""
+        """(sampler, steps) with None filled in: the objective's first sampler and its DEFAULT_STEPS; a sampler that
+        does not fit the objective is refused."""
         sampler = sampler or SAMPLERS[self.config.objective][0]
-        return sampler, DEFAULT_STEPS.get(sampler, 25) if steps is None else steps
+        if sampler not in SAMPLERS[self.config.objective]:
+            raise ValueError(f"sampler {sampler!r} does not fit objective {self.config.objective!r}; "
+                             f"choose one of {SAMPLERS[self.config.objective]}")
+        return sampler, DEFAULT_STEPS[sampler] if steps is None else steps
 
     @torch.no_grad()
     def sample(self, model: Denoiser, shape: tuple[int, ...], sampler: str | None = None, steps: int | None = None,
