@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_modules.ema import base_optimizer, ema_state_dict, with_ema
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
+from pipeline.models.pretrained import InitFrom, load_pretrained
 from pipeline.throughput import peak_flops, throughput
 from pipeline.vae import recommended_patch_size
 
@@ -64,16 +65,19 @@ class LetsTalkModule(L.LightningModule):
     """
 
     def __init__(self, net: DiTConfig | dict | None = None, diffusion: DiffusionConfig | dict | None = None,
-                 optim: OptimConfig | dict | None = None, data_info: dict | None = None, seed: int = 0):
+                 optim: OptimConfig | dict | None = None, data_info: dict | None = None, seed: int = 0,
+                 init_from: InitFrom | dict | None = None):
         super().__init__()
         net = _coerce(DiTConfig, net or {})
         diffusion = _coerce(DiffusionConfig, diffusion or {})
         optim = _coerce(OptimConfig, optim or {})
-        net.validate()
-        diffusion.validate()
-        optim.validate()
+        init_from = None if init_from is None else _coerce(InitFrom, init_from)
+        for config in (net, diffusion, optim, init_from):
+            if config is not None:
+                config.validate()
         self.save_hyperparameters({"net": asdict(net), "diffusion": asdict(diffusion), "optim": asdict(optim),
-                                   "data_info": data_info or {}, "seed": seed})
+                                   "data_info": data_info or {}, "seed": seed,
+                                   "init_from": None if init_from is None else asdict(init_from)})
         self.diffusion = Diffusion(diffusion)
         self.optim = optim
         self.net: LetsTalkDiT | None = None
@@ -110,6 +114,10 @@ class LetsTalkModule(L.LightningModule):
             net.patch_size = recommended_patch_size(info["vae"])
         self.hparams["data_info"] = info
         self._build(net)
+        spec = self.hparams.get("init_from")
+        if spec:  # on a resume too (the checkpoint path is not known yet): the checkpoint's weights then replace these
+            report = load_pretrained(self.net, InitFrom(**spec))
+            rank_zero_info(f"letstalk fit: initialised from {spec['kind']} weights {spec['path']}\n{report.table()}")
 
     # -- training -----------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,

@@ -17,6 +17,7 @@ B, F, C, H, W, WA, DA = 2, 4, 4, 8, 8, 6, 16
 SCHEMES = [{"portrait_fusion": p, "audio_fusion": a} for p, a in itertools.product(FUSIONS, FUSIONS)]
 SCHEME_IDS = [f"portrait_{s['portrait_fusion']}-audio_{s['audio_fusion']}" for s in SCHEMES]
 BACKENDS = ["sdpa", "math", "linear"]  # flash_attn: see test_flash_attn_matches_math_in_bf16
+LONG = {"motion_frames": 2, "memory_frames": 3, "memory_stride": 2}  # long-video options (motion, memory)
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
@@ -58,12 +59,54 @@ def perturb(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("pos", ["sincos", "rope"])
+@pytest.mark.parametrize("pos", ["sincos", "rope", "latte"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_output_is_exactly_zero_at_init(scheme, pos):
     out = make(**scheme, pos_encoding=pos)(*inputs())
     assert out.shape == (B, F, C, H, W)
     assert torch.count_nonzero(out) == 0
+
+
+def test_initialisation_is_dits():
+    """xavier-uniform on every Linear (bound √(6/(fan_in+fan_out)), so std bound/√3) with zero biases,
+    N(0, 0.02) on the timestep MLP, and zero adaLN regressions, final layer and new-branch outputs."""
+    model = make(portrait_fusion="direct", audio_fusion="siamese", **LONG)
+    zeroed = {id(b.ada[1]) for b in model.blocks} | {id(model.final.ada[1]), id(model.final.proj)}
+    zeroed |= {id(m.out) for m in model.modules() if isinstance(m, Attention) and m.zero_out}
+    timestep = {id(model.time.mlp[0]), id(model.time.mlp[2])}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(zeroed) == len(model.blocks) + 2 + len(model.blocks) // 2  # one direct portrait branch per spatial block
+    for layer in linears:
+        assert torch.count_nonzero(layer.bias) == 0
+        w = layer.weight
+        if id(layer) in zeroed:
+            assert torch.count_nonzero(w) == 0
+        elif id(layer) in timestep:
+            assert abs(w.std().item() - 0.02) < 0.002
+        else:
+            bound = (6 / sum(w.shape)) ** 0.5
+            assert w.abs().max() <= bound
+            if w.numel() >= 2000:
+                assert abs(w.std().item() / (bound / 3 ** 0.5) - 1) < 0.1, w.shape
+
+
+@pytest.mark.parametrize("overrides", [{}, {"portrait_fusion": "siamese", "audio_fusion": "symbiotic", **LONG}])
+def test_every_parameter_learns_from_the_zero_start(overrides):
+    """No perturbation: from the real initialisation, a few optimizer steps move every parameter (the zeroed
+    adaLN regressions get gradients first and open the paths behind them)."""
+    model = make(**overrides).train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    drop = torch.tensor([True, False])
+    extra = context() if overrides else {}
+    target = torch.randn(B, F, C, H, W, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(*inputs(), drop_ref=drop, drop_audio=drop, **extra,
+                    **({"drop_motion": drop} if overrides else {}))
+        (out - target).square().mean().backward()
+        optimizer.step()
+    assert not [n for n, p in model.named_parameters() if torch.equal(p, start[n])]
 
 
 def test_default_config_is_the_papers():
@@ -351,7 +394,6 @@ def test_compiled_model_matches_eager():
 
 
 # Long videos: motion frames (M) and a memory bank (N), see pipeline/models/dit.py.
-LONG = {"motion_frames": 2, "memory_frames": 3, "memory_stride": 2}
 
 
 def context(seed: int = 5, m: int = 2, n: int = 3):
@@ -359,7 +401,7 @@ def context(seed: int = 5, m: int = 2, n: int = 3):
     return {"motion": torch.randn(B, m, C, H, W, generator=g), "memory": torch.randn(B, n, C, H, W, generator=g)}
 
 
-@pytest.mark.parametrize("pos", ["sincos", "rope"])
+@pytest.mark.parametrize("pos", ["sincos", "rope", "latte"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
 def test_long_video_model_is_zero_at_init_and_every_parameter_learns(scheme, pos):
     model = make(**scheme, pos_encoding=pos, **LONG)

@@ -130,6 +130,7 @@ class Attention(nn.Module):
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
         check_backend(backend)
         self.dim, self.heads, self.head_dim, self.backend = dim, heads, dim // heads, backend
+        self.zero_out = zero_out
         self.cross = context_dim is not None
         if self.cross:
             self.q = nn.Linear(dim, dim)

@@ -26,8 +26,11 @@ Paper defaults, and this module's: portrait symbiotic (deep fusion keeps identit
 
 Positions (``pos_encoding``): ``sincos`` adds fixed sin-cos embeddings of (height, width) and of
 the frame index to the tokens; ``rope`` instead rotates q and k by (time, height, width), so
-attention sees relative positions only. Frame indices run 0..R-1 over the portrait frames and
-R..R+F-1 over the video in every scheme. Audio tokens are off the grid: they carry an additive
+attention sees relative positions only; ``latte`` lays positions out as the public Latte and DiT
+weights expect (`pipeline.models.pretrained`): DiT's (width, height) sin-cos table at the input and
+the frame index's sin-cos added just before the first temporal block, not at the input. Frame
+indices run 0..R-1 over the portrait frames and R..R+F-1 over the video in every scheme (latte:
+0..F-1 over the video, as in Latte, and -R..-1 over the portrait). Audio tokens are off the grid: they carry an additive
 embedding of their index in the window and, under RoPE, sit at the grid origin of their frame
 (as text tokens do in Flux); direct audio cross-attention is not rotated.
 
@@ -67,7 +70,7 @@ from pipeline.models.attention import Attention, Context, check_backend, rope_an
 from pipeline.models.sizes import get_size
 
 FUSIONS = ("direct", "siamese", "symbiotic")
-POS_ENCODINGS = ("sincos", "rope")
+POS_ENCODINGS = ("sincos", "rope", "latte")
 
 
 @dataclass
@@ -86,7 +89,8 @@ class DiTConfig:
     # sincos | rope. Quick check (tiny, demo shards, 600 steps, 2 seeds, val flow loss): equal at the
     # training clip length (8 frames: 0.141 sincos, 0.137 rope), but at 16 frames sincos degrades (0.43)
     # and rope does not (0.13). sincos stays the default so checkpoints without this key load unchanged;
-    # choose rope to sample clip lengths or latent sizes unseen in training.
+    # choose rope to sample clip lengths or latent sizes unseen in training. latte: the positions of the public
+    # Latte/DiT weights (see the module docstring), for `init_from` (pipeline/models/pretrained.py).
     pos_encoding: str = "sincos"
     attention_backend: str = "sdpa"  # sdpa | flash_attn | math | linear
     qk_norm: bool = True
@@ -179,10 +183,11 @@ def grid(h: int, w: int, device: torch.device) -> torch.Tensor:
     return torch.stack([ys.flatten(), xs.flatten()], dim=-1)
 
 
-def sincos_2d(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
-    """2D sin-cos position embedding for an h×w grid -> [h·w, dim] (half the channels per axis)."""
-    coords = grid(h, w, device)
-    return torch.cat([sincos(coords[:, 0], dim // 2), sincos(coords[:, 1], dim // 2)], dim=-1)
+def sincos_cells(cells: torch.Tensor, dim: int, column_first: bool = False) -> torch.Tensor:
+    """Sin-cos embedding of (row, column) cells [N, 2] -> [N, dim], half the channels per axis: rows in the
+    first half (ours), or columns (DiT's and Latte's table, which pos_encoding "latte" reproduces)."""
+    first, second = (cells[:, 1], cells[:, 0]) if column_first else (cells[:, 0], cells[:, 1])
+    return torch.cat([sincos(first, dim // 2), sincos(second, dim // 2)], dim=-1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -247,9 +252,7 @@ class Block(nn.Module):
         self.audio_norm, self.audio_attn = _fusion_layers(audio, dim, heads, qk_norm, backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # zero at init: LetsTalkDiT.initialize_weights
 
     def _attend(self, x: torch.Tensor, ref: torch.Tensor | None, audio: torch.Tensor | None,
                 rope: Rope, memory: torch.Tensor | None) -> torch.Tensor:
@@ -298,16 +301,13 @@ class TwinBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN then a zero-initialised projection back to patch pixels, so the model outputs 0 at init."""
+    """adaLN then a projection back to patch pixels; both start at zero (LetsTalkDiT.initialize_weights)."""
 
     def __init__(self, dim: int, patch_dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.proj = nn.Linear(dim, patch_dim)
-        for layer in (self.ada[1], self.proj):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada(c)[:, None, None].chunk(2, dim=-1)
@@ -358,11 +358,28 @@ class LetsTalkDiT(nn.Module):
                                                     config.attention_backend) for i in spatial})
 
         self.ref_twin, self.audio_twin = twin(config.portrait_fusion), twin(config.audio_fusion)
-        nn.init.normal_(self.time.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time.mlp[2].weight, std=0.02)
+        self.initialize_weights()
         if config.compile:
             for module in (*self.blocks, *self.ref_twin.values(), *self.audio_twin.values()):
                 module.compile()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation (facebookresearch/DiT, `initialize_weights`), which Latte keeps: xavier-uniform on
+        every Linear, the patch embedding included, with zero biases; N(0, 0.02) on the timestep MLP. Then the
+        zero starts (adaLN-Zero): every block's adaLN regression, the final layer and each new branch's output
+        (`Attention.zero_out`) begin at zero, so every block is the identity and the network outputs exactly 0.
+        Gradients still reach every weight: the zeroed regressions get them first and open the gates."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time.mlp[2].weight, std=0.02)
+        zeroed = [block.ada[1] for block in self.blocks] + [self.final.ada[1], self.final.proj]
+        zeroed += [m.out for m in self.modules() if isinstance(m, Attention) and m.zero_out]
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def _axis(self, index: int) -> str:
         return "spatial" if index % 2 == 0 or not self.config.temporal_attention else "temporal"
@@ -435,9 +452,9 @@ class LetsTalkDiT(nn.Module):
         like = x[:, :1, :, : h // 2, : w // 2]
         tokens = self.patch(self._context_patches(memory, n, self.null_memory, drop, like, "memory"))  # [B, N, S/4, D]
         embed = self.memory_type + sincos(torch.arange(n, device=x.device), self.hidden)[:, None]  # [N, 1, D]
-        if cfg.pos_encoding == "sincos":  # pooled cell (i, j) sits at (2i+½, 2j+½) of the frame grid
+        if cfg.pos_encoding != "rope":  # pooled cell (i, j) sits at (2i+½, 2j+½) of the frame grid
             cells = grid(h // (2 * p), w // (2 * p), x.device) * 2 + 0.5
-            embed = embed + torch.cat([sincos(cells[:, 0], self.hidden // 2), sincos(cells[:, 1], self.hidden // 2)], -1)
+            embed = embed + sincos_cells(cells, self.hidden, column_first=cfg.pos_encoding == "latte")
         return (tokens + embed.to(tokens.dtype)).flatten(1, 2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor,
@@ -472,15 +489,23 @@ class LetsTalkDiT(nn.Module):
         s, p = tokens.shape[2], cfg.patch_size
         types = [self.ref_type.expand(ref.shape[1], -1)] + ([self.motion_type.expand(m, -1)] if m else [])
         r = ref.shape[1] + m  # context frames from here on
-        index = torch.arange(r + f, device=x.device)  # frame indices: context 0..R+M-1, video R+M..R+M+F-1
+        latte = cfg.pos_encoding == "latte"
+        # frame indices: context 0..R+M-1, video R+M..R+M+F-1 (latte: video 0..F-1 as in Latte, context before)
+        index = torch.arange(r + f, device=x.device) - (r if latte else 0)
         embed = torch.cat([*types, torch.zeros_like(self.ref_type).expand(f, -1)])[None, :, None]
-        if cfg.pos_encoding == "sincos":  # + (height, width) [1, 1, S, D] + frame index [1, R+F, 1, D]
-            embed = (sincos_2d(h // p, w // p, self.hidden, x.device)[None, None]
-                     + sincos(index, self.hidden)[None, :, None] + embed)
+        if cfg.pos_encoding != "rope":  # + (height, width) [1, 1, S, D]
+            embed = embed + sincos_cells(grid(h // p, w // p, x.device), self.hidden, column_first=latte)[None, None]
+        if cfg.pos_encoding == "sincos":  # + frame index [1, R+F, 1, D]
+            embed = embed + sincos(index, self.hidden)[None, :, None]
         tokens = tokens + embed.to(tokens.dtype)
+        # latte: the frame index [1, R+F, 1, D] joins before the first temporal block, as in Latte
+        frames_embed = sincos(index, self.hidden)[None, :, None].to(tokens.dtype) if latte else None
         if cfg.portrait_fusion == "symbiotic":
             ref_tokens = None
         else:  # the portrait leaves the sequence: [B, R·S, D] and video [B, F, S, D]
+            if latte:  # context tokens never reach a temporal block: their frame index joins here
+                tokens = torch.cat([tokens[:, :r] + frames_embed[:, :r], tokens[:, r:]], dim=1)
+                frames_embed = frames_embed[:, r:]
             ref_tokens, tokens, index = tokens[:, :r].flatten(1, 2), tokens[:, r:], index[r:]
 
         if drop_audio is not None:
@@ -500,6 +525,8 @@ class LetsTalkDiT(nn.Module):
         memory_tokens = self._memory_tokens(memory, drop_motion, x) if cfg.memory_frames else None
         c = self.time(t)  # [B, D]
         for i, block in enumerate(self.blocks):
+            if frames_embed is not None and block.axis == "temporal":
+                tokens, frames_embed = tokens + frames_embed, None
             if str(i) in self.ref_twin:
                 ref_tokens = self._run(self.ref_twin[str(i)], ref_tokens, rope.ref)
             if str(i) in self.audio_twin:
