@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from test_training import _data, _trainer, fit_args, write_shards
 
 from lightning_modules.letstalk import LetsTalkModule
@@ -334,3 +335,17 @@ def test_letstalk_fit_takes_init_from_and_refuses_a_misfit_with_the_setting(tmp_
     err = capsys.readouterr().err
     assert "letstalk fit: error: " in err and "set model.net.qk_norm: false" in err, err[-2000:]
     assert main(["fit", *flags, "--model.net.qk_norm", "false", "--model.net.pos_encoding", "latte"]) == 0
+
+
+def test_the_latte_xl_config_composes_with_the_base_config(tmp_path, capsys):
+    """configs/init/latte_xl.yaml: the README's fine-tune command resolves to a network Latte-XL/2's weights fit."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(configs / "base.yaml"), "--config", str(configs / "init" / "latte_xl.yaml"),
+              "--data.root", str(tmp_path), "--model.init_from.path", "/models/ffs.pt", "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert config["init_from"] == {"path": "/models/ffs.pt", "kind": "latte", "label": None}
+    net = DiTConfig(**{**config["net"], "patch_size": 2})
+    assert (net.size, net.heads, net.qk_norm, net.pos_encoding) == ("XL", 16, False, "latte")
+    assert config["diffusion"]["objective"] == "eps"
