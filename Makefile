@@ -8,7 +8,12 @@ PIP := $(PY) -m pip install --quiet --no-cache-dir
 # torch and torchaudio must come as a matching pair; 2.11.0 is the newest torchaudio on PyPI.
 TORCH_PAIR ?= torch==2.11.0 torchaudio==2.11.0
 
-.PHONY: install demo test test-slow clean
+# benchmarks/gpu_check.sh's wheelhouse (benchmarks/gpu_wheels.txt): cp312 manylinux x86_64, for the lent GPU image
+GPU_WHEELS ?= gpu-wheels
+GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64
+
+.PHONY: install demo test test-slow clean gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -31,3 +36,11 @@ test-slow: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	grep -v -e '^#' -e '# sdist' benchmarks/gpu_wheels.txt | sed 's/ *#.*//' | grep . | xargs $(PYTHON) -m pip download \
+		--quiet --no-cache-dir --no-deps --only-binary=:all: $(GPU_PLATFORMS) -d $(GPU_WHEELS)
+	sed -n 's/ *# sdist.*//p' benchmarks/gpu_wheels.txt | xargs $(PYTHON) -m pip wheel --quiet --no-cache-dir \
+		--no-deps -w $(GPU_WHEELS)
+	du -sh $(GPU_WHEELS)

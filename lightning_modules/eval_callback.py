@@ -177,6 +177,7 @@ class EvalCallback(L.Callback):
             gathered = [item for part in parts for item in part]
         if trainer.is_global_zero:
             self._log(trainer, step, sorted(gathered, key=lambda item: item[0]), time.perf_counter() - t0)
+        pl_module.restart_rate_window()
 
     def _log(self, trainer: L.Trainer, step: int,
              results: list[tuple[int, dict[str, Any], tuple[bytes, np.ndarray] | None]], seconds: float) -> None:

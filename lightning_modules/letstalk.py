@@ -261,11 +261,17 @@ class LetsTalkModule(L.LightningModule):
                            "live weights; `letstalk export --ema` of the checkpoint gives the EMA")
         return ema_state_dict(self.net, optimizer)
 
+    def restart_rate_window(self) -> None:
+        """Leave the time since the last step out of the throughput rates: called after stalls that are not
+        training (validation, checkpointing, evaluation), so clips/s and MFU measure training steps only."""
+        self._tick = None
+
     def on_validation_epoch_start(self) -> None:
         self._val_net = self.ema_network()
 
     def on_validation_epoch_end(self) -> None:
         self._val_net = None
+        self.restart_rate_window()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss of the EMA weights at a fixed noise draw per batch, so validation curves are comparable."""
@@ -275,14 +281,16 @@ class LetsTalkModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        """AdamW with the EMA (`lightning_modules.ema`); DeepSpeed's CPU Adam when ZeRO offloads the optimizer."""
+        """AdamW with the EMA (`lightning_modules.ema`), fused into one kernel per step on GPUs; DeepSpeed's CPU Adam
+        when ZeRO offloads the optimizer."""
         adam: type[torch.optim.Optimizer] = torch.optim.AdamW
+        extra = {"fused": True} if self.device.type == "cuda" else {}
         if getattr(self.trainer.strategy, "offload_optimizer", False):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            adam = DeepSpeedCPUAdam  # AdamW by default (adamw_mode=True)
+            adam, extra = DeepSpeedCPUAdam, {}  # AdamW by default (adamw_mode=True)
         opt = with_ema(adam)(self.net.parameters(), ema_decay=self.optim.ema_decay, lr=self.optim.lr,
-                             betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay)
+                             betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay, **extra)
         warmup = max(1, self.optim.warmup_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -290,6 +298,7 @@ class LetsTalkModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Configs, the world size, and (outside DeepSpeed, whose folders keep it in the optimizer shards, read by
         `pipeline.checkpoints`) the EMA network as `ema.*`, which generation and export read."""
+        self.restart_rate_window()
         checkpoint["hyper_parameters"] = dict(self.hparams)
         checkpoint["world_size"] = self.trainer.world_size
         checkpoint["bad_samples"] = self._bad_samples

@@ -65,7 +65,11 @@ class Generator:
 
 
 def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu") -> Generator:
-    """Build the network from a checkpoint's config and load its weights (`pipeline.checkpoints.read_weights`)."""
+    """Build the network from a checkpoint's config and load its weights (`pipeline.checkpoints.read_weights`).
+    On a GPU, float32 matmuls may use TF32 tensor cores (`set_float32_matmul_precision("high")`), as sampling
+    does not need full fp32 products; benchmarks/gpu_check.sh times generation there."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
     config, state = read_weights(checkpoint, ema=ema)
     net = LetsTalkDiT(DiTConfig(**config["net"]))
     missing, unexpected = net.load_state_dict(state, strict=False)

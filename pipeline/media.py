@@ -11,6 +11,7 @@ import io
 import math
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import decord
-import imageio_ffmpeg
 import numpy as np
 import soundfile as sf
 import torch
@@ -60,7 +60,14 @@ class VideoInfo:
 
 
 def ffmpeg_exe() -> str:
-    """The ffmpeg binary bundled with imageio-ffmpeg (there is no system ffmpeg)."""
+    """The ffmpeg binary bundled with imageio-ffmpeg, else one on PATH (a GPU image without the 68 MB wheel)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        found = shutil.which("ffmpeg")
+        if found is None:
+            raise RuntimeError("no ffmpeg: pip install imageio-ffmpeg, or put an ffmpeg binary on PATH") from None
+        return found
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 

@@ -11,14 +11,22 @@ import os
 
 import torch
 
-# Datasheet peak dense bf16 tensor-core FLOP/s, matched against torch.cuda.get_device_name().
+# Datasheet peak dense bf16 tensor-core FLOP/s by a part of torch.cuda.get_device_name(); the first match wins, so
+# the H100's PCIe and NVL cards come before the SXM one ("NVIDIA H100 80GB HBM3").
 PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card peaks at 756e12 (set LETSTALK_PEAK_TFLOPS)
     "A100": 312e12,
     "L40S": 362e12,
     "A10G": 70e12,
 }
+
+
+def peak_for_name(name: str) -> float | None:
+    """The table's peak for a device name, None when no entry matches."""
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:
@@ -32,8 +40,7 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def throughput(clips: int, seconds: float, train_flops_per_clip: float, tokens_per_clip: int,

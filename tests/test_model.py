@@ -170,6 +170,24 @@ def test_sdpa_and_math_backends_agree(scheme, pos):
     torch.testing.assert_close(a(*args), b(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rotated", [False, True])
+def test_cross_attention_to_a_shared_context_equals_attending_to_its_copies(backend, rotated):
+    """G = 3 query sequences per context item take the folded path (no k/v copies); repeating the items 3× takes
+    the plain one: same outputs and gradients."""
+    torch.manual_seed(0)
+    layer = perturb(Attention(32, 4, context_dim=32, backend=backend, zero_out=True))
+    x, ctx = torch.randn(2 * 3, 5, 32, requires_grad=True), torch.randn(2, 7, 32)
+    rope = rope_angles(torch.randint(0, 4, (5, 3)), 8) if rotated else None
+    ctx_rope = rope_angles(torch.randint(0, 4, (7, 3)), 8) if rotated else None
+    shared = layer(x, rope, [Context(ctx, ctx_rope)])
+    (grad_shared,) = torch.autograd.grad(shared.square().sum(), x)
+    copies = layer(x, rope, [Context(ctx.repeat_interleave(3, dim=0), ctx_rope)])
+    (grad_copies,) = torch.autograd.grad(copies.square().sum(), x)
+    torch.testing.assert_close(shared, copies, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_shared, grad_copies, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_FLASH_ATTN or not torch.cuda.is_available(), reason="needs flash_attn and a CUDA GPU")
 def test_flash_attn_matches_math_in_bf16():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.throughput import peak_flops, throughput
+from pipeline.throughput import peak_flops, peak_for_name, throughput
 
 
 def test_rates_follow_from_clips_time_and_flops():
@@ -24,3 +24,11 @@ def test_peak_is_unknown_on_cpu_and_can_be_set(monkeypatch):
     monkeypatch.setenv("LETSTALK_PEAK_TFLOPS", "fast")
     with pytest.raises(ValueError, match="LETSTALK_PEAK_TFLOPS='fast' is not a number"):
         peak_flops()
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)])
+def test_each_h100_card_gets_its_own_peak(name, peak):
+    """torch.cuda.get_device_name() of each card: the PCIe and NVL H100s are not the SXM's 989 TFLOP/s."""
+    assert peak_for_name(name) == peak

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -314,3 +315,30 @@ def test_nan_policy_skip_leaves_weights_alone_counts_and_stops_after_k_in_a_row(
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite steps"):
         _fit(shards, tmp_path / "b", 10, module=_NaNAt({2, 3, 4, 5}, optim={"nan_policy": "skip",
                                                                              "max_skipped_steps": 3}))
+
+
+def test_throughput_rates_leave_validation_and_checkpoint_stalls_out(shards: Path, tmp_path: Path):
+    """A 3 s stall in every validation and every checkpoint save must not enter clips/s: each logged rate
+    implies a step time far below the stall (the step after a stall logs no rate)."""
+    implied: list[float] = []
+
+    class Stall(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            time.sleep(3.0)
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            time.sleep(3.0)
+
+    class Rates(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rate = trainer.callback_metrics.get("train/clips_per_s")
+            if rate is not None and trainer.global_step not in seen:
+                seen.add(trainer.global_step)
+                implied.append(4 / float(rate))  # seconds per step of batch 4
+
+    seen: set[int] = set()
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    L.Trainer(accelerator="cpu", max_steps=8, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+              num_sanity_val_steps=0, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
+              callbacks=[Stall(), Rates(), saver]).fit(LetsTalkModule(net={"size": "tiny"}), _data(shards))
+    assert len(implied) >= 3 and max(implied) < 2.0, implied

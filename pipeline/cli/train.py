@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import wandb
 import yaml
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -217,6 +216,8 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
         print(f"letstalk {argv[0] if argv else 'fit'}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        # WandbLogger leaves its run open; close it so a later run in this process starts its own.
-        if wandb.run is not None:
+        # WandbLogger leaves its run open; close it so a later run in this process starts its own. (wandb is
+        # imported by then if a WandbLogger ran; a run without one, e.g. on a GPU image without wandb, needs none.)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
             wandb.finish()

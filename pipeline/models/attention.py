@@ -158,6 +158,8 @@ class Attention(nn.Module):
                 context: Sequence[Context] = ()) -> torch.Tensor:
         """x [B·G, N, D] queries with RoPE angles [N, d/2] (None: unrotated); context: key/value
         token sets (see :class:`Context`) -> [B·G, N, D]."""
+        if self.cross and len(context) == 1 and context[0].tokens.shape[0] < x.shape[0]:
+            return self._shared_cross(x, rope, context[0])
         if self.cross:
             (q,) = self._heads(self.q(x), 1)
             keys, values = [], []
@@ -171,3 +173,14 @@ class Attention(nn.Module):
         k, v = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, dim=2), torch.cat(values, dim=2))
         y = attention(_rotate(self.q_norm(q), rope), k, v, self.backend)  # [B·G, H, N, d]
         return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim))
+
+    def _shared_cross(self, x: torch.Tensor, rope: torch.Tensor | None, item: Context) -> torch.Tensor:
+        """Cross-attention of G consecutive query sequences to one shared context item (a clip's frames to its
+        portrait): the G sequences fold into one query sequence per item ([B·G, N, D] -> [B, G·N, D], a view),
+        so the item's keys and values are computed once and never repeated G times."""
+        b, (bg, n, _) = item.tokens.shape[0], x.shape
+        (q,) = self._heads(self.q(x.reshape(b, bg // b * n, self.dim)), 1)  # [B, H, G·N, d]
+        k, v = self._heads(self._kv(item.tokens), 2)  # [B, H, M, d]
+        angles = None if rope is None else rope.repeat(bg // b, 1)  # [G·N, d/2]
+        y = attention(_rotate(self.q_norm(q), angles), _rotate(self.k_norm(k), item.rope), v, self.backend)
+        return self.out(y.transpose(1, 2).reshape(bg, n, self.dim))
