@@ -4,6 +4,7 @@ wheelhouse and size limits) and a few steps of the training throughput harness."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,17 @@ def test_train_throughput_times_the_variants_and_the_naive_baseline(tmp_path):
     for r in rows:
         assert r["clips_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["clips_per_s"] * 2 * 16)
         assert r["mfu"] is None and r["peak_mem_gib"] is None  # CPU: no peak FLOP/s, no GPU memory
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_every_part_on_a_cpu(tmp_path):
+    """GPU_CHECK_SMALL=1: the same parts at tiny sizes on the CPU (~4 min), each ok, and the outputs it promises."""
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_SMALL": "1", "GPU_WHEELS": str(tmp_path / "none"),
+           "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env, check=True, timeout=1800)
+    parts = json.loads((out / "gpu_check.json").read_text())["parts"]
+    assert [(p["part"], p["result"]) for p in parts] == [("install", "skipped")] + [(p, "ok") for p in PARTS[1:]]
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        ["summary.md", "gpu_check.json", "log.txt", "train_throughput.json", "fit_metrics.csv", "generate_speed.json",
+         "vae_encode.json"])
