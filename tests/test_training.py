@@ -329,16 +329,15 @@ def test_throughput_rates_leave_validation_and_checkpoint_stalls_out(shards: Pat
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             time.sleep(3.0)
 
-    class Rates(L.Callback):
+    class Rates(L.Callback):  # a step that logs no rate leaves the previous one in callback_metrics: skip repeats
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rate = trainer.callback_metrics.get("train/clips_per_s")
-            if rate is not None and trainer.global_step not in seen:
-                seen.add(trainer.global_step)
+            if rate is not None and (not implied or 4 / float(rate) != implied[-1]):
                 implied.append(4 / float(rate))  # seconds per step of batch 4
 
-    seen: set[int] = set()
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
     L.Trainer(accelerator="cpu", max_steps=8, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
               num_sanity_val_steps=0, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
               callbacks=[Stall(), Rates(), saver]).fit(LetsTalkModule(net={"size": "tiny"}), _data(shards))
-    assert len(implied) >= 3 and max(implied) < 2.0, implied
+    # the first rate also covers the first step's one-time costs (seconds on a loaded machine); stalls come later
+    assert len(implied) >= 3 and max(implied[1:]) < 2.0, implied
