@@ -64,11 +64,13 @@ def curve(name: str, shards: Path, heldout: list[Path], out: Path, steps: int, e
           extra: list[str]) -> list[dict]:
     """Fit (demo config, checkpoints every 100 steps) and score every `every` steps."""
     run = out / name
-    if not (run / "train" / "checkpoints" / "last.ckpt").is_file():
+    last = run / "train" / "checkpoints" / "last.ckpt"
+    done = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.is_file() else 0
+    if done < steps:  # a longer --steps resumes the run where it stopped
         t0 = time.perf_counter()
         fit_model(shards, run / "train", {**FULL, "fit_steps": steps, "fit_time": NO_CAP},
-                  [*LATTE, *extra])
-        (run / "fit_seconds").write_text(f"{time.perf_counter() - t0:.0f}")
+                  [*LATTE, *extra, *(["--ckpt_path", "last"] if done else [])])
+        (run / f"fit_seconds_{done}_{steps}").write_text(f"{time.perf_counter() - t0:.0f}")
     points = []
     for step in range(every, steps + 1, every):
         folder = run / f"eval-{step}"
@@ -102,14 +104,17 @@ def main() -> None:
     curves = {"pretrained": curve("pretrained", shards, heldout, args.out, args.steps, args.every,
                                   ["--model.init_from.path", str(release), "--model.init_from.kind", "latte"]),
               "scratch": curve("scratch", shards, heldout, args.out, args.steps, args.every, [])}
-    reached = {name: next((p["step"] for p in points if p["sync_true"] >= args.target), None)
-               for name, points in curves.items()}
+    thresholds = sorted({0.5, 0.75, 0.85, 0.875, args.target})
+    reached = {f"{level:+.3f}": {name: next((p["step"] for p in points if p["sync_true"] >= level), None)
+                                 for name, points in curves.items()} for level in thresholds}
     print(f"\nlip sync (true audio) of the held-out faces, target {args.target:+.3f}")
     print(f"{'step':>6}  {'from pretrained':>16}  {'from scratch':>13}")
     for a, b in zip(curves["pretrained"], curves["scratch"]):
         print(f"{a['step']:>6}  {a['sync_true']:>+16.3f}  {b['sync_true']:>+13.3f}")
-    for name, step in reached.items():
-        print(f"{name}: {'not reached' if step is None else f'reached at step {step}'}")
+    print(f"\nfirst scored step at or above each lip-sync level (- : not within {args.steps} steps)")
+    print(f"{'level':>7}  {'from pretrained':>16}  {'from scratch':>13}")
+    for level, steps in reached.items():
+        print(f"{level:>7}  {steps['pretrained'] or '-':>16}  {steps['scratch'] or '-':>13}")
     result = {"target": args.target, "pretrain_steps": args.pretrain_steps, "curves": curves, "reached": reached}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "finetune_from_pretrained.json").write_text(json.dumps(result, indent=2))
