@@ -62,7 +62,8 @@ check_wheels() {  # every package of benchmarks/gpu_wheels.txt has a wheel, and 
     [ -d "$WHEELS" ] || { echo "error: no wheelhouse at $WHEELS: run make gpu-wheels"; return 1; }
     echo "wheelhouse $WHEELS:"
     for wheel in "$WHEELS"/*.whl; do
-        [ -e "$wheel" ] && printf '  %8.2f MiB  %s\n' "$(echo "$(stat -c %s "$wheel") / 1048576" | bc -l)" "$(basename "$wheel")"
+        [ -e "$wheel" ] && awk -v b="$(stat -c %s "$wheel")" -v n="$(basename "$wheel")" \
+            'BEGIN { printf "  %8.2f MiB  %s\n", b / 1048576, n }'
     done
     while read -r name; do
         name=$(echo "${name%%==*}" | tr 'A-Z-' 'a-z_')
