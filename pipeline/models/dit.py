@@ -503,10 +503,10 @@ class LetsTalkDiT(nn.Module):
         if cfg.portrait_fusion == "symbiotic":
             ref_tokens = None
         else:  # the portrait leaves the sequence: [B, R·S, D] and video [B, F, S, D]
+            ref_tokens, tokens, index = tokens[:, :r], tokens[:, r:], index[r:]
             if latte:  # context tokens never reach a temporal block: their frame index joins here
-                tokens = torch.cat([tokens[:, :r] + frames_embed[:, :r], tokens[:, r:]], dim=1)
-                frames_embed = frames_embed[:, r:]
-            ref_tokens, tokens, index = tokens[:, :r].flatten(1, 2), tokens[:, r:], index[r:]
+                ref_tokens, frames_embed = ref_tokens + frames_embed[:, :r], frames_embed[:, r:]
+            ref_tokens = ref_tokens.flatten(1, 2)
 
         if drop_audio is not None:
             audio = torch.where(drop_audio[:, None, None, None], self.null_audio.to(audio.dtype), audio)

@@ -148,6 +148,13 @@ def _check_fits(state: dict[str, torch.Tensor], kind: str, net: LetsTalkDiT, pat
     return p, state["final_layer.linear.weight"].shape[0] // (p * p)
 
 
+def latte_tables(hidden: int, side: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The releases' fixed position tables: pos_embed [side², hidden] (DiT's column-first 2D sin-cos) and
+    temp_embed [frames, hidden] (sin-cos of the frame index)."""
+    cells = grid(side, side, torch.device("cpu"))
+    return sincos_cells(cells, hidden, column_first=True), sincos(torch.arange(frames), hidden)
+
+
 def _check_table(state: dict[str, torch.Tensor], key: str, expected: torch.Tensor, path: str) -> None:
     table = state[key].float().reshape(expected.shape)
     if not torch.allclose(table, expected, atol=TABLE_TOLERANCE):
@@ -197,14 +204,14 @@ def convert(state: dict[str, torch.Tensor], kind: str, net: LetsTalkDiT, label: 
     for param in ("weight", "bias"):
         take(f"final_layer.linear.{param}", f"final.proj.{param}", state[f"final_layer.linear.{param}"][rows])
 
-    hidden = net.hidden
     side = int(round(state["pos_embed"].shape[-2] ** 0.5))
-    _check_table(state, "pos_embed", sincos_cells(grid(side, side, torch.device("cpu")), hidden, column_first=True),
-                 path)
+    frames = state["temp_embed"].shape[-2] if "temp_embed" in state else 0
+    pos_table, temp_table = latte_tables(net.hidden, side, frames)
+    _check_table(state, "pos_embed", pos_table, path)
     used.add("pos_embed")
     report.derived.append("pos_embed")
     if "temp_embed" in state:
-        _check_table(state, "temp_embed", sincos(torch.arange(state["temp_embed"].shape[-2]), hidden), path)
+        _check_table(state, "temp_embed", temp_table, path)
         used.add("temp_embed")
         report.derived.append("temp_embed")
     report.unused = sorted(set(state) - used)
@@ -257,8 +264,8 @@ def to_latte(net: LetsTalkDiT, frames: int, side: int) -> dict[str, torch.Tensor
     proj = ours["final.proj.weight"].reshape(c, p, p, -1)  # our (c, i, j) rows -> their (i, j, c) rows
     state["final_layer.linear.weight"] = proj.permute(1, 2, 0, 3).flatten(0, 2)
     state["final_layer.linear.bias"] = ours["final.proj.bias"].reshape(c, p, p).permute(1, 2, 0).flatten()
-    state["pos_embed"] = sincos_cells(grid(side, side, torch.device("cpu")), net.hidden, column_first=True)[None]
-    state["temp_embed"] = sincos(torch.arange(frames), net.hidden)[None]
-    if not cfg.temporal_attention:
-        del state["temp_embed"]
+    pos_table, temp_table = latte_tables(net.hidden, side, frames)
+    state["pos_embed"] = pos_table[None]
+    if cfg.temporal_attention:
+        state["temp_embed"] = temp_table[None]
     return state
