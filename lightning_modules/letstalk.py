@@ -245,11 +245,7 @@ class LetsTalkModule(L.LightningModule):
     def ema_network(self) -> LetsTalkDiT:
         """The EMA weights as a float32 eval-mode network on this device; every rank must call it (under ZeRO it
         gathers). Without an optimizer (validate, predict) the checkpoint's EMA, else the live weights."""
-        state = self._ema_state()
-        with torch.device(self.device):
-            net = LetsTalkDiT(self.net.config)
-        net.load_state_dict(state)
-        return net.eval().requires_grad_(False)
+        return LetsTalkDiT.from_weights(self.net.config, self._ema_state(), self.device)
 
     def _ema_state(self) -> dict[str, torch.Tensor]:
         """The EMA state dict: the optimizer's, else a loaded checkpoint's, else (with a warning) the live weights."""

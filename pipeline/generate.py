@@ -71,12 +71,10 @@ def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu"
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high")
     config, state = read_weights(checkpoint, ema=ema)
-    net = LetsTalkDiT(DiTConfig(**config["net"]))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{checkpoint}: weights do not match the model config "
-                              f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
-    net.eval().to(device)
+    try:
+        net = LetsTalkDiT.from_weights(DiTConfig(**config["net"]), state, device)
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from None
     return Generator(net, Diffusion(DiffusionConfig(**config["diffusion"])), config["data_info"])
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.models.attention import Attention, Context, apply_rope, attention, rope_angles
+from pipeline.models.attention import Attention, Context, apply_rope, attention, rope_rotation
 from pipeline.models.dit import FUSIONS, DiTConfig, LetsTalkDiT, noise_context
 from pipeline.models.sizes import SIZES, get_size
 
@@ -178,8 +178,8 @@ def test_cross_attention_to_a_shared_context_equals_attending_to_its_copies(back
     torch.manual_seed(0)
     layer = perturb(Attention(32, 4, context_dim=32, backend=backend, zero_out=True))
     x, ctx = torch.randn(2 * 3, 5, 32, requires_grad=True), torch.randn(2, 7, 32)
-    rope = rope_angles(torch.randint(0, 4, (5, 3)), 8) if rotated else None
-    ctx_rope = rope_angles(torch.randint(0, 4, (7, 3)), 8) if rotated else None
+    rope = rope_rotation(torch.randint(0, 4, (5, 3)), 8) if rotated else None
+    ctx_rope = rope_rotation(torch.randint(0, 4, (7, 3)), 8) if rotated else None
     shared = layer(x, rope, [Context(ctx, ctx_rope)])
     (grad_shared,) = torch.autograd.grad(shared.square().sum(), x)
     copies = layer(x, rope, [Context(ctx.repeat_interleave(3, dim=0), ctx_rope)])
@@ -301,7 +301,7 @@ def test_rope_scores_depend_only_on_relative_positions(head_dim):
     coords = torch.randint(0, 8, (12, 3), generator=g)  # (time, height, width) per token
 
     def rotated(cq: torch.Tensor, ck: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rope(q, rope_angles(cq, head_dim)), apply_rope(k, rope_angles(ck, head_dim))
+        return apply_rope(q, rope_rotation(cq, head_dim)), apply_rope(k, rope_rotation(ck, head_dim))
 
     qr, kr = rotated(coords, coords)
     scores = qr @ kr.transpose(-1, -2)
@@ -313,7 +313,7 @@ def test_rope_scores_depend_only_on_relative_positions(head_dim):
         moved = coords.clone()
         moved[:, axis] += 1
         assert not torch.allclose(qr @ rotated(coords, moved)[1].transpose(-1, -2), scores, atol=1e-2)
-    torch.testing.assert_close(apply_rope(q, rope_angles(torch.zeros(12, 3, dtype=torch.long), head_dim)), q,
+    torch.testing.assert_close(apply_rope(q, rope_rotation(torch.zeros(12, 3, dtype=torch.long), head_dim)), q,
                                rtol=0, atol=0)  # the origin is not rotated
 
 
@@ -400,6 +400,24 @@ def test_compile_switch_compiles_every_block_in_place():
     blocks = [*compiled.blocks, *compiled.audio_twin.values()]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert all(block._compiled_call_impl is None for block in plain.blocks)
+
+
+def test_a_network_built_from_weights_is_the_trained_one_for_sampling():
+    """`from_weights` (generation, evaluation): the trained network's outputs, eval mode, no gradients, never compiled,
+    and nothing initialised on the way (the meta device); weights that do not fit are refused, naming the keys."""
+    trained = perturb(make(**LONG, audio_fusion="siamese"))
+    state = trained.state_dict()
+    net = LetsTalkDiT.from_weights(trained.config, state)
+    args = inputs()
+    torch.testing.assert_close(net(*args), trained(*args), rtol=0, atol=0)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert all(p.data_ptr() != state[name].data_ptr() for name, p in net.named_parameters())  # its own copy
+    compiled = make(**LONG, audio_fusion="siamese", compile=True).config
+    assert all(block._compiled_call_impl is None for block in LetsTalkDiT.from_weights(compiled, state).blocks)
+    with pytest.raises(ValueError, match=r"missing \['null_ref'\]"):
+        LetsTalkDiT.from_weights(trained.config, {k: v for k, v in state.items() if k != "null_ref"})
+    with pytest.raises(ValueError, match="unexpected .'extra'"):
+        LetsTalkDiT.from_weights(trained.config, {**state, "extra": torch.zeros(1)})
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ embeddings instead of padding. Backends of :func:`attention`:
   paper's later versions: out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j) with φ = ReLU,
   computed as φ(q)(φ(k)ᵀ v) in float32, so its cost grows linearly with sequence length.
 
-RoPE (:func:`rope_angles`, :func:`apply_rope`) rotates q and k by their tokens' (time, height,
+RoPE (:func:`rope_rotation`, :func:`apply_rope`) rotates q and k by their tokens' (time, height,
 width) coordinates, so softmax attention scores depend only on relative positions. With the
 ``linear`` backend the rotation comes before the ReLU feature map, which keeps RoPE's position
 signal but not its exact relative-only property.
@@ -68,8 +68,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-def rope_angles(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """RoPE angles [N, head_dim/2] for tokens at integer (time, height, width) coords [N, 3].
+def rope_rotation(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE's rotation [2, N, head_dim/2]: cos and sin of the angles of tokens at integer (time, height, width)
+    coords [N, 3], in float32. Computed once per forward pass and shared by every block's q and k.
 
     The head_dim/2 rotated channel pairs are split into bands: a quarter for time, the rest
     halved between height and width (a leftover pair stays unrotated); each band uses the
@@ -83,18 +84,19 @@ def rope_angles(coords: torch.Tensor, head_dim: int, theta: float = 10000.0) -> 
         freqs = theta ** (-torch.arange(size, device=coords.device, dtype=torch.float32) / size)
         bands.append(coords[:, axis, None].float() * freqs)  # [N, size]
     bands.append(coords.new_zeros(coords.shape[0], pairs - time - 2 * space, dtype=torch.float32))
-    return torch.cat(bands, dim=-1)
+    angles = torch.cat(bands, dim=-1)  # [N, d/2]
+    return torch.stack([angles.cos(), angles.sin()])
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (x_i, x_{i+d/2}) of x [..., N, d] by angles [N, d/2], in float32."""
-    cos, sin = angles.cos(), angles.sin()
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x_i, x_{i+d/2}) of x [..., N, d] by a `rope_rotation` [2, N, d/2], in float32."""
+    cos, sin = rotation
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class Context(NamedTuple):
-    """Tokens [B, M, D] that supply keys and values, with their RoPE angles [M, d/2] (None: unrotated).
+    """Tokens [B, M, D] that supply keys and values, with their RoPE rotation [2, M, d/2] (None: unrotated).
 
     One context item may serve several consecutive sequences of the query batch: queries
     [B·G, N, D] (e.g. the G frames of a clip) share context [B, M, D] (e.g. its portrait).
@@ -109,8 +111,8 @@ def _share(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x if x.shape[0] == batch else x.repeat_interleave(batch // x.shape[0], dim=0)
 
 
-def _rotate(x: torch.Tensor, angles: torch.Tensor | None) -> torch.Tensor:
-    return x if angles is None else apply_rope(x, angles)
+def _rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    return x if rotation is None else apply_rope(x, rotation)
 
 
 class Attention(nn.Module):
@@ -156,8 +158,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 context: Sequence[Context] = ()) -> torch.Tensor:
-        """x [B·G, N, D] queries with RoPE angles [N, d/2] (None: unrotated); context: key/value
-        token sets (see :class:`Context`) -> [B·G, N, D]."""
+        """x [B·G, N, D] queries with their RoPE rotation [2, N, d/2] (None: unrotated); context: key/value token
+        sets (see :class:`Context`) -> [B·G, N, D]."""
         if self.cross and len(context) == 1 and context[0].tokens.shape[0] < x.shape[0]:
             return self._shared_cross(x, rope, context[0])
         if self.cross:
@@ -181,6 +183,6 @@ class Attention(nn.Module):
         b, (bg, n, _) = item.tokens.shape[0], x.shape
         (q,) = self._heads(self.q(x.reshape(b, bg // b * n, self.dim)), 1)  # [B, H, G·N, d]
         k, v = self._heads(self._kv(item.tokens), 2)  # [B, H, M, d]
-        angles = None if rope is None else rope.repeat(bg // b, 1)  # [G·N, d/2]
-        y = attention(_rotate(self.q_norm(q), angles), _rotate(self.k_norm(k), item.rope), v, self.backend)
+        rotation = None if rope is None else rope.repeat(1, bg // b, 1)  # [2, G·N, d/2]
+        y = attention(_rotate(self.q_norm(q), rotation), _rotate(self.k_norm(k), item.rope), v, self.backend)
         return self.out(y.transpose(1, 2).reshape(bg, n, self.dim))

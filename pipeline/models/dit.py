@@ -58,7 +58,7 @@ null, as for guidance; `noise_context` holds the noise-regularisation rule for b
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.diffusion import Diffusion
-from pipeline.models.attention import Attention, Context, check_backend, rope_angles
+from pipeline.models.attention import Attention, Context, check_backend, rope_rotation
 from pipeline.models.sizes import get_size
 
 FUSIONS = ("direct", "siamese", "symbiotic")
@@ -196,12 +196,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 @dataclass
 class Rope:
-    """RoPE angles of one forward pass (see attention.rope_angles); all None with sincos positions."""
+    """RoPE rotations (cos, sin) of one forward pass, computed once for every block (attention.rope_rotation); all
+    None with sincos or latte positions."""
 
-    frame: torch.Tensor | None = None  # [N, d/2] one frame's tokens in spatial blocks: patches at (0, i, j), audio at 0
-    time: torch.Tensor | None = None  # [T, d/2] the sequence's frames in temporal blocks, at (t, 0, 0)
-    ref: torch.Tensor | None = None  # [R·S, d/2] portrait tokens (direct, siamese), at (r, i, j)
-    memory: torch.Tensor | None = None  # [N·S/4, d/2] pooled memory tokens, at (0, 2i+½, 2j+½) of the frame grid
+    frame: torch.Tensor | None = None  # [2, N, d/2] a frame's tokens, spatial blocks: patches at (0, i, j), audio at 0
+    time: torch.Tensor | None = None  # [2, T, d/2] the sequence's frames in temporal blocks, at (t, 0, 0)
+    ref: torch.Tensor | None = None  # [2, R·S, d/2] portrait tokens (direct, siamese), at (r, i, j)
+    memory: torch.Tensor | None = None  # [2, N·S/4, d/2] pooled memory tokens, at (0, 2i+½, 2j+½) of the frame grid
 
 
 class TimestepEmbedder(nn.Module):
@@ -381,6 +382,21 @@ class LetsTalkDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @classmethod
+    def from_weights(cls, config: DiTConfig, state: dict[str, torch.Tensor],
+                     device: torch.device | str = "cpu") -> LetsTalkDiT:
+        """An eval-mode network holding `state`, for sampling: built on the meta device, so nothing is initialised only
+        to be overwritten (seconds for XL), and never compiled (compile is a training switch; a compiled block would
+        recompile for every network built). A state that does not fit the config raises ValueError naming the keys."""
+        with torch.device("meta"):
+            net = cls(replace(config, compile=False))
+        net.to_empty(device=device)
+        missing, unexpected = net.load_state_dict(state, strict=False)  # copies: the network owns its weights
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the model config (missing {missing[:3]}..., "
+                             f"unexpected {unexpected[:3]}...)")
+        return net.eval().requires_grad_(False)
+
     def _axis(self, index: int) -> str:
         return "spatial" if index % 2 == 0 or not self.config.temporal_attention else "temporal"
 
@@ -401,7 +417,7 @@ class LetsTalkDiT(nn.Module):
         return x.reshape(b, t, c, h, w)
 
     def _rope(self, frames: torch.Tensor, r: int, gh: int, gw: int) -> Rope:
-        """RoPE angles for a sequence of `frames` (indices [T]) of gh×gw patches, R portrait (and motion)
+        """RoPE rotations for a sequence of `frames` (indices [T]) of gh×gw patches, R portrait (and motion)
         frames and the pooled memory frames."""
         cfg = self.config
         if cfg.pos_encoding != "rope":
@@ -416,8 +432,8 @@ class LetsTalkDiT(nn.Module):
         memory = None
         if cfg.memory_frames:  # pooled cell (i, j) covers frame cells 2i..2i+1, 2j..2j+1
             memory = F.pad(grid(gh // 2, gw // 2, frames.device) * 2 + 0.5, (1, 0)).repeat(cfg.memory_frames, 1)
-        return Rope(*(rope_angles(coords, cfg.head_dim) for coords in (frame, time, ref)),
-                    None if memory is None else rope_angles(memory, cfg.head_dim))
+        return Rope(*(rope_rotation(coords, cfg.head_dim) for coords in (frame, time, ref)),
+                    None if memory is None else rope_rotation(memory, cfg.head_dim))
 
     def _run(self, module: nn.Module, *args) -> torch.Tensor:
         if self.config.grad_checkpointing and self.training:
