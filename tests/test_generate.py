@@ -281,14 +281,14 @@ def test_bad_inputs_fail_with_a_clear_message_and_no_output(demo: dict, tmp_path
 
 
 def test_without_steps_the_flow_model_samples_euler_at_its_measured_default(demo: dict, tmp_path: Path):
-    """No steps given: Euler at 6 steps (benchmarks/generate_speed.py: lip sync and PSNR as at 25 steps), reported in
-    the summary; a given count still wins."""
+    """No steps given: Euler at 4 steps (benchmarks/generate_speed.py: lip sync and PSNR as at 6 and 25 steps),
+    reported in the summary; a given count still wins."""
     calls: list[str] = []
     wav = _wav(tmp_path / "a.wav", CLIP_S)
     summary = generate(demo["checkpoint"], demo["videos"][0], wav, tmp_path / "o.mp4", audio_scale=1.0, ref_scale=1.0,
                        progress=lambda fraction, text: calls.append(text))
-    assert (summary["sampler"], summary["steps"]) == ("euler", 6)
-    assert sum(text.startswith("denoising") for text in calls) == 6  # one clip, one network call per step
+    assert (summary["sampler"], summary["steps"]) == ("euler", 4)
+    assert sum(text.startswith("denoising") for text in calls) == 4  # one clip, one network call per step
     assert generate(demo["checkpoint"], demo["videos"][0], wav, tmp_path / "p.mp4", steps=2, audio_scale=1.0,
                     ref_scale=1.0)["steps"] == 2
 

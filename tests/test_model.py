@@ -90,6 +90,23 @@ def test_initialisation_is_dits():
                 assert abs(w.std().item() / (bound / 3 ** 0.5) - 1) < 0.1, w.shape
 
 
+def test_pytorch_initialisation_keeps_the_zero_starts_and_torchs_linear_init():
+    """`init: pytorch`: Linears keep PyTorch's default (weights and biases uniform within 1/√fan_in), the zero
+    starts stay, so the output is still exactly zero; an unknown init is refused."""
+    model = make(init="pytorch", **LONG)
+    assert torch.count_nonzero(model(*inputs(), **context())) == 0
+    zeroed = {id(b.ada[1]) for b in model.blocks} | {id(model.final.ada[1]), id(model.final.proj)}
+    zeroed |= {id(m.out) for m in model.modules() if isinstance(m, Attention) and m.zero_out}
+    for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in zeroed):
+        bound = layer.weight.shape[1] ** -0.5
+        assert layer.weight.abs().max() <= bound and 0 < layer.bias.abs().max() <= bound
+        if layer.weight.numel() >= 2000:  # not xavier: std bound/√3, not √(2/(fan_in+fan_out))
+            assert abs(layer.weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.1, layer.weight.shape
+    assert torch.count_nonzero(model.time.mlp[0].bias) > 0  # DiT's zero biases and N(0, 0.02) do not apply
+    with pytest.raises(ValueError, match="init must be one of"):
+        make(init="kaiming")
+
+
 @pytest.mark.parametrize("overrides", [{}, {"portrait_fusion": "siamese", "audio_fusion": "symbiotic", **LONG}])
 def test_every_parameter_learns_from_the_zero_start(overrides):
     """No perturbation: from the real initialisation, a few optimizer steps move every parameter (the zeroed

@@ -71,6 +71,7 @@ from pipeline.models.sizes import get_size
 
 FUSIONS = ("direct", "siamese", "symbiotic")
 POS_ENCODINGS = ("sincos", "rope", "latte")
+INITS = ("dit", "pytorch")
 
 
 @dataclass
@@ -97,13 +98,16 @@ class DiTConfig:
     temporal_attention: bool = True  # False: every block is spatial, so frames never exchange information
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile each block in place (state-dict keys unchanged)
+    # dit: DiT's and Latte's initialisation (LetsTalkDiT.initialize_weights); pytorch: PyTorch's default Linear init,
+    # with the same zero starts. On the tiny demo the second learns lip sync sooner (configs/demo.yaml).
+    init: str = "dit"
     # Long videos (see the module docstring and `noise_context`); 0 frames = off.
     motion_frames: int = 0  # M: last latent frames of the previous clip
     memory_frames: int = 0  # N: strided earlier latent frames, 2x pooled (latent size / patch_size must be even)
     memory_stride: int = 4  # latent frames between memory frames, for data sampling and generation alike
     motion_dropout: float = 0.1  # P(a training clip gets null motion and memory, as a video's first clip does)
     cond_noise_max: float = 0.3  # training: motion/memory noised to a level ~ U(0, cond_noise_max)
-    cond_noise_infer: float = 0.05  # generation: motion/memory noised to this fixed level
+    cond_noise_infer: float = 0.3  # generation: motion/memory noised to this level (configs/long_video.yaml)
     # True: the diffusion generates each frame's latent minus the portrait's (known at generation, added back after
     # sampling), so a zero output is the still portrait and the network only draws what moves (README, fidelity).
     residual: bool = False
@@ -126,7 +130,8 @@ class DiTConfig:
         for name in ("motion_dropout", "cond_noise_max", "cond_noise_infer"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"model config: {name} must be in [0, 1], got {getattr(self, name)}")
-        for name, options in (("portrait_fusion", FUSIONS), ("audio_fusion", FUSIONS), ("pos_encoding", POS_ENCODINGS)):
+        for name, options in (("portrait_fusion", FUSIONS), ("audio_fusion", FUSIONS), ("pos_encoding", POS_ENCODINGS),
+                              ("init", INITS)):
             if getattr(self, name) not in options:
                 raise ValueError(f"model config: {name} must be one of {options}, got {getattr(self, name)!r}")
         check_backend(self.attention_backend)
@@ -366,16 +371,18 @@ class LetsTalkDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation (facebookresearch/DiT, `initialize_weights`), which Latte keeps: xavier-uniform on
-        every Linear, the patch embedding included, with zero biases; N(0, 0.02) on the timestep MLP. Then the
-        zero starts (adaLN-Zero): every block's adaLN regression, the final layer and each new branch's output
-        (`Attention.zero_out`) begin at zero, so every block is the identity and the network outputs exactly 0.
-        Gradients still reach every weight: the zeroed regressions get them first and open the gates."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.time.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time.mlp[2].weight, std=0.02)
+        every Linear, the patch embedding included, with zero biases; N(0, 0.02) on the timestep MLP (`init: pytorch`
+        keeps PyTorch's default Linear init instead). Then the zero starts (adaLN-Zero): every block's adaLN
+        regression, the final layer and each new branch's output (`Attention.zero_out`) begin at zero, so every
+        block is the identity and the network outputs exactly 0. Gradients still reach every weight: the zeroed
+        regressions get them first and open the gates."""
+        if self.config.init == "dit":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
+            nn.init.normal_(self.time.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.time.mlp[2].weight, std=0.02)
         zeroed = [block.ada[1] for block in self.blocks] + [self.final.ada[1], self.final.proj]
         zeroed += [m.out for m in self.modules() if isinstance(m, Attention) and m.zero_out]
         for layer in zeroed:
