@@ -22,7 +22,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from pipeline.cli.demo import (FULL, TARGETS, fit_model, prepare_shards, score_clip, score_heldout, summarize,
                                synth_data, train_vae)
