@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from pipeline.cli.demo import score_clip
-from pipeline.diffusion import SAMPLERS
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, SAMPLERS
 from pipeline.generate import generate, load_model
 
 PARTS = ("encode", "denoise", "decode", "watermark", "mux")
-GUIDANCE = {"on": (2.0, 1.5), "off": (1.0, 1.0)}  # (audio_scale, ref_scale); "on" is generate's default
+GUIDANCE = {"on": (AUDIO_SCALE, REF_SCALE), "off": (1.0, 1.0)}  # (audio_scale, ref_scale); "on" is generate's default
 
 
 def measure(model, heldout: list[Path], fps: float, sampler: str, steps: int, guidance: str, clips_per_batch: int,

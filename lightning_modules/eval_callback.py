@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.letstalk import LetsTalkModule, _coerce
 from pipeline import media
-from pipeline.diffusion import Diffusion, DiffusionConfig
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
 from pipeline.evaluate import METRICS, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip, select_segments
 from pipeline.generate import Generator
 from pipeline.metrics.appearance import comparison_sheet
@@ -79,7 +79,7 @@ class EvalCallback(L.Callback):
 
     def __init__(self, every_n_steps: int = 500, num_clips: int = 8, metrics: MetricsConfig | dict | None = None,
                  data: str | None = None, sampler: str | None = None, steps: int | None = None,
-                 audio_scale: float = 2.0, ref_scale: float = 1.5, log_videos: int = 2, seed: int = 0,
+                 audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE, log_videos: int = 2, seed: int = 0,
                  at_fit_end: bool = True):
         checks = {"every_n_steps": (every_n_steps, every_n_steps >= 1), "num_clips": (num_clips, num_clips >= 1),
                   "steps": (steps, steps is None or steps >= 1), "log_videos": (log_videos, log_videos >= 0),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipeline.diffusion import SAMPLERS
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, SAMPLERS
 from pipeline.generate import CROPS, Model, default_crop, generate, load_model
 
 DEFAULT_HOST = "127.0.0.1"
@@ -102,9 +102,9 @@ def build_app(checkpoints: Sequence[str | Path], out_dir: Path, device: str = "c
                     sampler = gr.Dropdown(SAMPLER_CHOICES, value=AUTO_SAMPLER, label="Sampler", elem_id="sampler")
                     steps = gr.Slider(0, 100, value=0, step=1, label="Denoising steps (0: the sampler's default)",
                                       elem_id="steps")
-                    audio_scale = gr.Slider(1.0, 5.0, value=2.0, step=0.1, label="Audio guidance",
+                    audio_scale = gr.Slider(1.0, 5.0, value=AUDIO_SCALE, step=0.1, label="Audio guidance",
                                             elem_id="audio-scale")
-                    ref_scale = gr.Slider(1.0, 5.0, value=1.5, step=0.1, label="Reference guidance",
+                    ref_scale = gr.Slider(1.0, 5.0, value=REF_SCALE, step=0.1, label="Reference guidance",
                                           elem_id="ref-scale")
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
                     crop = gr.Radio(list(CROPS), value=default_crop(), label="Portrait crop", elem_id="crop",

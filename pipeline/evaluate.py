@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import media
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE
 from pipeline.metrics.appearance import comparison_sheet, face_mouth_box, fidelity, flatten, format_fidelity, mean_fidelity
 from pipeline.generate import CheckpointError, Generator, generate_frames, load_generator
 from pipeline.metrics.frechet import feature_distance
@@ -281,7 +282,7 @@ class ClipLoader:
 
 
 def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None,
-                  steps: int | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5,
+                  steps: int | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
                   device: str = "cpu") -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for one evaluation clip: its first real frame as the portrait, its own audio."""
     return generate_frames(gen, clip.real[:1], clip.waveform, vae, sampler, steps, audio_scale, ref_scale, seed,
@@ -290,8 +291,8 @@ def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str |
 
 def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed: int = 0,
              metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int | None = None,
-             sampler: str | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, ema: bool = True,
-             vae_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+             sampler: str | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
+             ema: bool = True, vae_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) and a
     contact sheet per clip (`<out stem>_sheets/`) if given, prints the table, returns the result (metrics, skip
     notes, per-clip scores, settings, timings)."""

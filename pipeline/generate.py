@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline import media, provenance
 from pipeline.audio_encoders import AudioEncoder, audio_windows, build_audio_encoder
 from pipeline.checkpoints import CheckpointError, read_weights
-from pipeline.diffusion import Diffusion, DiffusionConfig
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
 
@@ -138,8 +138,8 @@ def frame_count(num_samples: int, fps: float) -> int:
 
 @torch.no_grad()
 def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
-                   steps: int | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                   on_step: Callable[[int], None] | None = None, chain: bool = True,
+                   steps: int | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
+                   seed: int = 0, on_step: Callable[[int], None] | None = None, chain: bool = True,
                    clips_per_batch: int = 16) -> torch.Tensor:
     """Scaled latents [T, C, h, w] for portrait latents ref [R, C, h, w] and audio windows [T, W, D], clip by clip.
 
@@ -191,9 +191,9 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
 
 @torch.no_grad()
 def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
-                    steps: int | None = None, audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0,
-                    device: str = "cpu", on_step: Callable[[int], None] | None = None, chain: bool = True,
-                    clips_per_batch: int = 16) -> np.ndarray:
+                    steps: int | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
+                    seed: int = 0, device: str = "cpu", on_step: Callable[[int], None] | None = None,
+                    chain: bool = True, clips_per_batch: int = 16) -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for `waveform` (16 kHz mono), T = `frame_count` (audio duration × fps, rounded)."""
     info = gen.data_info
     fps = float(info["fps"])
@@ -248,7 +248,7 @@ def load_model(checkpoint: str | Path, vae_path: str | Path | None = None, ema: 
 
 def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
              vae_path: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
-             audio_scale: float = 2.0, ref_scale: float = 1.5, seed: int = 0, ema: bool = True,
+             audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE, seed: int = 0, ema: bool = True,
              device: str = "cpu", clips_per_batch: int = 16, size: int | None = None, crop: str = "center",
              provenance_marks: bool = True, consent: str | None = None, c2pa_cert: str | Path | None = None,
              c2pa_key: str | Path | None = None, progress: Callable[[float, str], None] | None = None) -> dict:

@@ -25,6 +25,23 @@ LIGHTNING_COMMANDS = ("fit", "validate")
 
 
 
+def guidance_options(p: argparse.ArgumentParser) -> None:
+    """--audio-scale / --ref-scale, left None so the defaults live in one place (pipeline.diffusion, not imported
+    here: `letstalk --help` stays fast)."""
+    p.add_argument("--audio-scale", type=float, default=None,
+                   help="audio guidance (default: pipeline.diffusion.AUDIO_SCALE)")
+    p.add_argument("--ref-scale", type=float, default=None,
+                   help="portrait guidance (default: pipeline.diffusion.REF_SCALE)")
+
+
+def guidance(args: argparse.Namespace) -> dict[str, float]:
+    """The guidance scales given on the command line, else pipeline.diffusion's defaults."""
+    from pipeline.diffusion import AUDIO_SCALE, REF_SCALE
+
+    return {"audio_scale": AUDIO_SCALE if args.audio_scale is None else args.audio_scale,
+            "ref_scale": REF_SCALE if args.ref_scale is None else args.ref_scale}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letstalk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,8 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the sampler's own, pipeline.diffusion.DEFAULT_STEPS)")
-    p.add_argument("--audio-scale", type=float, default=2.0)
-    p.add_argument("--ref-scale", type=float, default=1.5)
+    guidance_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
     p.add_argument("--device", default="cpu")
@@ -123,8 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the sampler's own, pipeline.diffusion.DEFAULT_STEPS)")
-    p.add_argument("--audio-scale", type=float, default=2.0)
-    p.add_argument("--ref-scale", type=float, default=1.5)
+    guidance_options(p)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
     p.add_argument("--device", default="cpu")
 
@@ -218,8 +233,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from pipeline.generate import default_crop, generate, generate_batch
 
-        options = dict(vae_path=args.vae, sampler=args.sampler, steps=args.steps, audio_scale=args.audio_scale,
-                       ref_scale=args.ref_scale, seed=args.seed, ema=not args.no_ema, device=args.device,
+        options = dict(vae_path=args.vae, sampler=args.sampler, steps=args.steps, **guidance(args), seed=args.seed,
+                       ema=not args.no_ema, device=args.device,
                        clips_per_batch=args.clips_per_batch, size=args.size, crop=args.crop or default_crop(),
                        provenance_marks=not args.no_provenance, consent=args.consent, c2pa_cert=args.c2pa_cert,
                        c2pa_key=args.c2pa_key)
@@ -240,8 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = MetricsConfig(fid_weights=args.fid_weights, fvd_weights=args.fvd_weights,
                                 syncnet_weights=args.syncnet_weights, fid_frames_per_clip=args.fid_frames_per_clip)
         evaluate(args.checkpoint, args.data, num_clips=args.num_clips, seed=args.seed, metrics=metrics, out=args.out,
-                 steps=args.steps, sampler=args.sampler, audio_scale=args.audio_scale, ref_scale=args.ref_scale,
-                 ema=not args.no_ema, vae_path=args.vae, device=args.device)
+                 steps=args.steps, sampler=args.sampler, **guidance(args), ema=not args.no_ema, vae_path=args.vae, device=args.device)
     elif args.command == "check":
         from pipeline.check import check_dataset, format_report, write_report
 
