@@ -91,7 +91,7 @@ def wandb_records(path: Path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a record the writer has not finished
             break
         parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
