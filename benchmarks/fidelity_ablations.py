@@ -69,7 +69,7 @@ def _data(out: Path, name: str) -> tuple[Path, list[Path]]:
 
 
 def _result(name: str, spec: dict, steps: int, fit_seconds: float | None, checkpoint: Path, clips: list[dict]) -> dict:
-    mean = mean_fidelity([{k: c[k] for k in ("generated", "static", "ceiling", "drift")} for c in clips])
+    mean = mean_fidelity([{k: c[k] for k in ("generated", "static", "still", "ceiling", "drift")} for c in clips])
     return {"variant": name, "spec": spec, "steps": steps, "fit_seconds": fit_seconds, "checkpoint": str(checkpoint),
             **summarize(clips), "mean": mean, "clips": clips}
 

@@ -14,7 +14,7 @@ import colorsys
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,19 @@ def random_face(rng: np.random.Generator, size: int, seconds: float) -> Face:
         motion_phase=(rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)),
         blinks=blinks,
     )
+
+
+def held_still(face: Face) -> Face:
+    """The same face with its head held where frame 0 has it and no blink after frame 0.
+
+    The head sway and the blinks are random draws that neither the first frame nor the audio
+    carries, so no model that sees only those can know them: this face, with the true mouth, is
+    the best such a model can be expected to draw (the demo's "still head" reference).
+    """
+    x = face.center[0] + face.motion_amp[0] * math.sin(face.motion_phase[0])
+    y = face.center[1] + face.motion_amp[1] * math.sin(face.motion_phase[1])
+    blinks = [b for b in face.blinks if b <= 0 < b + _BLINK_S]
+    return replace(face, center=(x, y), motion_amp=(0.0, 0.0), blinks=blinks)
 
 
 def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: Scalar, cy: Scalar, rx: Scalar, ry: Scalar) -> np.ndarray:
@@ -283,8 +296,12 @@ def mouth_track(audio: np.ndarray, sample_rate: int, fps: float, num_frames: int
     return ((envelope - envelope.min()) / span if span > 0 else np.zeros_like(envelope)).astype(np.float32)
 
 
-def make_clip(seed: int, seconds: float = 4.0, size: int = 64, fps: float = FPS, sample_rate: int = SAMPLE_RATE) -> SynthClip:
-    """One synthetic clip, fully determined by `seed`: T = floor(seconds * fps) frames and T / fps s of audio."""
+def make_clip(seed: int, seconds: float = 4.0, size: int = 64, fps: float = FPS, sample_rate: int = SAMPLE_RATE,
+              still: bool = False) -> SynthClip:
+    """One synthetic clip, fully determined by `seed`: T = floor(seconds * fps) frames and T / fps s of audio.
+
+    `still` draws the same clip with the face `held_still`: the same audio and mouth, no head motion or blinks.
+    """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     count = int(math.floor(seconds * fps + 1e-6))
@@ -293,6 +310,8 @@ def make_clip(seed: int, seconds: float = 4.0, size: int = 64, fps: float = FPS,
     rng = np.random.default_rng(seed)
     face = random_face(rng, size, seconds)
     audio, voice = speech_audio(rng, count / fps, sample_rate)
+    if still:
+        face = held_still(face)
     mouth_open = mouth_track(audio, sample_rate, fps, count)
     frames, boxes = render_face(face, mouth_open, fps)
     meta = {

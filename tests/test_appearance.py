@@ -108,11 +108,18 @@ def test_fidelity_scores_the_references_and_the_drift_of_the_generated_video():
     assert flat["generated/mouth/psnr"] == result["generated"]["mouth"]["psnr"]
     assert flat["drift_last/generated/frame/ssim"] == result["drift"]["last"]["generated"]["frame"]["ssim"]
     assert "ceiling" not in fidelity(generated, real, BOX, clip_frames=8)
+    still = real.copy()
+    still[1:, 0, 0] = real[1:, 0, 0] + 30  # one pixel of the 64x64 off by 30 in every frame, outside the mouth
+    with_still = fidelity(generated, real, BOX, clip_frames=8, still=still)
+    assert with_still["still"]["frame"]["psnr"] == pytest.approx(10 * math.log10(255**2 / (900 / 4096)), abs=1e-9)
+    assert with_still["still"]["mouth"]["psnr"] == math.inf and "still" in with_still["drift"]["last"]
+    assert with_still["generated"] == result["generated"] and "still" not in result
     mean = mean_fidelity([result, fidelity(real, real, BOX, 8, real)])
     assert mean["drift"]["last"]["generated"]["frame"]["ssim"] == pytest.approx(
         (result["drift"]["last"]["generated"]["frame"]["ssim"] + 1.0) / 2)
     table = format_fidelity({"clip 0": result})
     assert "mouth box: static portrait" in table and "drift: last chained clip" in table
+    assert "outside mouth: still head" in format_fidelity({"clip 0": with_still}) and "still head" not in table
 
 
 def test_contact_sheet_and_side_by_side_place_the_frames_where_they_say():

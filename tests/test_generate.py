@@ -16,7 +16,7 @@ import torch
 
 from pipeline import media, provenance
 from pipeline.cli import main
-from pipeline.cli.demo import run_demo
+from pipeline.cli.demo import run_demo, score_clip
 from pipeline.generate import CheckpointError, GenerationError, frame_count, generate, load_generator, load_model
 
 
@@ -41,9 +41,22 @@ def test_demo_runs_every_stage_and_reports(demo: dict):
         side = media.media_streams(out / f"side_by_side_{i}.mp4")
         assert (side["width"], side["num_frames"], side["audio_streams"]) == (3 * 64 + 2 * 2, 50, 1)
         assert 10 < clip["static"]["frame"]["psnr"] < 60 and 0 < clip["ceiling"]["mouth"]["ssim"] < 1
-    assert set(demo["targets"]) == {"outside_mouth", "frame", "mouth", "drift"}
-    margin = demo["clips"][0]["generated"]["frame"]["psnr"] - demo["clips"][0]["static"]["frame"]["psnr"]
-    assert demo["targets"]["frame"][0] == pytest.approx(margin)
+    assert set(demo["targets"]) == set(demo["still_targets"]) == {"outside_mouth", "frame", "mouth", "drift"}
+    first = demo["clips"][0]
+    assert demo["targets"]["frame"][0] == pytest.approx(first["generated"]["frame"]["psnr"]
+                                                        - first["static"]["frame"]["psnr"])
+    assert demo["still_targets"]["mouth"][0] == pytest.approx(first["still"]["mouth"]["psnr"]
+                                                              - first["static"]["mouth"]["psnr"] - 2.0)
+
+
+def test_the_still_head_is_refused_for_a_clip_synth_did_not_draw(tmp_path: Path):
+    from pipeline.synth import synthesize
+
+    clip = synthesize(tmp_path, clips=1, seconds=1.0, seed=3)[0]
+    truth = json.loads(clip.with_suffix(".json").read_text())
+    clip.with_suffix(".json").write_text(json.dumps({**truth, "seed": 4}))  # ground truth of another face
+    with pytest.raises(ValueError, match=r"clip_0000.mp4: its first frame is not the face synth draws for seed 4"):
+        score_clip(clip, clip, clip, None, clip_frames=8, fps=25.0)
 
 
 def _wav(path: Path, seconds: float, rate: int = 22050, channels: int = 2) -> Path:
@@ -339,7 +352,9 @@ def test_full_demo_learns_audio_driven_mouth_motion(full_demo: dict):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 13: the appearance targets are not reached yet (README, Portrait fidelity)")
+@pytest.mark.xfail(strict=True, reason="issue 13: the appearance targets are not reached, and the still head shows "
+                   "that outside-mouth, whole-frame and drift are out of reach of any portrait+audio model on "
+                   "this data (README, Portrait fidelity)")
 def test_full_demo_keeps_the_portrait(full_demo: dict):
     """Issue 13's targets, clip by clip: outside the mouth within 1 dB of the VAE ceiling, the whole frame at or
     above the static portrait, the mouth 2 dB above it, the last chained clip within 0.5 dB of the first."""

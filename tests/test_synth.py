@@ -105,6 +105,24 @@ def test_mouth_box_contains_the_open_mouth():
     assert 0.25 <= mouth_width / face_width <= 0.5
 
 
+def test_a_still_clip_has_the_true_mouth_on_a_head_that_never_moves_or_blinks():
+    seed = next(s for s in range(50) if len(synth.make_clip(s, seconds=4.0).meta["face"]["blinks"]) >= 2)
+    real, still = synth.make_clip(seed, seconds=4.0), synth.make_clip(seed, seconds=4.0, still=True)
+    np.testing.assert_array_equal(still.audio, real.audio)
+    np.testing.assert_array_equal(still.mouth_open, real.mouth_open)
+    np.testing.assert_array_equal(still.frames[0], real.frames[0])  # the portrait is the same
+    mouth = np.zeros(real.frames.shape[1:3], dtype=bool)  # every pixel any frame's mouth box covers, in either clip
+    for x0, y0, x1, y1 in np.concatenate([real.mouth_box, still.mouth_box]):
+        mouth[y0:y1, x0:x1] = True
+    outside = ~mouth
+    assert (still.frames[:, outside] == still.frames[:1, outside]).all()  # nothing moves but the mouth
+    assert (real.frames[:, outside] != real.frames[:1, outside]).any(axis=(1, 2)).mean() > 0.5  # the real head does
+    assert len(set(map(tuple, still.mouth_box))) == 1  # the mouth stays where the portrait has it
+    opening = still.frames[:, mouth].astype(int).sum(axis=(1, 2))  # the mouth's pixels follow the opening
+    assert np.corrcoef(opening, still.mouth_open)[0, 1] < -0.9  # (an open mouth is dark)
+    assert still.meta["face"]["motion_amp"] == [0.0, 0.0] and still.meta["face"]["blinks"] == []
+
+
 def test_rejects_unusable_sizes():
     with pytest.raises(ValueError, match="size"):
         synth.make_clip(0, size=8)

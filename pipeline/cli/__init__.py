@@ -255,7 +255,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics = MetricsConfig(fid_weights=args.fid_weights, fvd_weights=args.fvd_weights,
                                 syncnet_weights=args.syncnet_weights, fid_frames_per_clip=args.fid_frames_per_clip)
         evaluate(args.checkpoint, args.data, num_clips=args.num_clips, seed=args.seed, metrics=metrics, out=args.out,
-                 steps=args.steps, sampler=args.sampler, **guidance(args), ema=not args.no_ema, vae_path=args.vae, device=args.device)
+                 steps=args.steps, sampler=args.sampler, **guidance(args), ema=not args.no_ema, vae_path=args.vae,
+                 device=args.device)
     elif args.command == "check":
         from pipeline.check import check_dataset, format_report, write_report
 

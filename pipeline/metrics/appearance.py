@@ -3,10 +3,15 @@
 When the portrait is a video's first frame and the audio is that video's own, the real video is
 ground truth for every later frame. `appearance` scores generated frames against it over three
 regions, the whole frame, the mouth box, and everything outside the mouth box (where the
-portrait should simply persist), beside two references on the same frames:
+portrait should simply persist), beside references on the same frames:
 
     static   the portrait repeated (a video that never moves): what generation must beat
-    ceiling  the VAE's reconstruction of the real frames: the best a latent model can do
+    still    on synthetic data only: the same face drawn with the true mouth, the head held where
+             the portrait has it and no blinks (`pipeline.synth.held_still`), through the VAE. The
+             head sway and blinks are random draws that neither the portrait nor the audio carries,
+             so this is the best a model that sees only those two can be expected to do
+    ceiling  the VAE's reconstruction of the real frames: the best a latent model can do when it
+             also knows every head movement and blink
 
 Frame 0 is left out everywhere (it is the portrait itself). The drift block scores the first and
 the last chained clip separately: identity and colour that degrade over the video show as a drop.
@@ -36,7 +41,7 @@ from pipeline.media import contact_sheet
 from pipeline.sync import Box
 
 REGIONS = ("frame", "outside_mouth", "mouth")
-REFERENCES = ("generated", "static", "ceiling")
+REFERENCES = ("generated", "static", "still", "ceiling")
 # Mouth box of a face crop as fractions (x0, y0, x1, y1) of its side: `pipeline.faces` crops a square
 # 1.5x the detected face (margin 0.25 a side), so the face spans 0.17..0.83 and its mouth, at about
 # 65-95% of the face's height and 25-75% of its width, lies in this box.
@@ -107,20 +112,22 @@ def clip_spans(num_frames: int, clip_frames: int) -> dict[str, slice]:
 
 
 def fidelity(generated: np.ndarray, real: np.ndarray, box: Box, clip_frames: int,
-             reconstruction: np.ndarray | None = None) -> dict[str, Any]:
+             reconstruction: np.ndarray | None = None, still: np.ndarray | None = None) -> dict[str, Any]:
     """Appearance of `generated` and of the references against `real` (uint8 [T, H, W, 3], frame 0 the portrait).
 
-    Returns {reference: {region: {"psnr", "ssim"}}} for "generated", "static" (frame 0 repeated) and, given the
-    VAE `reconstruction` of `real`, "ceiling"; plus "drift": {"first" | "last": {reference: {region: ...}}}, the
-    same over the first / last chained clip of `clip_frames`. Frames 1..T-1 only.
+    Returns {reference: {region: {"psnr", "ssim"}}} for "generated", "static" (frame 0 repeated), given the
+    still-head video `still`, "still", and given the VAE `reconstruction` of `real`, "ceiling"; plus "drift":
+    {"first" | "last": {reference: {region: ...}}}, the same over the first / last chained clip of `clip_frames`.
+    Frames 1..T-1 only.
     """
     _check(generated, real)
     if len(real) < 2:
         raise ValueError(f"appearance needs at least 2 frames (frame 0 is the portrait), got {len(real)}")
     videos = {"generated": generated, "static": np.broadcast_to(real[:1], real.shape)}
-    if reconstruction is not None:
-        _check(reconstruction, real)
-        videos["ceiling"] = reconstruction
+    for name, video in (("still", still), ("ceiling", reconstruction)):
+        if video is not None:
+            _check(video, real)
+            videos[name] = video
     result: dict[str, Any] = {name: appearance(video[1:], real[1:], box) for name, video in videos.items()}
     result["drift"] = {span_name: {name: appearance(video[span], real[span], box) for name, video in videos.items()}
                        for span_name, span in clip_spans(len(real), clip_frames).items()}
@@ -149,7 +156,8 @@ def mean_fidelity(scores: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 _LABELS = {"frame": "whole frame", "outside_mouth": "outside mouth", "mouth": "mouth box",
-           "generated": "generated", "static": "static portrait", "ceiling": "VAE ceiling"}
+           "generated": "generated", "static": "static portrait", "still": "still head",
+           "ceiling": "VAE ceiling"}
 
 
 def format_fidelity(columns: dict[str, dict[str, Any]]) -> str:
