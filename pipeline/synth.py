@@ -138,10 +138,16 @@ def held_still(face: Face) -> Face:
     carries, so no model that sees only those can know them: this face, with the true mouth, is
     the best such a model can be expected to draw (the demo's "still head" reference).
     """
-    x = face.center[0] + face.motion_amp[0] * math.sin(face.motion_phase[0])
-    y = face.center[1] + face.motion_amp[1] * math.sin(face.motion_phase[1])
+    x, y = head_centre(face, np.zeros(1))
     blinks = [b for b in face.blinks if b <= 0 < b + _BLINK_S]
-    return replace(face, center=(x, y), motion_amp=(0.0, 0.0), blinks=blinks)
+    return replace(face, center=(float(x[0]), float(y[0])), motion_amp=(0.0, 0.0), blinks=blinks)
+
+
+def head_centre(face: Face, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The head's centre (x, y), each [T], at times `t` [T] in seconds: a slow sway on each axis."""
+    x = face.center[0] + face.motion_amp[0] * np.sin(2 * np.pi * face.motion_freq[0] * t + face.motion_phase[0])
+    y = face.center[1] + face.motion_amp[1] * np.sin(2 * np.pi * face.motion_freq[1] * t + face.motion_phase[1])
+    return x, y
 
 
 def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: Scalar, cy: Scalar, rx: Scalar, ry: Scalar) -> np.ndarray:
@@ -180,8 +186,7 @@ def render_face(face: Face, mouth_open: np.ndarray, fps: float = FPS) -> tuple[n
     mouth_open = np.asarray(mouth_open, dtype=np.float32)
     count, size = len(mouth_open), face.size
     t = np.arange(count) / fps
-    cx = face.center[0] + face.motion_amp[0] * np.sin(2 * np.pi * face.motion_freq[0] * t + face.motion_phase[0])
-    cy = face.center[1] + face.motion_amp[1] * np.sin(2 * np.pi * face.motion_freq[1] * t + face.motion_phase[1])
+    cx, cy = head_centre(face, t)
     eye_open = np.ones(count)
     for start in face.blinks:
         eye_open[(t >= start) & (t < start + _BLINK_S)] = 0.15
