@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
+from pipeline.locate import fingerprint
 from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, speaker_split,
                              log_path, video_id, write_index)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
@@ -384,19 +385,6 @@ class _TaskLog:
         self.waiting = []
 
 
-def vae_fingerprint(vae_path: str | Path) -> str:
-    """sha1 over the names and bytes of the VAE folder's files (config and weights), so a retrained
-    VAE of the same name is told apart from the one earlier shards were encoded with."""
-    root = Path(vae_path)
-    folder = root if (root / "config.json").is_file() else root / "vae"
-    digest = hashlib.sha1()
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest.update(file.name.encode("utf-8"))
-        with open(file, "rb") as handle:
-            digest.update(hashlib.file_digest(handle, "sha1").digest())
-    return digest.hexdigest()
-
-
 def _resume(out: Path, name: str, prefix: str, fresh: Manifest, retry_failed: bool, progress: bool) -> Manifest:
     """The task's manifest from an earlier run with the same settings, else `fresh`; removes this
     task's shards and temporaries the manifest does not list.
@@ -529,7 +517,7 @@ def prepare(
         sample_rate=media.SAMPLE_RATE,
         size=size,
         settings={"segment_seconds": segment_seconds, "min_segment_seconds": min_segment_seconds, "crop": crop,
-                  "val_percent": val_percent, "num_tasks": num_tasks, "vae_sha1": vae_fingerprint(vae_path)},
+                  "val_percent": val_percent, "num_tasks": num_tasks, "vae_sha1": fingerprint(vae_path)},
         task=task_index if num_tasks > 1 else None,
         complete=False,
     )  # fmt: skip
