@@ -1,7 +1,8 @@
 """Video, audio and image reading and writing: the only module that touches decord, ffmpeg and soundfile.
 
 Everything downstream sees plain numpy: video as uint8 ``[T, H, W, 3]`` RGB at a constant frame
-rate, audio as float32 ``[N]`` mono in [-1, 1]. Any file that cannot be read raises `MediaError`
+rate, audio as float32 ``[N]`` mono in [-1, 1] (`read_audio`; `read_audio_native` keeps a file's own
+rate and channels, ``[N, C]``, for a soundtrack). Any file that cannot be read raises `MediaError`
 whose message starts with the path, so batch jobs can record the bad input and carry on.
 """
 
@@ -315,15 +316,14 @@ def _downmix_resample(waveform: np.ndarray, source_rate: int, sample_rate: int) 
     return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
 
 
-def _ffmpeg_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """Decode the first audio stream with the ffmpeg CLI to mono float32 [N] at `sample_rate`.
+def _ffmpeg_decode_audio(path: Path, output: list[str]) -> bytes:
+    """Decode the first audio stream of `path` with the ffmpeg CLI to `output` (options and target); its stdout.
 
-    ffmpeg applies the container's edit list (codec priming and trailing padding removed), so N
-    is the stream's true length. Any decoder complaint counts as corruption: a truncated stream
-    otherwise decodes "successfully" to a shorter waveform.
+    ffmpeg applies the container's edit list (codec priming and trailing padding removed), so the
+    result has the stream's true length. Any decoder complaint counts as corruption: a truncated
+    stream otherwise decodes "successfully" to a shorter waveform.
     """
-    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0"]
-    command += ["-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"]
+    command = [ffmpeg_exe(), "-nostdin", "-y", "-v", "error", "-i", str(path), "-map", "0:a:0", *output]
     result = subprocess.run(command, capture_output=True)
     message = result.stderr.decode("utf-8", "replace").strip()
     if "matches no streams" in message:
@@ -331,7 +331,13 @@ def _ffmpeg_audio(path: Path, sample_rate: int) -> np.ndarray:
     if result.returncode != 0 or message:
         detail = " | ".join(message.splitlines()[:2])[:300]
         raise MediaError(f"{path}: unreadable or corrupt audio stream ({detail or f'ffmpeg exit {result.returncode}'})")
-    return np.frombuffer(result.stdout, dtype="<f4").astype(np.float32)
+    return result.stdout
+
+
+def _ffmpeg_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """The first audio stream decoded by the ffmpeg CLI to mono float32 [N] at `sample_rate`."""
+    data = _ffmpeg_decode_audio(path, ["-ac", "1", "-ar", str(int(sample_rate)), "-f", "f32le", "pipe:1"])
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -353,11 +359,32 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     return np.clip(_ffmpeg_audio(path, sample_rate), -1.0, 1.0)
 
 
+def read_audio_native(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """(float32 [N, C] in [-1, 1], sample rate): an audio file or a video's audio stream at its own rate and with
+    its own channels, as a soundtrack that keeps what the user gave (`read_audio` is the models' input).
+
+    Audio files soundfile reads are read with it; anything else is decoded by the ffmpeg CLI (as `read_audio`).
+    """
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() in _SOUNDFILE_SUFFIXES:
+        try:
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise MediaError(f"{path}: unreadable or corrupt audio file ({_first_line(err)})") from err
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "audio.wav"
+            _ffmpeg_decode_audio(path, ["-c:a", "pcm_f32le", "-f", "wav", str(wav)])
+            data, rate = sf.read(str(wav), dtype="float32", always_2d=True)  # [N, C]
+    return np.clip(data, -1.0, 1.0), int(rate)
+
+
 def _fit_audio(audio: np.ndarray, num_samples: int) -> np.ndarray:
-    """Trim or zero-pad float32 [N] to exactly `num_samples`."""
+    """Trim or zero-pad float32 [N] or [N, C] to exactly `num_samples` along the first axis."""
     if len(audio) >= num_samples:
         return audio[:num_samples]
-    return np.concatenate([audio, np.zeros(num_samples - len(audio), audio.dtype)])
+    return np.pad(audio, [(0, num_samples - len(audio))] + [(0, 0)] * (audio.ndim - 1))
 
 
 def write_video(
@@ -372,8 +399,10 @@ def write_video(
     """Encode uint8 [T, H, W, 3] RGB frames as H.264 (yuv420p) with optional AAC audio.
 
     yuv420p needs even dimensions: an odd height or width is padded by repeating the last row or
-    column, so the file is at most one pixel larger than `frames`. The audio is trimmed or
-    zero-padded to exactly T / fps seconds before muxing. Writing goes to a temporary file in
+    column, so the file is at most one pixel larger than `frames`. `audio` is float [N] (mono) or
+    [N, C] at `sample_rate`, kept at that rate; mono and stereo stay as they are, more channels
+    are downmixed to stereo (ffmpeg's matrix for the layout). It is trimmed or zero-padded to
+    exactly T / fps seconds before muxing. Writing goes to a temporary file in
     the same folder that is renamed at the end, so a failure leaves no partial file. mp4 output
     is "faststart" (index first, playable while downloading); `metadata` becomes container tags
     (in mp4 as `mdta` keys, so custom keys survive).
@@ -391,8 +420,9 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001)
     if audio is not None:
         audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise MediaError(f"{path}: audio must be mono float [N], got shape {audio.shape}")
+        if audio.ndim not in (1, 2) or audio.shape[-1] == 0 or sample_rate <= 0:
+            raise MediaError(f"{path}: audio must be float [N] or [N, channels] at a positive rate, got shape "
+                             f"{audio.shape} at {sample_rate} Hz")
         audio = _fit_audio(np.clip(audio, -1.0, 1.0), int(round(num_frames / float(rate) * sample_rate)))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".mp4", dir=path.parent)
@@ -405,7 +435,10 @@ def write_video(
         "-i", "pipe:0",
     ]  # fmt: skip
     if audio is not None:
-        command += ["-i", str(wav), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        channels = 1 if audio.ndim == 1 else min(audio.shape[1], 2)
+        bitrate = "192k" if channels == 2 else "128k"  # stereo at 128k: ffmpeg's AAC blurs two tones (r 0.99)
+        command += ["-i", str(wav), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-ac", str(channels),
+                    "-b:a", bitrate]
     command += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int(crf)), "-g", str(max(1, round(2 * fps)))]
     for key, value in (metadata or {}).items():
         command += ["-metadata", f"{key}={value}"]
@@ -508,17 +541,19 @@ def media_streams(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys: video_streams, audio_streams, video_codec, audio_codec (ffmpeg names, e.g. "h264",
     "aac"), duration_s (container), num_frames, fps, width, height (decord; None without video),
-    audio_sample_rate and audio_duration_s (decoded samples / rate; None without audio).
+    audio_sample_rate, audio_channels and audio_duration_s (decoded samples / rate; None without
+    audio).
     """
     path = Path(path)
     _check_file(path)
     info = _ffmpeg_header(path)
     if info["video_streams"] == 0 and info["audio_streams"] == 0:
         raise MediaError(f"{path}: no video or audio stream (not a media file, or corrupt)")
-    info.update(num_frames=None, fps=None, width=None, height=None, audio_duration_s=None)
+    info.update(num_frames=None, fps=None, width=None, height=None, audio_channels=None, audio_duration_s=None)
     if info["video_streams"]:
         video = probe_video(path)
         info.update(num_frames=video.num_frames, fps=video.fps, width=video.width, height=video.height)
     if info["audio_streams"]:
-        info["audio_duration_s"] = len(_ffmpeg_audio(path, SAMPLE_RATE)) / SAMPLE_RATE
+        sound, rate = read_audio_native(path)  # [N, C]
+        info.update(audio_channels=sound.shape[1], audio_duration_s=len(sound) / rate)
     return info

@@ -150,6 +150,60 @@ def test_read_audio_file_downmixes_and_resamples(tmp_path):
     assert np.argmax(spectrum) * SR / len(audio) == pytest.approx(300.0, abs=2)
 
 
+def stereo(seconds: float, rate: int) -> np.ndarray:
+    """float32 [N, 2]: a different tone in each channel, so a swap or a mix shows."""
+    return np.stack([tone(seconds, 300.0, rate), tone(seconds, 520.0, rate, amp=0.3)], axis=1)
+
+
+def correlations(decoded: np.ndarray, source: np.ndarray) -> list[float]:
+    """Per-channel correlation of two [N, C] signals over their common length."""
+    n = min(len(decoded), len(source))
+    return [float(np.corrcoef(decoded[:n, c], source[:n, c])[0, 1]) for c in range(source.shape[1])]
+
+
+def test_soundtrack_keeps_its_rate_and_channels(tmp_path):
+    """44.1 kHz stereo stays 44.1 kHz stereo through write_video (AAC), trimmed or padded to the video."""
+    frames = smooth_frames(20, 32, 32)  # 0.8 s at 25 fps
+    for name, seconds in (("long.mp4", 1.3), ("short.mp4", 0.5)):
+        source = stereo(seconds, 44100)
+        media.write_video(tmp_path / name, frames, 25, source, sample_rate=44100)
+        streams = media.media_streams(tmp_path / name)
+        assert (streams["audio_sample_rate"], streams["audio_channels"]) == (44100, 2)
+        assert streams["audio_duration_s"] == pytest.approx(0.8, abs=0.5 / 25)
+        decoded, rate = media.read_audio_native(tmp_path / name)
+        assert rate == 44100 and decoded.shape[1] == 2 and decoded.dtype == np.float32
+        assert min(correlations(decoded, source[: int(0.8 * 44100)])) > 0.99
+        if name == "short.mp4":
+            assert np.abs(decoded[int(0.6 * 44100) :]).max() < 0.01  # silence after the 0.5 s of audio
+
+
+def test_mono_stays_mono_and_more_channels_become_stereo(tmp_path):
+    frames = smooth_frames(10, 32, 32)
+    media.write_video(tmp_path / "mono.mp4", frames, 25, tone(0.4, rate=22050), sample_rate=22050)
+    assert (media.media_streams(tmp_path / "mono.mp4")["audio_channels"]) == 1
+    six = np.concatenate([stereo(0.4, 48000)] * 3, axis=1)  # [N, 6]: 5.1 to ffmpeg
+    media.write_video(tmp_path / "six.mp4", frames, 25, six, sample_rate=48000)
+    streams = media.media_streams(tmp_path / "six.mp4")
+    assert (streams["audio_sample_rate"], streams["audio_channels"]) == (48000, 2)
+    with pytest.raises(MediaError, match=r"bad.mp4: audio must be float \[N\] or \[N, channels\]"):
+        media.write_video(tmp_path / "bad.mp4", frames, 25, np.zeros((2, 10, 2), np.float32))
+    assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_read_audio_native_reads_files_and_video_tracks(tmp_path):
+    source = stereo(0.6, 44100)
+    sf.write(tmp_path / "s.flac", source, 44100)
+    data, rate = media.read_audio_native(tmp_path / "s.flac")
+    assert rate == 44100 and data.shape == source.shape and np.abs(data - source).max() < 1e-3
+    ffmpeg("-i", str(tmp_path / "s.flac"), "-c:a", "aac", str(tmp_path / "s.m4a"))
+    data, rate = media.read_audio_native(tmp_path / "s.m4a")
+    assert rate == 44100 and data.shape[1] == 2 and min(correlations(data, source)) > 0.99
+    assert abs(len(data) - len(source)) <= 44100 // 100  # the codec's priming removed
+    media.write_video(tmp_path / "silent.mp4", smooth_frames(5, 16, 16), 25)
+    with pytest.raises(MediaError, match="silent.mp4: no audio stream"):
+        media.read_audio_native(tmp_path / "silent.mp4")
+
+
 def test_flac_round_trip():
     audio = tone(0.5)
     data = media.flac_bytes(audio, SR)
