@@ -474,9 +474,12 @@ class LetsTalkDataModule(L.LightningDataModule):
         epoch, skip = self._epoch, 0
         if self.trainer is not None:
             epochs = self.trainer.fit_loop.epoch_progress.current
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress
             epoch = epochs.processed
             if epochs.started > epochs.processed:  # stopped inside epoch `processed`
-                skip = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+                skip = batches.current.processed
+            if skip and batches.is_last_batch:  # saved after the epoch's last batch: Lightning goes on with the next
+                epoch, skip = epoch + 1, 0
         shards, counts = self._train_shards()
         dataset = TrainClips(
             shards,

@@ -209,6 +209,28 @@ def test_zero_resume_from_mid_epoch_equals_the_uninterrupted_run(work: Path, pre
     assert [b for b in batches[0] if b["step"] > 2] == batches[1]  # steps 3, 4 saw the same clips
 
 
+def _epochs(run: Path) -> dict[int, int]:
+    return {step: int(epoch) for step, epoch in logged(run, "epoch").items()}
+
+
+def test_zero_resume_after_the_last_batch_of_an_epoch_keeps_the_epoch_count(work: Path):
+    """Batch 8 on 2 ranks: each loader slot holds less than a batch (it re-reads its run), so an epoch is one step and
+    the step-2 checkpoint is written after an epoch's last batch. Resumed from it: the same losses, batches, epoch
+    numbers and checkpoint names as the run that never stopped (the epoch counter ran one ahead before)."""
+    flags = ("--data.batch_size", "8")
+    whole = fit(work, "zero2-epoch-end", "zero2", *flags)
+    resumed = fit(work, "zero2-epoch-end-resumed", "zero2", *flags, "--ckpt_path", str(checkpoint(whole, 2)))
+    assert checkpoint(whole, 2).name == "epoch=1-step=2.ckpt"  # one batch an epoch
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["epoch=3-step=4.ckpt"]
+    assert {s: e for s, e in _epochs(whole).items() if s >= 2} == _epochs(resumed) == {2: 2, 3: 3}
+    losses = logged(whole, "train/loss"), logged(resumed, "train/loss")
+    assert {s: v for s, v in losses[0].items() if s >= 2} == losses[1]
+    batches = [[json.loads(line) for line in (r / "batches.jsonl").read_text().splitlines()] for r in (whole, resumed)]
+    assert [b for b in batches[0] if b["step"] > 2] == batches[1]
+    a, b = weights(checkpoint(whole, STEPS)), weights(checkpoint(resumed, STEPS))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_zero3_offload_trains_with_deepspeeds_cpu_adam_and_exports(work: Path):
     """ZeRO-3 with optimizer and parameters in CPU memory, bf16: DeepSpeed requires its own CPU Adam (a JIT-built
     C++ op, ~1 min the first time), which keeps the EMA like any optimizer."""
