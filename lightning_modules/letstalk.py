@@ -14,11 +14,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules.ema import base_optimizer, ema_state_dict, with_ema
+from lightning_modules.preflight import preflight
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.models.pretrained import InitFrom, load_pretrained
 from pipeline.throughput import peak_flops, throughput
-from pipeline.vae import recommended_patch_size
 
 @dataclass
 class OptimConfig:
@@ -59,7 +59,7 @@ class LetsTalkModule(L.LightningModule):
     """Trains a LetsTalkDiT with a diffusion objective; its optimizer keeps the EMA weights (`lightning_modules.ema`).
 
     The data-dependent sizes (latent channels, audio dim, audio tokens) are taken from the
-    DataModule's manifest when the network is built in ``configure_model``; the resolved
+    DataModule's manifest in ``setup`` (`resolve`), before the network is built; the resolved
     network config and the data description go into the checkpoint's hyper-parameters,
     which is all ``letstalk generate`` needs besides the weights.
     """
@@ -88,32 +88,35 @@ class LetsTalkModule(L.LightningModule):
         self._val_net: LetsTalkDiT | None = None  # the EMA network during a validation epoch
         self._loaded_ema: dict[str, torch.Tensor] | None = None  # a checkpoint's `ema.*`, when no optimizer runs
         if data_info:  # restored from a checkpoint: sizes already resolved
-            self._build(net)
+            self.net = LetsTalkDiT(net)
 
-    def _build(self, net: DiTConfig) -> None:
-        self.net = LetsTalkDiT(net)
-        self.hparams["net"] = asdict(net)
-
-    def setup(self, stage: str) -> None:
-        """Hand the model's long-video settings to the DataModule (its one source), before any batch is made."""
-        datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "set_context"):
-            datamodule.set_context(DiTConfig(**self.hparams["net"]))
-
-    def configure_model(self) -> None:
-        if self.net is not None:
-            return
+    def resolve(self) -> DiTConfig:
+        """The network config for this run's data (`DiTConfig.for_data` on the DataModule's `data_info`), recorded
+        in the hyper-parameters, so hparams.yaml, config.yaml and checkpoints hold what runs; idempotent."""
+        if self.hparams["data_info"]:
+            return DiTConfig(**self.hparams["net"])
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "data_info"):
             raise ValueError("LetsTalkModule needs a LetsTalkDataModule to size the network from its manifest")
         info = datamodule.data_info
-        net = DiTConfig(**self.hparams["net"])
-        for key in ("latent_channels", "audio_dim", "audio_tokens"):
-            setattr(net, key, int(info[key]))
-        if net.patch_size == "auto":  # tokens per frame independent of the VAE's downsampling
-            net.patch_size = recommended_patch_size(info["vae"])
-        self.hparams["data_info"] = info
-        self._build(net)
+        net = DiTConfig(**self.hparams["net"]).for_data(info)
+        self.save_hyperparameters({**self.hparams, "net": asdict(net), "data_info": info})
+        return net
+
+    def setup(self, stage: str) -> None:
+        """Size the network from the data, check that the run can work (`lightning_modules.preflight`: every problem
+        in one message, before anything expensive), and hand the model's long-video settings to the DataModule
+        (their one source) before any batch is made."""
+        datamodule = self.trainer.datamodule
+        if stage == TrainerFn.FITTING:
+            preflight(self, datamodule)
+        elif hasattr(datamodule, "set_context"):
+            datamodule.set_context(self.resolve())
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        self.net = LetsTalkDiT(self.resolve())
         spec = self.hparams.get("init_from")
         if spec:  # on a resume too (the checkpoint path is not known yet): the checkpoint's weights then replace these
             report = load_pretrained(self.net, InitFrom(**spec))

@@ -30,6 +30,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+DATA = {"latent_channels": C, "audio_dim": DA, "audio_tokens": WA}  # what the data decides, given by hand
+
+
+def data_info(latent_channels: int = C, downsample: int = 8, radius: int = 2) -> dict:
+    """A LetsTalkDataModule.data_info of a dataset with K = 2 audio vectors of DA dims a frame."""
+    return {"latent_channels": latent_channels, "audio_dim": DA, "audio_tokens": (2 * radius + 1) * 2,
+            "audio_radius": radius, "vae": {"id": "sd-vae", "downsample": downsample},
+            "audio_encoder": {"id": "wav2vec2"}}
+
+
+def test_the_data_sizes_come_from_the_data_and_a_number_that_disagrees_is_refused():
+    """`auto` (the default) takes latent channels, audio dim and audio tokens from the data; a given number that
+    disagrees is refused, every such setting named in one message with where the data's value comes from."""
+    resolved = DiTConfig(patch_size="auto").for_data(data_info())
+    assert (resolved.latent_channels, resolved.audio_dim, resolved.audio_tokens, resolved.patch_size) == (C, DA, 10, 2)
+    assert DiTConfig(latent_channels=C, audio_dim=DA, audio_tokens=10).for_data(data_info()) == \
+        DiTConfig(latent_channels=C, audio_dim=DA, audio_tokens=10)  # agreeing numbers stand
+    with pytest.raises(ValueError) as refused:
+        DiTConfig(latent_channels=16, audio_dim=DA, audio_tokens=20).for_data(data_info())
+    message = str(refused.value)
+    assert "model.net.latent_channels=16, but the data's VAE (sd-vae) makes 4-channel latents" in message
+    assert "model.net.audio_tokens=20, but data.audio_radius=2 with 2 audio vectors a frame gives 10" in message
+    assert "audio_dim" not in message and message.endswith("(its default, auto, takes it from the data)")
+    with pytest.raises(ValueError, match="latent_channels must be an int >= 1 or 'auto'"):
+        DiTConfig(latent_channels="many").validate()
+
+
 def make(**overrides) -> LetsTalkDiT:
     torch.manual_seed(0)
     return LetsTalkDiT(DiTConfig(latent_channels=C, audio_dim=DA, audio_tokens=WA, **overrides))
@@ -376,7 +403,7 @@ UNIFORM = [{"portrait_fusion": f, "audio_fusion": f} for f in FUSIONS]  # every 
 def test_registry_sizes_build_and_run_on_meta(size, overrides):
     """The real sizes at the benchmark's clip (16 frames of 32×32 latents, 768-d audio), on meta."""
     with torch.device("meta"):
-        model = LetsTalkDiT(DiTConfig(size=size, audio_dim=768, audio_tokens=10, **overrides))
+        model = LetsTalkDiT(DiTConfig(size=size, latent_channels=4, audio_dim=768, audio_tokens=10, **overrides))
         assert all(block.attn.heads == get_size(size).hidden // model.config.head_dim for block in model.blocks)
         assert abs(flops_ratio(model, 16, 32, 32, 768, 10) - 1) < 0.05
 
@@ -384,12 +411,12 @@ def test_registry_sizes_build_and_run_on_meta(size, overrides):
 def test_registry_sizes_grow_and_head_dim_only_changes_qk_norms():
     def params(size: str, head_dim: int) -> int:
         with torch.device("meta"):
-            return sum(p.numel() for p in LetsTalkDiT(DiTConfig(size=size, head_dim=head_dim)).parameters())
+            return sum(p.numel() for p in LetsTalkDiT(DiTConfig(size=size, head_dim=head_dim, **DATA)).parameters())
 
     counts = [params(size, 64) for size in ("S", "B", "L", "XL")]
     assert counts == sorted(counts) and 20e6 < counts[0] and counts[-1] < 1e9, counts
     with torch.device("meta"):
-        norms = sum(isinstance(m, torch.nn.RMSNorm) for m in LetsTalkDiT(DiTConfig(size="B")).modules())
+        norms = sum(isinstance(m, torch.nn.RMSNorm) for m in LetsTalkDiT(DiTConfig(size="B", **DATA)).modules())
     assert params("B", 128) - params("B", 64) == norms * (128 - 64)
 
 
@@ -556,14 +583,13 @@ def test_patch_size_auto_follows_the_data_vae(downsample, patch):
 
     from lightning_modules.letstalk import LetsTalkModule
 
-    info = {"latent_channels": 32 if downsample == 32 else 4, "audio_dim": DA, "audio_tokens": WA,
-            "vae": {"downsample": downsample}}
     module = LetsTalkModule(net={"patch_size": "auto"})
+    info = data_info(latent_channels=32 if downsample == 32 else 4, downsample=downsample)
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(data_info=info))
     module.configure_model()
     assert module.net.config.patch_size == patch and module.hparams["net"]["patch_size"] == patch
     assert module.net.patch.in_features == info["latent_channels"] * patch * patch
-    with pytest.raises(ValueError, match="patch_size='auto' is resolved from the data"):
+    with pytest.raises(ValueError, match="patch_size, latent_channels, audio_dim, audio_tokens 'auto' is resolved"):
         LetsTalkDiT(DiTConfig(patch_size="auto"))
     with pytest.raises(ValueError, match="patch_size must be an int >= 1 or 'auto'"):
         DiTConfig(patch_size="big").validate()

@@ -24,6 +24,7 @@ import sys
 import uuid
 import warnings
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,25 @@ import torch
 import yaml
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from datamodules import LetsTalkDataModule
+from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
+from lightning_modules.preflight import ConfigError
+from lightning_modules.progress import LogFirstAndLastStep, ProgressLog, StepProgressBar
 from lightning_modules.requeue import CHECKPOINT_PREFIX, SlurmRequeue
 
 WANDB_ID_FILE = "wandb_run_id"
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot work, found before training starts."""
+def say(message: str) -> None:
+    """One line on stderr from global rank 0 only (every rank of a job runs the same code and would repeat it)."""
+    if rank_zero_only.rank == 0:
+        print(f"letstalk fit: {message}", file=sys.stderr, flush=True)
 
 
 def _as_list(value: Any) -> list:
@@ -148,16 +154,28 @@ def resume_checkpoint(trainer, ckpt_path: str | None) -> str | None:
     for path in sorted(candidates, key=_written_at, reverse=True):
         problem = checkpoint_problem(path)
         if problem is None:
-            print(f"letstalk fit: resuming from {path}", file=sys.stderr, flush=True)
+            say(f"resuming from {path}")
             return str(path)
-        print(f"letstalk fit: skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
-    print(f"letstalk fit: no complete last or requeue checkpoint under {root}: starting from scratch",
-          file=sys.stderr, flush=True)
+        say(f"skipping incomplete checkpoint {path}: {problem}")
+    say(f"no complete last or requeue checkpoint under {root}: starting from scratch")
     return None
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Writes config.yaml to the log folder (LightningCLI's default) and logs the resolved config to W&B."""
+    """Writes config.yaml to the log folder (LightningCLI's default) with the network config as it runs (sized from
+    the data, `LetsTalkModule.resolve`: no "auto" left), and logs the resolved config to W&B."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and isinstance(pl_module, LetsTalkModule):
+            try:
+                net = pl_module.resolve()
+            except ValueError:  # LetsTalkModule.setup's preflight reports it, with every other problem
+                net = None
+            if net is not None:
+                self.config = self.config.clone()
+                for key, value in asdict(net).items():
+                    self.config[f"model.net.{key}"] = value
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -184,13 +202,30 @@ class LetsTalkCLI(LightningCLI):
             if args.get("id") is None and args.get("version") is None:
                 args.id = stable_wandb_id(args.get("save_dir") or config.trainer.get("default_root_dir") or ".")
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--evaluation", type=bool, default=True,
+                            help="false: leave out the EvalCallback(s) of trainer.callbacks (a quick start, a debug run)")
+
     def instantiate_trainer(self, **kwargs: Any):
-        """Under SLURM: SlurmRequeue acts on USR1, and Lightning's own auto-requeue is off (one mechanism only)."""
+        """The trainer's callbacks, completed: without EvalCallback under `--evaluation false`; a progress bar on a
+        terminal, else plain progress lines (`lightning_modules.progress`); the first and last steps' metrics always
+        logged; under SLURM, SlurmRequeue acting on USR1 with Lightning's own auto-requeue off (one mechanism only)."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = _as_list(config.get("callbacks"))
+        if not self._get(self.config_init, "evaluation", default=True):
+            callbacks = [c for c in callbacks if not isinstance(c, EvalCallback)]
+        if not any(isinstance(c, ProgressBar) for c in callbacks):
+            if config.get("enable_progress_bar") is not False and sys.stderr.isatty():
+                callbacks.append(StepProgressBar())
+            else:
+                kwargs["enable_progress_bar"] = False
+                callbacks.append(ProgressLog())
+        callbacks.append(LogFirstAndLastStep())
         if self.subcommand == "fit" and SLURMEnvironment.detect():
-            trainer = self._get(self.config_init, "trainer", default={})
-            plugins = [p for p in _as_list(trainer.get("plugins")) if not isinstance(p, SLURMEnvironment)]
+            plugins = [p for p in _as_list(config.get("plugins")) if not isinstance(p, SLURMEnvironment)]
             kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
-            kwargs["callbacks"] = [*_as_list(trainer.get("callbacks")), SlurmRequeue()]
+            callbacks.append(SlurmRequeue())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -206,6 +241,10 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     """
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # `${trainer.x}` under any subcommand
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    # noise in every rank's log: a torch deprecation inside Lightning, and a DataLoader caution that TrainClips
+    # answers (each worker yields its own share of the epoch plan)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     try:
         return LetsTalkCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_callback=LogConfigCallback,
                            save_config_kwargs={"overwrite": True},
@@ -213,7 +252,10 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     except (ValueError, OSError, FloatingPointError) as err:
         if os.environ.get("LETSTALK_DEBUG"):
             raise
-        print(f"letstalk {argv[0] if argv else 'fit'}: error: {err}", file=sys.stderr, flush=True)
+        rank = rank_zero_only.rank
+        if rank == 0 or not isinstance(err, ConfigError):  # a ConfigError is the same on every rank: said once
+            where = "" if rank == 0 else f" (rank {rank})"
+            print(f"letstalk {argv[0] if argv else 'fit'}{where}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
         # WandbLogger leaves its run open; close it so a later run in this process starts its own. (wandb is

@@ -69,6 +69,7 @@ from pipeline.diffusion import Diffusion
 from pipeline.models.attention import Attention, Context, check_backend, rope_rotation
 from pipeline.models.sizes import get_size
 
+DATA_SIZES = ("latent_channels", "audio_dim", "audio_tokens")  # what the data decides ("auto": DiTConfig.for_data)
 FUSIONS = ("direct", "siamese", "symbiotic")
 POS_ENCODINGS = ("sincos", "rope", "latte")
 INITS = ("dit", "pytorch")
@@ -79,10 +80,11 @@ class DiTConfig:
     """Everything needed to build a LetsTalkDiT; stored in checkpoints as a plain dict."""
 
     size: str = "tiny"  # a key of pipeline.models.sizes.SIZES
-    latent_channels: int = 4  # C of the VAE latents (from the shard manifest)
-    patch_size: int | str = 2  # "auto": from the data's VAE (pipeline.vae.recommended_patch_size), set by LetsTalkModule
-    audio_dim: int = 80  # D of the audio features (from the shard manifest)
-    audio_tokens: int = 20  # W: audio vectors per frame window ((2·radius+1)·K)
+    # "auto" (the three data sizes' default): taken from the data by `for_data`; a number that disagrees is refused
+    latent_channels: int | str = "auto"  # C of the VAE latents (the shard manifest's VAE)
+    patch_size: int | str = 2  # "auto": from the data's VAE (pipeline.vae.recommended_patch_size)
+    audio_dim: int | str = "auto"  # D of the audio features (the shard manifest's audio encoder)
+    audio_tokens: int | str = "auto"  # W: audio vectors per frame window ((2·data.audio_radius+1)·K)
     ref_frames: int = 1  # R reference portrait frames
     head_dim: int = 64  # heads = hidden / head_dim; 64 or 128 suit FlashAttention
     portrait_fusion: str = "symbiotic"  # direct | siamese | symbiotic
@@ -119,9 +121,12 @@ class DiTConfig:
                              f"set head_dim to an even divisor of {hidden}, e.g. 64 or 128")
         if self.patch_size != "auto" and (not isinstance(self.patch_size, int) or self.patch_size < 1):
             raise ValueError(f"model config: patch_size must be an int >= 1 or 'auto', got {self.patch_size!r}")
-        for name in ("latent_channels", "audio_dim", "audio_tokens", "ref_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        for name in DATA_SIZES:
+            value = getattr(self, name)
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"model config: {name} must be an int >= 1 or 'auto' (from the data), got {value!r}")
+        if self.ref_frames < 1:
+            raise ValueError(f"model config: ref_frames must be >= 1, got {self.ref_frames}")
         for name in ("motion_frames", "memory_frames"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model config: {name} must be >= 0, got {getattr(self, name)}")
@@ -135,6 +140,27 @@ class DiTConfig:
             if getattr(self, name) not in options:
                 raise ValueError(f"model config: {name} must be one of {options}, got {getattr(self, name)!r}")
         check_backend(self.attention_backend)
+
+    def for_data(self, info: dict) -> "DiTConfig":
+        """This config with what the data decides filled in from a data description (`LetsTalkDataModule.data_info`):
+        latent channels, audio feature size and audio tokens, and an "auto" patch size. A number given for one of
+        them that disagrees with the data is refused, all such settings named in one message."""
+        from pipeline.vae import recommended_patch_size
+
+        radius, data = int(info["audio_radius"]), {name: int(info[name]) for name in DATA_SIZES}
+        source = {  # where the data's value comes from
+            "latent_channels": f"the data's VAE ({info['vae'].get('id')}) makes {data['latent_channels']}-channel latents",
+            "audio_dim": f"the data's audio encoder ({info['audio_encoder'].get('id')}) makes "
+                         f"{data['audio_dim']}-dim features",
+            "audio_tokens": f"data.audio_radius={radius} with {data['audio_tokens'] // (2 * radius + 1)} audio vectors "
+                            f"a frame gives {data['audio_tokens']}",
+        }
+        wrong = [f"model.net.{name}={getattr(self, name)}, but {source[name]}"
+                 for name in DATA_SIZES if getattr(self, name) not in ("auto", data[name])]
+        if wrong:
+            raise ValueError(f"{'; '.join(wrong)}: remove the setting (its default, auto, takes it from the data)")
+        patch = recommended_patch_size(info["vae"]) if self.patch_size == "auto" else self.patch_size
+        return replace(self, patch_size=patch, **data)
 
     @property
     def heads(self) -> int:
@@ -324,10 +350,10 @@ class LetsTalkDiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         config.validate()
-        if config.patch_size == "auto":
-            raise ValueError("model config: patch_size='auto' is resolved from the data's VAE when training "
-                             "(LetsTalkModule); to build LetsTalkDiT directly give an int, e.g. "
-                             "pipeline.vae.recommended_patch_size(manifest.vae)")
+        auto = [name for name in ("patch_size", *DATA_SIZES) if getattr(config, name) == "auto"]
+        if auto:
+            raise ValueError(f"model config: {', '.join(auto)} 'auto' is resolved from the data (DiTConfig.for_data, "
+                             "as LetsTalkModule does when training); to build LetsTalkDiT directly give ints")
         self.config = config
         size = get_size(config.size)
         dim, p, c, heads = size.hidden, config.patch_size, config.latent_channels, config.heads
