@@ -9,8 +9,11 @@ the manifest's latent channels and audio K x D, and a FLAC of exactly frames x s
 
 The report: `ok`, `problems` [{shard, key, kind, detail}], `summary` (samples, hours and speakers per split and in
 total: of the sound samples; with `fast`, of those the index lists, else of the manifest's input records),
-`short_segments` (with `clip_frames`: segments training skips, a warning, not a problem; None where `fast` has no
-index to count them in) and `seconds`.
+`warnings` (lines: a split no speaker went to, `pipeline.shards.split_warning`), `short_segments` (with
+`clip_frames`: segments training skips; None where `fast` has no index to count them in) and `seconds`.
+Warnings and short segments do not make the dataset fail (`ok` stays true, the command exits 0): the data is
+sound and training can run on it; an empty validation split can be meant (evaluation on another dataset), so it
+is said plainly but does not stop a launch script.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.media import decode_flac
 from pipeline.shards import (AUDIO, INDEX, LATENTS, MANIFEST, MEMBERS, META, WAVEFORM, Manifest, ShardFormatError,
-                             decode, read_samples)
+                             decode, read_samples, split_warning)
 
 Problem = dict[str, Any]
 
@@ -161,13 +164,16 @@ def check_dataset(root: str | os.PathLike, clip_frames: int | None = None, fast:
     jobs = [(path, entry, facts, fast) for path, entry in zip(manifest.shard_paths(root), manifest.shards)]
     samples: list[tuple[str, int]] | None = []
     results = _results(jobs, fast, workers or min(8, os.cpu_count() or 1))
-    for result in tqdm(results, total=len(jobs), desc="check", unit="shard", disable=not progress):
+    for result in tqdm(results, total=len(jobs), desc="check", unit="shard", disable=None if progress else True):
         problems += result["problems"]
         samples += result["samples"]
     if fast:  # nothing was read: what the index lists, else the manifest's per-video counts
         samples = indexed
-    report = {"root": str(root), "fast": fast, "ok": not problems, "problems": problems,
-              "summary": _summary(manifest, samples)}
+    summary = _summary(manifest, samples)
+    warning = split_warning({name: summary[name]["speakers"] for name in ("train", "val")},
+                            manifest.settings.get("val_percent"))
+    report = {"root": str(root), "fast": fast, "ok": not problems, "problems": problems, "summary": summary,
+              "warnings": [warning] if warning else []}
     if clip_frames is not None:
         report["short_segments"] = None if samples is None else sum(frames < clip_frames for _, frames in samples)
     report["seconds"] = time.perf_counter() - start
@@ -195,8 +201,10 @@ def _summary(manifest: Manifest, samples: list[tuple[str, int]] | None) -> dict[
 
 
 def format_report(report: dict[str, Any], limit: int = 50) -> str:
-    """The report for a terminal: a table per split, then one line per problem (at most `limit`)."""
+    """The report for a terminal: a table per split, the warnings, then one line per problem (at most `limit`)."""
     verdict = "ok" if report["ok"] else f"{len(report['problems'])} problems"
+    warnings = len(report.get("warnings", []))
+    verdict += f", {warnings} warning{'s' if warnings > 1 else ''}" if warnings else ""
     mode = " (fast: sizes and the index only)" if report["fast"] else ""
     lines = [f"{report['root']}: {verdict}{mode} in {report['seconds']:.1f} s",
              f"  {'split':<8} {'samples':>9} {'hours':>9} {'speakers':>9}"]
@@ -204,6 +212,7 @@ def format_report(report: dict[str, Any], limit: int = 50) -> str:
               for name, row in report["summary"].items()]
     if report.get("short_segments") is not None:
         lines.append(f"  segments shorter than --clip-frames (training skips them): {report['short_segments']}")
+    lines += [f"  {warning}" for warning in report.get("warnings", [])]
     lines += [f"  {p['shard']}  {p['key'] or '-'}  {p['kind']}  {p['detail']}" for p in report["problems"][:limit]]
     if len(report["problems"]) > limit:
         lines.append(f"  ... and {len(report['problems']) - limit} more")

@@ -18,14 +18,21 @@ Each segment's frames are VAE-encoded and its audio encoded into per-frame featu
 segment is written as one sample (schema in `pipeline.shards`). An input that cannot be used
 is recorded in `manifest.failed` with a short reason and the run goes on.
 
+Paths are recorded absolute (the inputs in each sample's `json.source` and the manifest, the
+encoders in the manifest), so a dataset is read the same from any working folder. The manifest
+records each encoder by name, absolute path and content hash (`pipeline.locate.fingerprint`):
+`vae` {id (folder name), path, sha1, ...}, `audio_encoder` {name, id, path, sha1, ...} (path and
+sha1 None for mel); training copies both into every checkpoint's `data_info`.
+
 Splits are by speaker: a `split` column wins; otherwise the crc32 of the speaker id (the
 video id when the input list has no speaker column) sends `val_percent` % of speakers to
 "val" (`pipeline.shards.speaker_split`); the manifest records each input's speaker and split,
 which training and evaluation follow.
 
-Cluster scale: with `num_tasks > 1`, an input goes to task sha1(path) % num_tasks (a stable
-hash, so adding inputs does not move the others; crc32 is linear and splits numbered file
-names unevenly), video ids are made unique over the whole
+Cluster scale: with `num_tasks > 1`, an input goes to task sha1(absolute path) % num_tasks
+(`task_of`: a stable hash, so adding inputs does not move the others; crc32 is linear and splits
+numbered file names unevenly; the absolute path, so tasks agree whatever folder they run in and
+however the list is named on their command lines), video ids are made unique over the whole
 list, and task t writes `task-000t-shard-NNNNNN.tar` and `task-000t.json`; `merge` joins the
 task manifests into `manifest.json`. A single task (the default) writes `shard-NNNNNN.tar`
 and `manifest.json` directly. The task manifest is kept with an append-only change log beside
@@ -37,7 +44,13 @@ unlisted leftovers of its task, skips done and failed inputs and finished segmen
 continues the shard numbering, so a killed task loses at most the shard it was writing.
 Settings (VAE, including a hash of its files, audio encoder, fps, size, segment lengths, crop,
 val_percent, num_tasks) must match the earlier run's: a single-task run with changed settings
-prepares everything again, a task of an array job refuses.
+prepares everything again, a task of an array job refuses. A dataset begun by an earlier version,
+which recorded paths as given (relative to the folder it ran in) and split tasks by them, is
+continued, not redone (`_upgrade`): its records are made absolute as it is resumed.
+
+A batch job can follow a run: on a terminal a bar, else plain progress lines at a bounded rate
+(`ProgressLines`), and the summary ends with the time and frames per second of each stage
+(`StageTimes`) and a warning when every speaker went to one split.
 """
 
 from __future__ import annotations
@@ -48,11 +61,13 @@ import json
 import os
 import re
 import sys
+import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -61,8 +76,8 @@ from tqdm import tqdm
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.locate import fingerprint
-from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, sample_key, speaker_split,
-                             log_path, video_id, write_index)
+from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, log_path, sample_key,
+                             speaker_split, split_warning, video_id, write_index)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
 
 MAX_AUDIO_SHORTFALL_S = 0.5
@@ -71,6 +86,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  #
 SPLITS = ("train", "val")
 _DETECT_BATCH = 64  # frames per face-detector call
 _TASK_MANIFEST = re.compile(r"task-(\d{4})\.json")
+TASK_KEY = "absolute path"  # settings.task_key: what `task_of` hashes (absent: the path as listed, earlier versions)
 
 
 class InputError(ValueError):
@@ -79,11 +95,21 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputItem:
-    """One listed input: its path, speaker id and split when the list gives them."""
+    """One listed input: its absolute path, speaker id and split when the list gives them.
+
+    `listed`: the path as earlier versions recorded and hashed it (the list's folder as given on the command line
+    joined to the entry), by which a dataset they began is resumed (`_upgrade`)."""
 
     path: Path
     speaker: str | None = None
     split: str | None = None
+    listed: str = field(default="", compare=False)
+
+
+def absolute(path: str | os.PathLike) -> Path:
+    """`path` made absolute against the working folder, `..` folded, symbolic links kept (a linked video keeps
+    the name its id comes from)."""
+    return Path(os.path.abspath(path))
 
 
 def list_inputs(inputs: str | Path) -> list[InputItem]:
@@ -92,8 +118,9 @@ def list_inputs(inputs: str | Path) -> list[InputItem]:
     A folder is searched recursively for video files (sorted). A `.csv` (header row) or `.jsonl`
     (one object per line) list has a `path` and optional `speaker` and `split` (train|val);
     any other file is a text list of one path per line ('#' comments and blank lines skipped).
-    Relative paths are taken relative to the list file's folder. A split given for a speaker
-    holds for all that speaker's rows. A malformed row, or a speaker put in both splits, raises
+    Relative paths are taken relative to the list file's folder; every path is made `absolute`, so the
+    dataset names its sources wherever it is read from. A split given for a speaker holds for all that
+    speaker's rows. A malformed row, or a speaker put in both splits, raises
     ValueError naming the file and line.
     """
     root = Path(inputs)
@@ -101,11 +128,11 @@ def list_inputs(inputs: str | Path) -> list[InputItem]:
         found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in media.VIDEO_EXTENSIONS)
         if not found:
             raise ValueError(f"{root}: no video files ({' '.join(sorted(media.VIDEO_EXTENSIONS))}) in this folder")
-        return [InputItem(p) for p in found]
+        return [InputItem(absolute(p), listed=str(p)) for p in found]
     if not root.is_file():
         raise FileNotFoundError(f"{root}: no such folder or list file")
     if root.suffix.lower() in media.VIDEO_EXTENSIONS:  # one video
-        return [InputItem(root)]
+        return [InputItem(absolute(root), listed=str(root))]
     try:
         text = root.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -127,12 +154,12 @@ def list_inputs(inputs: str | Path) -> list[InputItem]:
             earlier, at = given.setdefault(speaker, (split, line))
             if earlier != split:
                 raise ValueError(f"{root}:{line}: speaker {speaker!r} put in {split}, but in {earlier} at line {at}")
-        path = path if path.is_absolute() else root.parent / path
-        items.setdefault(path, InputItem(path, speaker, split))
+        listed = path if path.is_absolute() else root.parent / path
+        items.setdefault(absolute(listed), InputItem(absolute(listed), speaker, split, str(listed)))
     if not items:
         raise ValueError(f"{root}: list file names no video paths")
     # a speaker's rows without a split follow the split the list gives that speaker elsewhere
-    return [InputItem(i.path, i.speaker, i.split or given.get(i.speaker or "", (None, 0))[0]) for i in items.values()]
+    return [replace(i, split=i.split or given.get(i.speaker or "", (None, 0))[0]) for i in items.values()]
 
 
 def _text_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -165,8 +192,12 @@ def _jsonl_rows(file: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line, row
 
 
-def task_of(path: Path, num_tasks: int) -> int:
-    """The task an input belongs to: the first 8 bytes of sha1(path as listed) modulo `num_tasks`."""
+def task_of(path: str | Path, num_tasks: int) -> int:
+    """The task an input belongs to: the first 8 bytes of sha1(path) modulo `num_tasks`.
+
+    `prepare` passes the input's absolute path (`InputItem.path`), the same whatever folder a task runs in and
+    however the list is named on its command line; in a dataset begun by an earlier version, the path as listed
+    (`InputItem.listed`), as that version did."""
     return int.from_bytes(hashlib.sha1(str(path).encode("utf-8")).digest()[:8], "big") % num_tasks
 
 
@@ -228,6 +259,84 @@ def crop_box(width: int, height: int) -> list[int]:
     return [x0, y0, x0 + side, y0 + side]
 
 
+STAGES = ("decode", "detect", "crop", "vae", "audio", "write")  # StageTimes' stages, in pipeline order
+
+
+class StageTimes:
+    """Seconds and frames per stage of `prepare`, summed over the inputs of a run, from `clock` (injectable: tests
+    count nothing by the machine's speed). Stages: decode (probing, audio and video decoding; with --crop center
+    also the crop and resize), detect (face detection and tracking), crop (cropping and resizing the face
+    tracks), vae (VAE encoding), audio (FLAC round trip and audio features), write (shards and the manifest's
+    change log). Frames are the video frames a stage handled, at the target fps (decode counts both passes of
+    --crop face), so each rate is that stage's own throughput."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.seconds: dict[str, float] = {}
+        self.frames: dict[str, int] = {}
+
+    def add(self, stage: str, start: float, frames: int) -> None:
+        """Count the time since `start` (a `clock` reading) and `frames` to `stage`."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + self.clock() - start
+        self.frames[stage] = self.frames.get(stage, 0) + frames
+
+    def chunks(self, stage: str, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """`chunks` as they come, the time spent producing each (not consuming it) counted to `stage`."""
+        iterator = iter(chunks)
+        while True:
+            start = self.clock()
+            chunk = next(iterator, None)
+            if chunk is None:
+                self.add(stage, start, 0)
+                return
+            self.add(stage, start, len(chunk))
+            yield chunk
+
+    def lines(self) -> list[str]:
+        """One line per stage that handled frames: seconds, frames, frames per second."""
+        return [f"prepare: {stage:<7}{self.seconds[stage]:10.1f} s {self.frames[stage]:10d} frames "
+                f"{self.frames[stage] / max(self.seconds[stage], 1e-9):10.1f} frames/s"
+                for stage in STAGES if self.frames.get(stage)]
+
+
+class ProgressLines:
+    """Progress as plain lines, for a log without a terminal (a batch job's), where a bar is unreadable:
+    inputs done / total, segments, elapsed time and ETA (from the mean time per input so far). A line after the
+    first input (an early sign of life and pace), then at most one per `interval` seconds of `clock`, and one at
+    the end."""
+
+    def __init__(self, total: int, stream: Any = None, clock: Callable[[], float] = time.monotonic,
+                 interval: float = 60.0):
+        self.total, self.stream, self.clock, self.interval = total, stream, clock, interval
+        self.start = clock()
+        self.last: float | None = None  # when the last line was printed
+
+    def update(self, done: int, segments: int) -> str | None:
+        """After each input: the line printed, if one is due, else None."""
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval and done < self.total:
+            return None
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / done * (self.total - done) if done else float("inf")
+        line = (f"prepare: {done}/{self.total} inputs, {segments} segments, {_duration(elapsed)} elapsed, "
+                f"ETA {_duration(eta)}")
+        print(line, file=self.stream or sys.stderr, flush=True)
+        return line
+
+
+def _duration(seconds: float) -> str:
+    """"42s", "7m05s", "3h12m"; "?" for an unknown (infinite) time."""
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 @dataclass
 class _Piece:
     """One segment's cropped frames before encoding."""
@@ -256,21 +365,24 @@ def _check_audio(audio: np.ndarray, num_frames: int, fps: float) -> None:
 
 def _pieces(
     path: Path, fps: float, size: int, crop: str, bounds_of: Callable[[int], list[tuple[int, int]]],
-    detect: Callable[[np.ndarray], list[np.ndarray | None]] | None,
+    detect: Callable[[np.ndarray], list[np.ndarray | None]] | None, times: StageTimes,
 ) -> tuple[list[_Piece], np.ndarray, list[list[Any]]]:
     """Cropped segments of one input, its audio, and the frame ranges cut out ([start, end, reason]).
     `detect`: frames -> per-frame faces (`FaceDetector.detect`), for `crop="face"`."""
     try:
+        start = times.clock()
         info, audio = _decode(path, fps)
         if crop == "center":
             frames = media.read_video(path, fps=fps, size=size)  # [T, size, size, 3]
+            times.add("decode", start, len(frames))
             _check_audio(audio, len(frames), fps)
             box = crop_box(info.width, info.height)
             pieces = [_Piece(i, s, frames[s:e], [box] * (e - s)) for i, (s, e) in enumerate(bounds_of(len(frames)))]
             if not pieces:
                 raise InputError(f"shorter than min_segment_seconds ({len(frames) / fps:.2f} s)")
             return pieces, audio, []
-        return _face_pieces(path, info, audio, fps, size, bounds_of, detect)
+        times.add("decode", start, 0)
+        return _face_pieces(path, info, audio, fps, size, bounds_of, detect, times)
     except media.MediaError as err:
         reason = str(err)  # "<path>: <problem>"; the manifest keeps the path separately
         raise InputError(reason.removeprefix(f"{path}: ")) from err
@@ -279,6 +391,7 @@ def _pieces(
 def _face_pieces(
     path: Path, info: media.VideoInfo, audio: np.ndarray, fps: float, size: int,
     bounds_of: Callable[[int], list[tuple[int, int]]], detect: Callable[[np.ndarray], list[np.ndarray | None]],
+    times: StageTimes,
 ) -> tuple[list[_Piece], np.ndarray, list[list[Any]]]:
     """`_pieces` for `crop="face"`: segments of the smoothed dominant-face tracks (`pipeline.faces`).
 
@@ -287,21 +400,30 @@ def _face_pieces(
     """
     from pipeline import faces
 
-    detections = [d for chunk in media.iter_video(path, fps, chunk=_DETECT_BATCH) for d in detect(chunk)]
+    detections = []
+    for chunk in times.chunks("decode", media.iter_video(path, fps, chunk=_DETECT_BATCH)):
+        start = times.clock()
+        detections += detect(chunk)
+        times.add("detect", start, len(chunk))
     _check_audio(audio, len(detections), fps)
+    start = times.clock()
     try:
         tracks, cuts = faces.face_tracks(detections, info.width, info.height, fps)
     except faces.NoFaceError as err:
         raise InputError(f"no usable face ({err})") from err
+    finally:
+        times.add("detect", start, 0)
     crops: list[list[np.ndarray]] = [[] for _ in tracks]
     position = 0
-    for chunk in media.iter_video(path, fps, chunk=_DETECT_BATCH) if tracks else ():
+    for chunk in times.chunks("decode", media.iter_video(path, fps, chunk=_DETECT_BATCH)) if tracks else ():
+        start = times.clock()
         for track, out in zip(tracks, crops):
             lo, hi = max(track.start, position), min(track.end, position + len(chunk))
             if lo < hi:
                 part = faces.FaceTrack(lo - position, hi - position, track.boxes[lo - track.start : hi - track.start])
                 out.append(faces.crop_track(chunk, part, size))  # [hi - lo, size, size, 3]
         position += len(chunk)
+        times.add("crop", start, len(chunk))
     pieces: list[_Piece] = []
     for track, out in zip(tracks, crops):
         cropped = np.concatenate(out)  # [end - start, size, size, 3]
@@ -316,22 +438,28 @@ def _face_pieces(
 
 def _segment(
     piece: _Piece, audio: np.ndarray, spf: int, vid: str, meta: dict[str, Any], vae: VAE, encoder: AudioEncoder,
-    fps: float, batch_size: int,
+    fps: float, batch_size: int, times: StageTimes,
 ) -> Segment:
     """Encode one piece. Audio features come from the FLAC-decoded waveform stored in the sample,
     so re-encoding `audio.flac` reproduces `audio.npy`."""
     count = len(piece.frames)
+    start = times.clock()
     lo = piece.start * spf
     wave = np.zeros(count * spf, np.float32)
     part = audio[lo : lo + count * spf]
     wave[: len(part)] = part  # zero-pad a slightly short audio stream
     flac = media.flac_bytes(wave, media.SAMPLE_RATE)
     wave = media.decode_flac(flac)[0]
+    features = encoder.encode(wave, count, fps).astype(np.float16)  # [T, K, D]
+    times.add("audio", start, count)
+    start = times.clock()
+    latents = encode_frames(vae, piece.frames, batch_size=batch_size)  # [T, C, h, w]
+    times.add("vae", start, count)
     extra = {"face_boxes": piece.boxes} if meta["crop"] == "face" else {}
     return Segment(
         key=sample_key(vid, piece.index),
-        latents=encode_frames(vae, piece.frames, batch_size=batch_size),  # [T, C, h, w]
-        audio=encoder.encode(wave, count, fps).astype(np.float16),  # [T, K, D]
+        latents=latents,
+        audio=features,
         waveform_flac=flac,
         meta={**meta, "frames": count, "face_box": piece.boxes[0], "segment": piece.index, "start_frame": piece.start,
               **extra},
@@ -385,19 +513,25 @@ class _TaskLog:
         self.waiting = []
 
 
-def _resume(out: Path, name: str, prefix: str, fresh: Manifest, retry_failed: bool, progress: bool) -> Manifest:
+def _resume(out: Path, name: str, prefix: str, fresh: Manifest, items: list[InputItem], retry_failed: bool,
+            progress: bool) -> Manifest:
     """The task's manifest from an earlier run with the same settings, else `fresh`; removes this
     task's shards and temporaries the manifest does not list.
 
     Earlier shards made with other settings are replaced in a single-task run (as a plain rerun
-    always did) and refused in a task of an array job, whose siblings would not match.
+    always did) and refused in a task of an array job, whose siblings would not match. A dataset
+    begun by an earlier version (no `settings.task_key`) is continued on its own terms (`_upgrade`),
+    and so is a new task of an array job whose sibling tasks were run by an earlier version.
     """
     path = out / name
     manifest = fresh
+    legacy = replace(fresh, settings={k: v for k, v in fresh.settings.items() if k != "task_key"})
     if path.exists():
         try:
             earlier = Manifest.load(path)
-            differs = _differences(earlier, fresh)
+            if "task_key" not in earlier.settings:
+                earlier = _upgrade(earlier, fresh, items)
+            differs = _differences(earlier, fresh if "task_key" in earlier.settings else legacy)
             single = earlier.settings.get("num_tasks", 1) == 1
         except ShardFormatError as err:
             earlier, differs, single = None, [str(err)], True
@@ -414,7 +548,9 @@ def _resume(out: Path, name: str, prefix: str, fresh: Manifest, retry_failed: bo
                 f"{path}: an earlier run here used different settings ({'; '.join(differs)}); "
                 "use another --out or delete its files"
             )
-    if manifest is fresh:  # nothing to resume: an earlier run's change log is not ours
+    elif fresh.task is not None and _siblings_by_earlier_version(out):
+        manifest = legacy
+    if manifest is fresh or manifest is legacy:  # nothing to resume: an earlier run's change log is not ours
         log_path(path).unlink(missing_ok=True)
     listed = {s["path"] for s in manifest.shards}
     pattern = re.compile(re.escape(prefix) + r"shard-\d{6}\.tar(\.tmp)?")
@@ -422,6 +558,49 @@ def _resume(out: Path, name: str, prefix: str, fresh: Manifest, retry_failed: bo
         if pattern.fullmatch(leftover.name) and leftover.name not in listed:
             leftover.unlink()
     return manifest
+
+
+def _upgrade(earlier: Manifest, fresh: Manifest, items: list[InputItem]) -> Manifest:
+    """A manifest written by an earlier version, in this version's terms, so that a rerun continues it instead of
+    starting again: its input paths made absolute (matched to this run's inputs by the path as listed, which is
+    what that version recorded; else a relative path to the one input whose path ends with it; else taken from
+    the working folder), the audio encoder's path absolute, the VAE's hash moved from `settings.vae_sha1` to
+    `vae.sha1`, and the audio encoder's hash, which it did not record, taken from this run. `settings.task_key`
+    stays absent: the inputs of an array job stay split over tasks as that version split them, by the path as
+    listed (so resume its tasks with the same INPUTS, from the same folder)."""
+    where = {item.listed: str(item.path) for item in items}
+    by_name: dict[str, list[Path]] = {}
+    for item in items:
+        by_name.setdefault(item.path.name, []).append(item.path)
+
+    def new(path: str) -> str:
+        if path in where:
+            return where[path]
+        tail = Path(path).parts
+        ends = [p for p in by_name.get(Path(path).name, []) if p.parts[-len(tail):] == tail]
+        return str(ends[0] if len(ends) == 1 and not Path(path).is_absolute() and ".." not in tail else absolute(path))
+
+    settings = {k: v for k, v in earlier.settings.items() if k != "vae_sha1"}
+    vae = {**earlier.vae, "sha1": earlier.vae.get("sha1", earlier.settings.get("vae_sha1"))}
+    audio = {**earlier.audio_encoder, "sha1": earlier.audio_encoder.get("sha1", fresh.audio_encoder.get("sha1"))}
+    if audio.get("path"):
+        audio["path"] = str(Path(audio["path"]).resolve())
+    return replace(earlier, vae=vae, audio_encoder=audio, settings=settings,
+                   inputs=[{**r, "path": new(r["path"])} for r in earlier.inputs],
+                   failed=[{**f, "path": new(f["path"])} for f in earlier.failed],
+                   partial={new(k): v for k, v in earlier.partial.items()})
+
+
+def _siblings_by_earlier_version(out: Path) -> bool:
+    """Whether the other tasks' manifests in `out` were written by an earlier version (no `settings.task_key`), so
+    that this task must split the inputs as they did."""
+    for sibling in sorted(out.glob("task-*.json")):
+        if _TASK_MANIFEST.fullmatch(sibling.name):
+            try:
+                return "task_key" not in Manifest.load(sibling).settings
+            except ShardFormatError:
+                continue
+    return False
 
 
 _SETTINGS = ("vae", "audio_encoder", "fps", "sample_rate", "size", "settings")
@@ -469,7 +648,8 @@ def prepare(
     manifest's `vae` entry records which latent space ("type") the shards hold. With
     `num_tasks` 1 the manifest is `out/manifest.json`; else `out/task-NNNN.json` (join with
     `merge`). Failed inputs are listed in `manifest.failed` as {path, reason}; a rerun skips
-    them unless `retry_failed`. With `progress`, shows a bar and prints `summary`.
+    them unless `retry_failed`. With `progress`: a bar on a terminal, else `ProgressLines`; then `summary`
+    with the stage times.
     `dtype` of the VAE and audio encoder weights: "auto" = bfloat16 on a GPU, float32 on the CPU.
     `detect_every` k > 1 runs the face detector on every k-th frame only (~k× faster; boxes in
     between are interpolated by `pipeline.faces.face_tracks`).
@@ -489,13 +669,18 @@ def prepare(
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     weights = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    vae = load_vae(vae_path, device=device, dtype=weights)
+    times = StageTimes()
+    began = times.clock()
+    terminal = progress and sys.stderr.isatty()
+    with _loading_bars(terminal):
+        vae = load_vae(vae_path, device=device, dtype=weights)
+        encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
+                                      layers=audio_encoder_layers, dtype=weights)
     vae_id = Path(vae_path).resolve().name
-    info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve())}  # generation finds the decoder here
+    # generation finds the decoder by this path, or by name and content hash after a move (`pipeline.locate`)
+    info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve()), "sha1": fingerprint(vae_path)}
     if size % info["downsample"]:
         raise ValueError(f"size {size} is not divisible by the VAE downsampling factor {info['downsample']} ({vae_path})")
-    encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
-                                  layers=audio_encoder_layers, dtype=weights)
     detect = None
     if crop == "face":
         from pipeline.faces import FaceDetector
@@ -509,7 +694,9 @@ def prepare(
     fresh = Manifest(
         vae=info,
         audio_encoder={
-            "id": encoder.id, "name": audio_encoder, "path": str(audio_encoder_path) if audio_encoder_path else None,
+            "id": encoder.id, "name": audio_encoder,
+            "path": str(Path(audio_encoder_path).resolve()) if audio_encoder != "mel" else None,
+            "sha1": fingerprint(audio_encoder_path) if audio_encoder != "mel" else None,
             "layers": [audio_encoder_layers] if isinstance(audio_encoder_layers, int) else list(audio_encoder_layers),
             "K": encoder.K, "D": encoder.D, "sample_rate": media.SAMPLE_RATE,
         },
@@ -517,49 +704,80 @@ def prepare(
         sample_rate=media.SAMPLE_RATE,
         size=size,
         settings={"segment_seconds": segment_seconds, "min_segment_seconds": min_segment_seconds, "crop": crop,
-                  "val_percent": val_percent, "num_tasks": num_tasks, "vae_sha1": fingerprint(vae_path)},
+                  "val_percent": val_percent, "num_tasks": num_tasks, "task_key": TASK_KEY},
         task=task_index if num_tasks > 1 else None,
         complete=False,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _resume(out, name, prefix, fresh, retry_failed, progress)
+    manifest = _resume(out, name, prefix, fresh, items, retry_failed, progress)
     skip = {r["path"] for r in manifest.inputs} | {f["path"] for f in manifest.failed}
+    key = (lambda item: item.path) if "task_key" in manifest.settings else (lambda item: item.listed)
     mine = [(item, vid) for item, vid in zip(items, ids)
-            if task_of(item.path, num_tasks) == task_index and str(item.path) not in skip]  # fmt: skip
+            if task_of(key(item), num_tasks) == task_index and str(item.path) not in skip]  # fmt: skip
     start = max((int(s["path"][-10:-4]) for s in manifest.shards), default=-1) + 1
     bounds_of = partial(segment_bounds, fps=fps, segment_seconds=segment_seconds, min_segment_seconds=min_segment_seconds)
 
     with AtomicShardWriter(out, max_samples=samples_per_shard, start_index=start, prefix=prefix) as writer:
         writer.shards = list(manifest.shards)
         log = _TaskLog(out, name, manifest, writer)
-        for item, vid in tqdm(mine, desc="prepare", unit="video", disable=not progress):
+        bar = tqdm(total=len(mine), desc="prepare", unit="video") if terminal else None
+        lines = ProgressLines(len(mine)) if progress and bar is None else None
+        written = 0
+        for done, (item, vid) in enumerate(mine, 1):
             source = str(item.path)
             try:
-                pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detect)
+                pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detect, times)
             except InputError as err:
                 log.failed(source, str(err))
                 if progress:
                     tqdm.write(f"skipped {source}: {err}", file=sys.stderr)
-                continue
-            speaker = item.speaker or vid
-            split = item.split or speaker_split(speaker, val_percent)
-            meta = {"fps": fps, "sample_rate": media.SAMPLE_RATE, "source": source, "vae": vae_id,
-                    "audio_encoder": encoder.id, "speaker": speaker, "split": split, "crop": crop}  # fmt: skip
-            finished = set(manifest.partial.get(source, []))
-            for piece in pieces:
-                if piece.index not in finished:
-                    log.write(source, piece.index, _segment(piece, audio, spf, vid, meta, vae, encoder, fps, batch_size))
-            record = {"path": source, "id": vid, "speaker": speaker, "split": split, "segments": len(pieces),
-                      "frames": sum(len(p.frames) for p in pieces)}  # fmt: skip
-            if cuts:
-                record["cut"] = cuts
-            log.input_done(record)
+            else:
+                speaker = item.speaker or vid
+                split = item.split or speaker_split(speaker, val_percent)
+                meta = {"fps": fps, "sample_rate": media.SAMPLE_RATE, "source": source, "vae": vae_id,
+                        "audio_encoder": encoder.id, "speaker": speaker, "split": split, "crop": crop}  # fmt: skip
+                finished = set(manifest.partial.get(source, []))
+                for piece in (p for p in pieces if p.index not in finished):
+                    segment = _segment(piece, audio, spf, vid, meta, vae, encoder, fps, batch_size, times)
+                    start = times.clock()
+                    log.write(source, piece.index, segment)
+                    times.add("write", start, len(piece.frames))
+                    written += 1
+                record = {"path": source, "id": vid, "speaker": speaker, "split": split, "segments": len(pieces),
+                          "frames": sum(len(p.frames) for p in pieces)}  # fmt: skip
+                if cuts:
+                    record["cut"] = cuts
+                log.input_done(record)
+            if bar is not None:
+                bar.update()
+            elif lines is not None:
+                lines.update(done, written)
+        if bar is not None:
+            bar.close()
+        start = times.clock()
         log.finish()
+        times.add("write", start, 0)
     if name == MANIFEST:  # a single task: the dataset is whole (an array job's `merge` writes the index)
         write_index(out, manifest)
     if progress:
-        print(summary(manifest))
+        print(summary(manifest, times, times.clock() - began), flush=True)
     return manifest
+
+
+@contextmanager
+def _loading_bars(shown: bool) -> Iterator[None]:
+    """Hugging Face's weight-loading bars only where `shown` (a terminal): in a batch job's log each is a line of
+    carriage returns."""
+    from transformers.utils import logging
+
+    hide = not shown and logging.is_progress_bar_enabled()
+    if hide:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            logging.enable_progress_bar()
 
 
 def merge(out: str | Path) -> Manifest:
@@ -602,14 +820,22 @@ def merge(out: str | Path) -> Manifest:
     return merged
 
 
-def summary(manifest: Manifest) -> str:
-    """Two lines: inputs ok / failed (by reason), then segments, frames, hours and bytes written."""
+def summary(manifest: Manifest, times: StageTimes | None = None, seconds: float | None = None) -> str:
+    """Inputs ok / failed (by reason); segments, frames, hours and bytes written; a warning when every speaker went
+    to one split (not for one task of an array job: `merge` reports the whole dataset); with `times`, a line per
+    stage (`StageTimes.lines`) and the run's `seconds` in all."""
     reasons = Counter(f["reason"].split(" (")[0] for f in manifest.failed)
     by_reason = f" ({', '.join(f'{n} {r}' for r, n in sorted(reasons.items()))})" if reasons else ""
     size = sum(int(s["bytes"]) for s in manifest.shards)
     hours = manifest.num_frames / manifest.fps / 3600
-    return (
-        f"prepare: {len(manifest.inputs)} ok, {len(manifest.failed)} failed{by_reason}\n"
-        f"prepare: {manifest.num_samples} segments, {manifest.num_frames} frames ({hours:.4f} h), "
-        f"{len(manifest.shards)} shards, {size} bytes"
-    )
+    lines = [f"prepare: {len(manifest.inputs)} ok, {len(manifest.failed)} failed{by_reason}",
+             f"prepare: {manifest.num_samples} segments, {manifest.num_frames} frames ({hours:.4f} h), "
+             f"{len(manifest.shards)} shards, {size} bytes"]
+    speakers = {name: len(split["speakers"]) for name, split in manifest.splits().items()}
+    warning = split_warning(speakers, manifest.settings.get("val_percent")) if manifest.task is None else None
+    lines += [f"prepare: {warning}"] if warning else []
+    if times is not None:
+        lines += times.lines()
+    if seconds is not None:
+        lines.append(f"prepare: {seconds:.1f} s in all (loading the encoders included)")
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ One WebDataset sample is one segment of one source video (DESIGN.md section 2):
     latents.npy   float16 [T, C, h, w]  VAE posterior mean, unscaled, one per frame
     audio.npy     float16 [T, K, D]     audio features, K vectors per video frame
     audio.flac    the segment's 16 kHz mono waveform
-    json          fps, sample_rate, frames, face_box, source, encoder ids
+    json          fps, sample_rate, frames, face_box, source (absolute path), encoder ids
 
 Arrays are stored with ``numpy.save(allow_pickle=False)`` and read back the same
 way, so nothing in a shard is ever unpickled. Writer, reader and tests all import
@@ -333,6 +333,22 @@ def speaker_split(speaker: str, val_percent: float) -> str:
     return "val" if bucket < round(val_percent * 100) else "train"
 
 
+def split_warning(speakers: dict[str, int], val_percent: float | None) -> str | None:
+    """The warning for a dataset whose speakers all went to one split ({"train": n, "val": m} speakers), else None:
+    training would have nothing held out to validate on, or nothing to train on."""
+    train, val = speakers.get("train", 0), speakers.get("val", 0)
+    if (train == 0) == (val == 0):
+        return None
+    count = train or val
+    at = f" at --val-percent {val_percent:g}" if val_percent is not None else ""
+    who = f"{count} speaker{'s' if count > 1 else ''}, all in {'train' if train else 'val'}{at}"
+    if train:
+        return (f"warning: the validation split is empty ({who}); give some speakers split=val in the list, "
+                "or raise --val-percent")
+    return (f"warning: the training split is empty ({who}); give some speakers split=train in the list, "
+            "or lower --val-percent")
+
+
 def read_samples(path: str | os.PathLike, members: Collection[str] | None = None,
                  keep: Callable[[str], bool] | None = None, lazy: Collection[str] = ()) -> Iterator[dict[str, Any]]:
     """The one tar reader: a shard's samples {__key__, __url__, member: bytes} in tar order.
@@ -547,14 +563,19 @@ class Manifest:
     """
 
     shards: list[dict[str, Any]] = field(default_factory=list)  # {path, samples, frames, bytes}
-    vae: dict[str, Any] = field(default_factory=dict)  # {id, scaling_factor, shift_factor, latent_channels, downsample}
-    audio_encoder: dict[str, Any] = field(default_factory=dict)  # {id, K, D, sample_rate}
+    # {id, path, sha1, type, scaling_factor, shift_factor, latent_channels, downsample}: the folder's name, absolute
+    # path and `pipeline.locate.fingerprint` (older datasets: no sha1)
+    vae: dict[str, Any] = field(default_factory=dict)
+    # {name, id, path, sha1, layers, K, D, sample_rate}: path and sha1 as the VAE's, None for mel (older datasets: no
+    # sha1, a path as given on the command line)
+    audio_encoder: dict[str, Any] = field(default_factory=dict)
     fps: float = 25.0
     sample_rate: int = 16000
     size: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     version: int = MANIFEST_VERSION
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # done inputs {path, id, speaker, split, segments, frames}
+    # done inputs {path, id, speaker, split, segments, frames}, path absolute (older datasets: as listed)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
     partial: dict[str, list[int]] = field(default_factory=dict)  # input path -> segments in finished shards, not done
     settings: dict[str, Any] = field(default_factory=dict)  # prepare settings that must agree across tasks
     task: int | None = None  # task index, for a task manifest

@@ -117,7 +117,7 @@ def test_a_good_dataset_passes_with_its_summary(good: Path, tmp_path: Path, caps
     assert "ok" in capsys.readouterr().out
     written, report = json.loads(out.read_text()), check_dataset(good, progress=False)
     assert written == {**report, "seconds": written["seconds"]}
-    assert report["ok"] and report["problems"] == []
+    assert report["ok"] and report["problems"] == [] and report["warnings"] == []
     hours = lambda videos: videos * 2 * FRAMES / 25 / 3600  # noqa: E731
     assert report["summary"] == {"train": {"samples": 12, "hours": hours(6), "speakers": 3},
                                  "val": {"samples": 2, "hours": hours(1), "speakers": 1},
@@ -125,6 +125,32 @@ def test_a_good_dataset_passes_with_its_summary(good: Path, tmp_path: Path, caps
                                  "total": {"samples": 16, "hours": hours(8), "speakers": 4}}
     fast = check_dataset(good, fast=True, progress=False)
     assert fast["ok"] and fast["summary"] == report["summary"]
+
+
+def test_a_split_no_speaker_went_to_is_a_warning_not_a_failure(good: Path, tmp_path: Path, capsys):
+    """All speakers in train (or all in val): said in the printed report and the JSON, and the check still passes
+    (exit 0): the data is sound, and a dataset for training only can be meant."""
+    expected = {
+        "val": "warning: the validation split is empty (4 speakers, all in train at --val-percent 10); give some "
+               "speakers split=val in the list, or raise --val-percent",
+        "train": "warning: the training split is empty (4 speakers, all in val at --val-percent 10); give some "
+                 "speakers split=train in the list, or lower --val-percent",
+    }
+    for empty, kept in (("val", "train"), ("train", "val")):
+        root = _copy(good, tmp_path / empty)
+        manifest = Manifest.load(root)
+        manifest.inputs = [{**record, "split": kept} for record in manifest.inputs]
+        manifest.settings["val_percent"] = 10.0
+        manifest.save(root)
+        write_index(root, manifest)
+        out = tmp_path / empty / "report.json"
+        assert main(["check", str(root), "--no-progress", "--json", str(out)]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        report = json.loads(out.read_text())
+        assert report["ok"] and report["problems"] == [] and report["warnings"] == [expected[empty]]
+        assert printed[0].startswith(f"{root}: ok, 1 warning in ") and f"  {expected[empty]}" in printed
+        assert report["summary"][empty]["speakers"] == 0 and report["summary"][kept]["speakers"] == 4
+        assert check_dataset(root, fast=True, progress=False)["warnings"] == [expected[empty]]
 
 
 @pytest.mark.parametrize("change, kind", [

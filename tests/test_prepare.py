@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,15 +23,18 @@ from diffusers import AutoencoderKL
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from pipeline import media
+from pipeline.locate import fingerprint
 from pipeline.audio_encoders import MelEncoder, Wav2Vec2Encoder
 import pipeline
+from pipeline.cli import main
 from pipeline.prepare import (
-    InputItem, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds, slurm_task,
-    summary, task_of, unique_ids,
+    InputItem, ProgressLines, StageTimes, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds,
+    slurm_task, summary, task_of, unique_ids,
 )
 from pipeline.shards import Manifest, index_dataset, index_shards, iter_tar, speaker_split
 from pipeline.synth import make_clip, synthesize
 from pipeline.vae import VAEError, demo_vae_config, encode_frames, load_vae, vae_info
+from production import wav2vec2
 
 FPS, SR, SIZE = 25, 16000, 32
 SPF = SR // FPS
@@ -159,9 +163,10 @@ def test_manifest_matches_shards_and_nothing_is_left_half_written(dataset, vae_d
     keys = [s.key for s in index_shards(manifest.shard_paths(out))]
     assert speakers == [by_id[k.split("/")[0]]["speaker"] for k in keys]
     assert split == [("train", "val").index(by_id[k.split("/")[0]]["split"]) for k in keys]
-    assert manifest.vae == {**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve())}
-    assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "layers": [-1], "K": 4, "D": 80,
-                                      "sample_rate": SR}
+    assert manifest.vae == {**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve()),
+                            "sha1": fingerprint(vae_dir)}
+    assert manifest.audio_encoder == {"id": "mel-80", "name": "mel", "path": None, "sha1": None, "layers": [-1],
+                                      "K": 4, "D": 80, "sample_rate": SR}
     assert (manifest.fps, manifest.sample_rate, manifest.size) == (FPS, SR, SIZE)
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["num_samples"] == 5 and len(saved["failed"]) == 6
@@ -217,20 +222,34 @@ def test_list_file_with_wav2vec2(tmp_path, videos, vae_dir, capsys):
     listing = tmp_path / "inputs.txt"
     listing.write_text(f"# training clips\n{good}\n\nnotes.txt\nmissing/clip.mp4\n{good}\n")
     out = tmp_path / "out"
+    capsys.readouterr()  # what saving the model printed
     manifest = prepare(listing, out, vae_dir, audio_encoder="wav2vec2", audio_encoder_path=str(w2v),
                        size=SIZE, segment_seconds=1.0, progress=True)  # fmt: skip
     printed = capsys.readouterr()
     size = sum(s["bytes"] for s in manifest.shards)
-    assert printed.out == (
-        "prepare: 1 ok, 2 failed (1 file not found, 1 not a video file)\n"
-        f"prepare: 2 segments, 50 frames (0.0006 h), 1 shards, {size} bytes\n"
-    )
+    lines = printed.out.splitlines()
+    assert lines[:3] == [
+        "prepare: 1 ok, 2 failed (1 file not found, 1 not a video file)",
+        f"prepare: 2 segments, 50 frames (0.0006 h), 1 shards, {size} bytes",
+        "prepare: warning: the validation split is empty (1 speaker, all in train at --val-percent 10); give some "
+        "speakers split=val in the list, or raise --val-percent",
+    ]
+    # the time per stage, summed over the inputs (--crop center: no detect or crop stage), then the whole run's
+    assert [line.split()[1] for line in lines[3:-1]] == ["decode", "vae", "audio", "write"]
+    for line in lines[3:-1]:
+        assert re.fullmatch(r"prepare: \w+ +\d+\.\d s +50 frames +\d+\.\d frames/s", line), line
+    assert re.fullmatch(r"prepare: \d+\.\d s in all \(loading the encoders included\)", lines[-1])
     assert "skipped" in printed.err and "notes.txt: not a video file" in printed.err
+    # no terminal (a batch job's log): plain progress lines, no carriage-return bar
+    progress = [line for line in printed.err.splitlines() if " inputs, " in line]
+    assert "\r" not in printed.err and len(progress) == 2
+    assert re.fullmatch(r"prepare: 1/3 inputs, 2 segments, \d+s elapsed, ETA \d+s", progress[0])
+    assert re.fullmatch(r"prepare: 3/3 inputs, 2 segments, \d+s elapsed, ETA 0s", progress[1])
     assert [(Path(f["path"]).name, f["reason"]) for f in manifest.failed] == [
         ("notes.txt", "not a video file (extension .txt)"), ("clip.mp4", "file not found"),
     ]  # fmt: skip
-    assert manifest.audio_encoder == {"id": "tiny-w2v2", "name": "wav2vec2", "path": str(w2v), "layers": [-1], "K": 2, "D": 32,
-                                      "sample_rate": SR}  # fmt: skip
+    assert manifest.audio_encoder == {"id": "tiny-w2v2", "name": "wav2vec2", "path": str(w2v), "sha1": fingerprint(w2v),
+                                      "layers": [-1], "K": 2, "D": 32, "sample_rate": SR}  # fmt: skip
     segs = list(iter_tar(manifest.shard_paths(out)[0]))
     assert [s.key for s in segs] == ["talk/0000", "talk/0001"]
     encoder = Wav2Vec2Encoder(w2v)
@@ -406,7 +425,7 @@ def test_changed_settings_redo_a_single_run_and_stop_a_task(tmp_path, corpus, va
     torch.manual_seed(1)
     AutoencoderKL(**demo_vae_config(block_out_channels=(8, 16, 16))).save_pretrained(retrained)  # same path, new weights
     second = prepare(listing, out, retrained, samples_per_shard=2, progress=True, **CORPUS_ARGS)
-    assert "settings changed (settings.vae_sha1: " in capsys.readouterr().err
+    assert "settings changed (vae.sha1: " in capsys.readouterr().err
     assert [s["path"] for s in first.shards] == ["shard-000000.tar", "shard-000001.tar"]
     assert [s["path"] for s in second.shards] == ["shard-000000.tar"]
     assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "index.npz", "manifest.json",
@@ -416,7 +435,7 @@ def test_changed_settings_redo_a_single_run_and_stop_a_task(tmp_path, corpus, va
     np.testing.assert_array_equal(segs["fps24/0000"].latents, encode_frames(load_vae(retrained), frames[:25], batch_size=25))
     Manifest(**{**vars(second), "settings": {**second.settings, "num_tasks": 2}, "task": 0}).save(out, "task-0000.json")
     with pytest.raises(ValueError, match=r"task-0000.json: an earlier run here used different settings \(vae.path: "
-                                         r".*; settings.vae_sha1: \w+ vs \w+\)"):
+                                         r".*; vae.sha1: \w+ vs \w+\)"):
         prepare(listing, out, vae_dir, num_tasks=2, task_index=0, progress=False, **CORPUS_ARGS)
 
 
@@ -537,8 +556,6 @@ def test_killed_task_resumes_to_the_uninterrupted_result(tmp_path, corpus_run, c
 
 
 def test_cli_exit_codes_and_merge(tmp_path, corpus, vae_dir, capsys):
-    from pipeline.cli import main
-
     bad = tmp_path / "bad.txt"
     bad.write_text("clips/empty.mp4\n")
     (tmp_path / "clips").mkdir()
@@ -660,3 +677,244 @@ def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatc
     np.testing.assert_allclose(wave, audio[20 * SPF : 45 * SPF], atol=1 / 32768 + 1e-7)
     frames = media.read_video(corpus.parent / "clips" / "fps24.mp4", FPS)[20:45, 4:36, 8:40]
     np.testing.assert_array_equal(seg.latents, encode_frames(load_vae(vae_dir), frames, batch_size=25))
+
+
+# ---- paths that survive a change of folder, datasets of earlier versions, array tasks that agree ----
+
+def small_corpus(root: Path, corpus: Path, vae_dir: Path) -> Path:
+    """`root` laid out as a user's corpus folder: videos/, a CSV of relative paths (one missing file), the VAE
+    and a wav2vec2 folder; returns the list."""
+    (root / "videos").mkdir(parents=True)
+    for name in ("fps24.mp4", "fps25.mov"):
+        shutil.copy(corpus.parent / "clips" / name, root / "videos" / name)
+    shutil.copytree(vae_dir, root / "sd-vae")
+    wav2vec2(root / "wav2vec2")
+    (root / "corpus.csv").write_text("path,speaker\nvideos/fps24.mp4,alice\nvideos/fps25.mov,bob\nvideos/gone.mp4,eve\n")
+    return root / "corpus.csv"
+
+
+RELATIVE = ["--vae", "sd-vae", "--audio-encoder", "wav2vec2", "--audio-encoder-path", "wav2vec2", "--size", str(SIZE),
+            "--segment-seconds", "1.0", "--min-segment-seconds", "0.5", "--batch-size", "25"]
+
+
+def test_paths_are_recorded_absolute_and_the_dataset_reads_from_any_folder(tmp_path, monkeypatch, corpus, vae_dir):
+    """`prepare corpus.csv --vae sd-vae --audio-encoder-path wav2vec2` run in the corpus folder: every recorded
+    path is absolute, so the sources and encoders are found from another folder; the encoders are recorded by
+    name, path and content hash; a rerun from elsewhere with the list's absolute path does nothing."""
+    root = tmp_path / "corpus"
+    small_corpus(root, corpus, vae_dir)
+    monkeypatch.chdir(root)
+    assert main(["prepare", "corpus.csv", "--out", "shards", *RELATIVE]) == 0
+    elsewhere = tmp_path / "project"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    manifest = Manifest.load(root / "shards")
+    videos = root / "videos"
+    assert [r["path"] for r in manifest.inputs] == [str(videos / "fps24.mp4"), str(videos / "fps25.mov")]
+    assert manifest.failed == [{"path": str(videos / "gone.mp4"), "reason": "file not found"}]
+    segments = all_samples(root / "shards", manifest)
+    assert {s.meta["source"] for s in segments.values()} == {str(videos / "fps24.mp4"), str(videos / "fps25.mov")}
+    assert all(Path(s.meta["source"]).is_file() for s in segments.values())
+    assert manifest.vae["id"] == "sd-vae" and manifest.vae["path"] == str(root / "sd-vae")
+    assert manifest.vae["sha1"] == fingerprint(root / "sd-vae") and "vae_sha1" not in manifest.settings
+    assert {k: manifest.audio_encoder[k] for k in ("name", "id", "path", "sha1")} == {
+        "name": "wav2vec2", "id": "wav2vec2", "path": str(root / "wav2vec2"), "sha1": fingerprint(root / "wav2vec2")}
+    Wav2Vec2Encoder(manifest.audio_encoder["path"])  # loads from here: the recorded path is not relative to the corpus
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").iterdir()}
+    again = prepare(root / "corpus.csv", root / "shards", root / "sd-vae", audio_encoder="wav2vec2",
+                    audio_encoder_path=str(root / "wav2vec2"), progress=False, **CORPUS_ARGS | {"val_percent": 10.0})
+    assert again == manifest and {p.name: p.stat().st_mtime_ns for p in (root / "shards").iterdir()} == before
+
+
+def as_earlier_version(out: Path, name: str = "manifest.json") -> None:
+    """Rewrite a manifest as versions before absolute paths wrote it: input paths relative to the working folder
+    (as given), the audio encoder's path as given, the VAE's hash in `settings.vae_sha1`, no audio hash, no
+    `settings.task_key`."""
+    manifest = Manifest.load(out / name)
+    relative = lambda path: os.path.relpath(path) if path else path  # noqa: E731
+    manifest.inputs = [{**r, "path": relative(r["path"])} for r in manifest.inputs]
+    manifest.failed = [{**f, "path": relative(f["path"])} for f in manifest.failed]
+    manifest.audio_encoder = {k: v for k, v in manifest.audio_encoder.items() if k != "sha1"}
+    manifest.audio_encoder["path"] = relative(manifest.audio_encoder["path"])
+    manifest.settings = {k: v for k, v in manifest.settings.items() if k != "task_key"}
+    manifest.settings["vae_sha1"] = manifest.vae.pop("sha1")
+    manifest.save(out, name)
+
+
+def test_a_dataset_of_an_earlier_version_is_continued_not_redone(tmp_path, monkeypatch, corpus, vae_dir):
+    """A dataset an earlier version made in the corpus folder (relative paths, its encoder records) is resumed with
+    more inputs: what it holds is neither redone nor repeated, and its records become absolute."""
+    root = tmp_path / "corpus"
+    listing = small_corpus(root, corpus, vae_dir)
+    monkeypatch.chdir(root)
+    (root / "first.csv").write_text("path,speaker\nvideos/fps24.mp4,alice\nvideos/gone.mp4,eve\n")
+    assert main(["prepare", "first.csv", "--out", "shards", *RELATIVE]) == 0
+    as_earlier_version(root / "shards")
+    earlier = Manifest.load(root / "shards")
+    assert earlier.inputs[0]["path"] == "videos/fps24.mp4" and earlier.audio_encoder["path"] == "wav2vec2"
+    shard = root / "shards" / "shard-000000.tar"
+    stamp = (shard.stat().st_mtime_ns, shard.read_bytes())
+    # the list named by its absolute path now: its entries are matched to the records by their relative tails
+    assert main(["prepare", str(listing), "--out", "shards", *RELATIVE]) == 0
+    resumed = Manifest.load(root / "shards")
+    assert (shard.stat().st_mtime_ns, shard.read_bytes()) == stamp
+    assert [s["path"] for s in resumed.shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert [s.key for s in iter_tar(root / "shards" / "shard-000001.tar")] == ["fps25/0000", "fps25/0001"]
+    keys = [s.key for s in index_dataset(root / "shards", resumed)]
+    assert keys == ["fps24/0000", "fps24/0001", "fps25/0000", "fps25/0001"]  # nothing twice
+    assert [r["path"] for r in resumed.inputs] == [str(root / "videos" / n) for n in ("fps24.mp4", "fps25.mov")]
+    assert resumed.failed == [{"path": str(root / "videos" / "gone.mp4"), "reason": "file not found"}]
+    assert resumed.vae["sha1"] == fingerprint(root / "sd-vae") and "vae_sha1" not in resumed.settings
+    assert resumed.audio_encoder["path"] == str(root / "wav2vec2")
+    assert resumed.audio_encoder["sha1"] == fingerprint(root / "wav2vec2")
+    assert "task_key" not in resumed.settings  # its tasks (had it any) stay split as the earlier version split them
+
+
+def handled(manifest: Manifest) -> set[str]:
+    return {r["path"] for r in manifest.inputs} | {f["path"] for f in manifest.failed}
+
+
+def test_array_tasks_agree_on_owners_whatever_folder_they_run_in(tmp_path, monkeypatch, corpus_run, corpus, vae_dir):
+    """Task 0 run in the corpus folder with `list.csv`, task 1 elsewhere with the list's absolute path: each input
+    is owned by exactly one task (sha1 of its absolute path), and the merge equals a single run."""
+    items = list_inputs(corpus)
+    listed_as = {str(i.path): str(Path(i.path).relative_to(corpus.parent)) for i in items}  # "clips/<name>"
+    assert any(task_of(listed_as[str(i.path)], 2) != task_of(i.path, 2) for i in items)  # the spellings split apart
+    out = tmp_path / "out"
+    monkeypatch.chdir(corpus.parent)
+    first = prepare("list.csv", out, vae_dir, samples_per_shard=2, progress=False, task_index=0, num_tasks=2,
+                    **CORPUS_ARGS)
+    monkeypatch.chdir(tmp_path)
+    second = prepare(corpus, out, vae_dir, samples_per_shard=2, progress=False, task_index=1, num_tasks=2,
+                     **CORPUS_ARGS)
+    for task, manifest in enumerate((first, second)):
+        assert handled(manifest) == {str(i.path) for i in items if task_of(str(i.path), 2) == task}
+        assert manifest.settings["task_key"] == "absolute path"
+    merged = merge(out)
+    assert sorted(all_samples(out, merged)) == sorted(all_samples(*corpus_run))
+
+
+def test_an_array_job_begun_by_an_earlier_version_keeps_its_split(tmp_path, monkeypatch, corpus_run, corpus, vae_dir):
+    """Task 0's manifest was written by an earlier version (which hashed the path as listed); task 1, run now for the
+    first time, and task 0, resumed, split the inputs as it did, so the merge holds each input once."""
+    out = tmp_path / "out"
+    out.mkdir()
+    Manifest(  # what an earlier version wrote at the start of task 0 of `prepare list.csv` in the corpus folder
+        vae={**vae_info(load_vae(vae_dir), "tiny-vae"), "path": str(vae_dir.resolve())},
+        audio_encoder={"id": "mel-80", "name": "mel", "path": None, "layers": [-1], "K": 4, "D": 80, "sample_rate": SR},
+        fps=FPS, sample_rate=SR, size=SIZE, task=0, complete=False,
+        settings={"segment_seconds": 1.0, "min_segment_seconds": 0.5, "crop": "center", "val_percent": 50.0,
+                  "num_tasks": 2, "vae_sha1": fingerprint(vae_dir)},
+    ).save(out, "task-0000.json")  # fmt: skip
+    monkeypatch.chdir(corpus.parent)
+    items = list_inputs("list.csv")
+    assert {i.listed for i in items} == {f"clips/{i.path.name}" for i in items}
+    assert any(task_of(i.listed, 2) != task_of(i.path, 2) for i in items)  # the two keys split apart
+    tasks = {t: prepare("list.csv", out, vae_dir, samples_per_shard=2, progress=False, task_index=t, num_tasks=2,
+                        **CORPUS_ARGS) for t in (1, 0)}  # fmt: skip
+    for task, manifest in tasks.items():
+        assert handled(manifest) == {str(i.path) for i in items if task_of(i.listed, 2) == task}
+        assert "task_key" not in manifest.settings and manifest.vae["sha1"] == fingerprint(vae_dir)
+    merged = merge(out)
+    assert sorted(all_samples(out, merged)) == sorted(all_samples(*corpus_run))
+    assert sorted(handled(merged)) == sorted(str(i.path) for i in items)
+
+
+# ---- what a batch job's log shows ----
+
+def test_progress_lines_come_at_a_bounded_rate():
+    """An input every 1.5 s for 1000 inputs: a line after the first, then one per 60 s at most, and one at the end."""
+    now, stream = [100.0], io.StringIO()
+    lines = ProgressLines(1000, stream=stream, clock=lambda: now[0], interval=60.0)
+    printed = []
+    for done in range(1, 1001):
+        now[0] += 1.5
+        printed.append((done, now[0], lines.update(done, 2 * done)))
+    shown = [(done, at, line) for done, at, line in printed if line]
+    assert [line for _, _, line in shown] == stream.getvalue().splitlines()
+    assert [done for done, _, _ in shown] == [*range(1, 1000, 40), 1000]
+    assert all(b - a >= 60 for (_, a, _), (_, b, _) in zip(shown, shown[1:-1]))
+    assert shown[0][2] == "prepare: 1/1000 inputs, 2 segments, 2s elapsed, ETA 24m58s"
+    assert shown[1][2] == "prepare: 41/1000 inputs, 82 segments, 1m02s elapsed, ETA 23m58s"
+    assert shown[-1][2] == "prepare: 1000/1000 inputs, 2000 segments, 25m00s elapsed, ETA 0s"
+
+
+def test_stage_times_count_each_stage_on_its_own_clock():
+    ticks = iter(range(100))
+    times = StageTimes(clock=lambda: float(next(ticks)))  # every reading one second after the last
+    for chunk in times.chunks("decode", [np.zeros((4, 2)), np.zeros((6, 2))]):  # decode: 2 chunks and the end, 3 s
+        start = times.clock()
+        times.add("detect", start, len(chunk))  # the time spent on a chunk is not decode's
+    start = times.clock()
+    times.add("write", start, 0)  # no frames: not listed
+    assert times.lines() == [
+        "prepare: decode        3.0 s         10 frames        3.3 frames/s",
+        "prepare: detect        2.0 s         10 frames        5.0 frames/s",
+    ]
+
+
+def test_an_earlier_versions_relative_records_are_found_from_another_folder(tmp_path, monkeypatch, corpus, vae_dir):
+    """Resumed from another folder, an earlier version's relative records (relative to the folder it ran in) are
+    matched to the inputs whose paths end with them: nothing is redone."""
+    root = tmp_path / "corpus"
+    listing = small_corpus(root, corpus, vae_dir)
+    monkeypatch.chdir(root)
+    args = dict(progress=False, **CORPUS_ARGS)
+    first = prepare("corpus.csv", "shards", "sd-vae", **args)
+    as_earlier_version(root / "shards")
+    monkeypatch.chdir(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")}
+    resumed = prepare(listing, root / "shards", root / "sd-vae", **args)
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} == before
+    assert resumed.inputs == first.inputs and resumed.failed == first.failed and resumed.shards == first.shards
+
+
+def test_the_summary_warns_when_every_speaker_went_to_one_split():
+    def record(speaker: str, split: str) -> dict:
+        return {"path": f"/v/{speaker}.mp4", "id": speaker, "speaker": speaker, "split": split, "segments": 1,
+                "frames": 25}
+
+    all_val = Manifest(inputs=[record("a", "val"), record("b", "val")], settings={"val_percent": 90.0})
+    assert ("prepare: warning: the training split is empty (2 speakers, all in val at --val-percent 90); give some "
+            "speakers split=train in the list, or lower --val-percent") in summary(all_val).splitlines()
+    assert "warning" not in summary(Manifest(**{**vars(all_val), "task": 0}))  # one task: `merge` judges the whole
+    assert "warning" not in summary(Manifest(inputs=[record("a", "val"), record("b", "train")]))
+    assert "warning" not in summary(Manifest())  # nothing prepared: nothing to split
+
+
+@pytest.mark.slow  # ~45 s on 2 CPU cores: three job starts, each importing torch and diffusers
+def test_the_sbatch_array_job_logs_readably_and_merges(slurm, tmp_path, corpus_run, corpus, vae_dir):
+    """slurm/prepare.sbatch as a 2-task array on a real (single-node, CPU) SLURM, then the merge job: each task's log
+    has plain progress lines and the summary with the stage times (no carriage-return bar), the merge job's log the
+    whole dataset's summary, and the dataset equals a single run's."""
+    out, listing = tmp_path / "shards", tmp_path / "list.txt"
+    names = ["fps24.mp4", "fps25.mov", "vfr.mp4", "slides.pdf"]
+    listing.write_text("".join(f"{corpus.parent / 'clips' / name}\n" for name in names))
+    env = {"PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+           "INPUTS": str(listing), "OUT": str(out), "VAE": str(vae_dir), "DEVICE": "cpu"}
+    export = "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items())
+    args = ["--size", str(SIZE), "--segment-seconds", "1.0", "--min-segment-seconds", "0.5", "--batch-size", "25",
+            "--val-percent", "50", "--samples-per-shard", "2"]
+    array = slurm.sbatch([export, "--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1",
+                          f"--output={tmp_path}/task-%a.out", str(REPO / "slurm" / "prepare.sbatch"), *args],
+                         cwd=tmp_path)
+    merge_job = slurm.sbatch([export, f"--dependency=afterany:{array}", f"--output={tmp_path}/merge.out",
+                              "--wrap", f"letstalk prepare --merge {out}"], cwd=tmp_path)
+    try:
+        info = slurm.wait(merge_job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
+    finally:
+        slurm.cancel_all()
+    logs = {name: (tmp_path / f"{name}.out").read_text() for name in ("task-0", "task-1", "merge")}
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs}\n{slurm.log_tail()}"
+    for name in ("task-0", "task-1"):
+        log = logs[name]
+        assert "\r" not in log, log
+        assert re.search(r"^prepare: \d+ ok, \d+ failed", log, re.M), log
+        if "prepare: 0 ok" not in log:  # a task that had good inputs
+            assert re.search(r"^prepare: 1/\d+ inputs, \d+ segments, \d+s elapsed, ETA ", log, re.M), log
+            assert re.search(r"^prepare: decode +\d+\.\d s +\d+ frames +\d+\.\d frames/s$", log, re.M), log
+            assert re.search(r"^prepare: \d+\.\d s in all", log, re.M), log
+    assert logs["merge"].startswith("prepare: 3 ok, 1 failed (1 not a video file)\n"), logs["merge"]
+    merged = Manifest.load(out)
+    reference = {key for key, s in all_samples(*corpus_run).items() if Path(s.meta["source"]).name in names}
+    assert set(all_samples(out, merged)) == reference and len(reference) == merged.num_samples == 6

@@ -143,14 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA ones")
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("check", help="verify a prepared dataset (sizes, hashes, members, arrays, audio alignment)")
+    p = sub.add_parser("check", help="verify a prepared dataset (sizes, hashes, members, arrays, audio alignment); "
+                       "exit 1 on a problem, 0 with warnings only (a split no speaker went to)")
     p.add_argument("data", help="the dataset folder (manifest.json, index.npz, shards)")
     p.add_argument("--clip-frames", type=int, default=None, help="also count segments shorter than this")
     p.add_argument("--fast", action="store_true",
                    help="sizes and the index only: one stat per shard, no decoding, no hashing")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(8, CPU cores))")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none without a terminal)")
 
     p = sub.add_parser("export", help="checkpoint (a .ckpt or a DeepSpeed checkpoint folder) -> safetensors + config")
     p.add_argument("checkpoint")
