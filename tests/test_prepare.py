@@ -621,7 +621,7 @@ def test_list_files_csv_jsonl_and_their_errors(tmp_path):
             list_inputs(tmp_path / name)
 
 
-def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatch, corpus, vae_dir):
+def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatch, corpus, vae_dir, capsys):
     """`--crop face` through a local fake of pipeline.faces: one face except frames 10..19."""
 
     class FaceDetector:
@@ -665,7 +665,10 @@ def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatc
     listing = tmp_path / "one.txt"
     listing.write_text(str(corpus.parent / "clips" / "fps24.mp4") + "\n")
     out = tmp_path / "out"
-    manifest = prepare(listing, out, vae_dir, crop="face", progress=False, **CORPUS_ARGS)
+    manifest = prepare(listing, out, vae_dir, crop="face", progress=True, **CORPUS_ARGS)
+    stages = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines() if " frames/s" in line}
+    assert list(stages) == ["decode", "detect", "crop", "vae", "audio", "write"]
+    assert [stages[s][4] for s in stages] == ["100", "50", "50", "25", "25", "25"]  # decode: both passes of 50
     segs = all_samples(out, manifest)
     # frames 0..9 (0.4 s, under min 0.5 s) dropped; track 20..49 -> segments of 25 + 5 (5 dropped)
     assert [(k, s.meta["start_frame"], s.meta["frames"]) for k, s in segs.items()] == [("fps24/0000", 20, 25)]
