@@ -6,7 +6,8 @@ folder of per-rank shards: the fp32 master weights and the EMA (kept by the opti
 `lightning_modules/ema.py`) are flat partitions in the optimizer shards, and are put back together
 here with DeepSpeed's own layout code (`deepspeed.utils.zero_to_fp32`). `letstalk export` turns
 either into `model.safetensors` (the network only) plus `model.json` (the configs), which
-`letstalk generate` loads like a checkpoint. Nothing is unpickled: files are read with
+`letstalk generate` loads like a checkpoint; it holds the EMA weights unless asked for the live ones, and may
+re-home the encoders (`pipeline.locate`). Nothing is unpickled: files are read with
 `torch.load(weights_only=True)`, DeepSpeed's too (`no_unpickling`).
 """
 
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipeline.locate import fingerprint, locate_encoders
 
 CONFIG_KEYS = ("net", "diffusion", "data_info")
 
@@ -142,12 +145,30 @@ def read_weights(checkpoint: str | os.PathLike, ema: bool = True) -> tuple[dict[
     return {key: hparams[key] for key in CONFIG_KEYS if key in hparams}, state
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> Path:
-    """Write the network weights to `out` (.safetensors) and the configs beside it (.json), each atomically."""
+def recorded_in(checkpoint: str | os.PathLike) -> str:
+    """Where a checkpoint's encoder paths were written, for messages about them (`pipeline.locate`)."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        return f"{path.with_suffix('.json')} (the export's data_info)"
+    return f"checkpoint {path} (its data_info, copied from the dataset manifest letstalk prepare wrote)"
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, ema: bool = True,
+           vae: str | os.PathLike | None = None, audio_encoder: str | os.PathLike | None = None) -> Path:
+    """Write the network weights (the EMA ones unless `ema=False`) to `out` (.safetensors) and the configs beside
+    it (.json), each atomically. `vae` / `audio_encoder` re-home the model: the JSON records these folders
+    instead of the checkpoint's, keeping the encoder's name and sha1 (taken from the folder where the checkpoint
+    has none), so a moved model is pointed at its encoders once."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out}: the export must be a .safetensors file")
     config, state = read_weights(checkpoint, ema=ema)
+    if vae is not None or audio_encoder is not None:
+        info = locate_encoders(config["data_info"], recorded_in(checkpoint), vae, audio_encoder, recorded=False)
+        for key, given in (("vae", vae), ("audio_encoder", audio_encoder)):
+            if given is not None and not info[key].get("sha1"):
+                info[key]["sha1"] = fingerprint(info[key]["path"])
+        config["data_info"] = info
     config["source"] = {"checkpoint": str(Path(checkpoint).resolve()), "weights": "ema" if ema else "live"}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

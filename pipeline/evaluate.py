@@ -50,7 +50,7 @@ import numpy as np
 from pipeline import media
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE
 from pipeline.metrics.appearance import comparison_sheet, face_mouth_box, fidelity, flatten, format_fidelity, mean_fidelity
-from pipeline.generate import CheckpointError, Generator, generate_frames, load_generator
+from pipeline.generate import Generator, generate_frames, load_generator
 from pipeline.metrics.frechet import feature_distance
 from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clips
 from pipeline.metrics.inception import inception_features, load_fid_inception
@@ -292,24 +292,22 @@ def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str |
 def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed: int = 0,
              metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int | None = None,
              sampler: str | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
-             ema: bool = True, vae_path: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+             ema: bool = True, vae: str | Path | None = None, audio_encoder: str | Path | None = None,
+             device: str = "cpu") -> dict[str, Any]:
     """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) and a
     contact sheet per clip (`<out stem>_sheets/`) if given, prints the table, returns the result (metrics, skip
     notes, per-clip scores, settings, timings)."""
     t_start = time.perf_counter()
     metrics = metrics or MetricsConfig()
     suite = MetricSuite(metrics, device)
-    gen = load_generator(checkpoint, ema=ema, device=device)
+    gen = load_generator(checkpoint, ema=ema, device=device, vae=vae, audio_encoder=audio_encoder)
     sampler, steps = gen.diffusion.sampling(sampler, steps)
     info = gen.data_info
     manifest = Manifest.load(data)
     if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):
         raise ValueError(f"{data}: frames are {manifest.size}px at {manifest.fps:g} fps, but {checkpoint} was "
                          f"trained on {info['size']}px at {info['fps']:g} fps")
-    vae_path = vae_path or info["vae"].get("path")
-    if vae_path is None:
-        raise CheckpointError(f"{checkpoint}: the training data's manifest names no VAE path; pass vae_path")
-    vae = load_vae(vae_path, device=device)
+    vae = load_vae(info["vae"]["path"], device=device)  # the folder load_generator found
     load = ClipLoader(manifest, int(info["size"]), vae if metrics.appearance else None)
     stats: list[dict[str, Any]] = []
     sheets = None if out is None else Path(out).with_suffix("").with_name(Path(out).stem + "_sheets")

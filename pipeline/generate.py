@@ -2,9 +2,12 @@
 
 Inputs: a portrait image (or a video's first frame), face-cropped (`pipeline.faces`), centre-cropped
 or used whole; audio in any format ffmpeg or libsndfile reads (wav, flac, mp3, m4a, a video's audio
-track), any rate and channel count, resampled to 16 kHz mono. The video has round(seconds × fps)
-frames (`frame_count`), its audio trimmed or padded with silence to exactly that length (at most
-half a frame). Every output carries provenance marks unless switched off (`pipeline.provenance`).
+track), any rate and channel count, which the model gets resampled to 16 kHz mono. The video has
+round(seconds × fps) frames (`frame_count`); its soundtrack is the user's audio at its own rate and
+channels (more than two downmixed to stereo), trimmed or padded with silence to exactly the video's
+length (at most half a frame). Every output carries provenance marks unless switched off
+(`pipeline.provenance`). The model's encoders are found with `pipeline.locate` (overrides: `vae`,
+`audio_encoder`).
 
 Audio longer than one clip is covered by consecutive clips that share the portrait,
 the seed stream and the guidance settings; the output's length matches the audio. A model with
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,8 +35,9 @@ from tqdm import tqdm
 
 from pipeline import media, provenance
 from pipeline.audio_encoders import AudioEncoder, audio_windows, build_audio_encoder
-from pipeline.checkpoints import CheckpointError, read_weights
+from pipeline.checkpoints import CheckpointError, read_weights, recorded_in
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
+from pipeline.locate import locate_encoders
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
 
@@ -64,13 +69,18 @@ class Generator:
         return self._encoders[device]
 
 
-def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu") -> Generator:
+def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu", vae: str | Path | None = None,
+                   audio_encoder: str | Path | None = None) -> Generator:
     """Build the network from a checkpoint's config and load its weights (`pipeline.checkpoints.read_weights`).
-    On a GPU, float32 matmuls may use TF32 tensor cores (`set_float32_matmul_precision("high")`), as sampling
-    does not need full fp32 products; benchmarks/gpu_check.sh times generation there."""
+
+    The encoder folders are found once here (`pipeline.locate.locate_encoders`: the `vae` / `audio_encoder`
+    overrides, else the recorded paths), and the generator's `data_info` holds the folders found. On a GPU,
+    float32 matmuls may use TF32 tensor cores (`set_float32_matmul_precision("high")`), as sampling does not need
+    full fp32 products; benchmarks/gpu_check.sh times generation there."""
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high")
     config, state = read_weights(checkpoint, ema=ema)
+    config["data_info"] = locate_encoders(config["data_info"], recorded_in(checkpoint), vae, audio_encoder)
     try:
         net = LetsTalkDiT.from_weights(DiTConfig(**config["net"]), state, device)
     except ValueError as err:
@@ -134,6 +144,53 @@ def check_audio(waveform: np.ndarray, source: str | Path) -> None:
 def frame_count(num_samples: int, fps: float) -> int:
     """Video frames for audio of `num_samples` at 16 kHz: round(seconds × fps), halves rounded up."""
     return int(math.floor(num_samples * fps / media.SAMPLE_RATE + 0.5))
+
+
+class ProgressLines:
+    """Progress as plain lines, for a log without a terminal (a batch job's), where a bar prints nothing until the
+    end: a line once `fraction` of the work or `interval` seconds of `clock` have passed since the last one,
+    whichever comes first, and one at the end; each gives the count done (with `detail`), the time elapsed and an
+    ETA. `clock` is injectable, so the rate is tested without waiting."""
+
+    def __init__(self, total: int, label: str, detail: str = "", clock: Callable[[], float] = time.monotonic,
+                 fraction: float = 0.1, interval: float = 30.0, stream=None):
+        self.total, self.label, self.detail, self.clock = total, label, detail, clock
+        self.fraction, self.interval, self.stream = fraction, interval, stream
+        self.start = self.last = clock()
+        self.done = self.shown = 0
+
+    def update(self, n: int) -> None:
+        """`n` more done; print a line if one is due."""
+        self.done += n
+        now = self.clock()
+        due = self.done - self.shown >= self.fraction * self.total or now - self.last >= self.interval
+        if not self.done or (not due and self.done < self.total):
+            return
+        self.shown, self.last = self.done, now
+        elapsed = now - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"{self.label} {self.done} of {self.total}{self.detail}, {_duration(elapsed)} elapsed, "
+              f"ETA {_duration(eta)}", file=self.stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        """Nothing to tear down (the interface of a tqdm bar)."""
+
+
+def step_progress(total: int, label: str, detail: str = "", terminal=None) -> tqdm | ProgressLines:
+    """Progress over `total` denoising steps: a tqdm bar (with ETA) on `terminal` (default stderr) where it is
+    one, else `ProgressLines` on stdout."""
+    terminal = terminal or sys.stderr
+    if terminal.isatty():
+        return tqdm(total=total, desc=label, unit="step", file=terminal)
+    return ProgressLines(total, f"{label}: steps", detail)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds for a log line: 42s, 7m05s, 3h12m."""
+    seconds = int(round(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @torch.no_grad()
@@ -228,14 +285,13 @@ class Model:
     device: str
 
 
-def load_model(checkpoint: str | Path, vae_path: str | Path | None = None, ema: bool = True,
-               device: str = "cpu") -> Model:
-    """Load network, VAE and checkpoint hash; refuse a VAE whose latent channels differ from the network's."""
-    gen = load_generator(checkpoint, ema=ema, device=device)
+def load_model(checkpoint: str | Path, vae: str | Path | None = None, audio_encoder: str | Path | None = None,
+               ema: bool = True, device: str = "cpu") -> Model:
+    """Load network, VAE and checkpoint hash; refuse a VAE whose latent channels differ from the network's.
+    `vae` / `audio_encoder`: folders to use instead of the recorded ones (`load_generator`)."""
+    gen = load_generator(checkpoint, ema=ema, device=device, vae=vae, audio_encoder=audio_encoder)
     info = gen.data_info
-    vae_path = vae_path or info["vae"].get("path")
-    if vae_path is None:
-        raise CheckpointError(f"{checkpoint}: the training data's manifest names no VAE path; pass --vae")
+    vae_path = info["vae"]["path"]
     vae = load_vae(vae_path, device=device)
     vae_channels, net_channels = int(vae.config.latent_channels), int(gen.net.config.latent_channels)
     if vae_channels != net_channels:
@@ -247,19 +303,23 @@ def load_model(checkpoint: str | Path, vae_path: str | Path | None = None, ema: 
 
 
 def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
-             vae_path: str | Path | None = None, sampler: str | None = None, steps: int | None = None,
+             vae: str | Path | None = None, audio_encoder: str | Path | None = None, sampler: str | None = None,
+             steps: int | None = None,
              audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE, seed: int = 0, ema: bool = True,
              device: str = "cpu", clips_per_batch: int = 16, size: int | None = None, crop: str = "center",
              provenance_marks: bool = True, consent: str | None = None, c2pa_cert: str | Path | None = None,
              c2pa_key: str | Path | None = None, progress: Callable[[float, str], None] | None = None) -> dict:
     """Write `out` (H.264 yuv420p + AAC mp4, faststart) and return a summary with timings and the real-time factor.
 
-    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app). `sampler` / `steps`
-    None: the model objective's first sampler and its `pipeline.diffusion.DEFAULT_STEPS`. With
-    `provenance_marks` (default) the frames carry an invisible watermark and the container says the
-    video is AI-generated (`pipeline.provenance`); `c2pa_cert` + `c2pa_key` add a signed C2PA
-    manifest. Bad input raises a ValueError subclass naming the file; `out` is written only
-    complete (temporary file + rename). `progress(fraction, message)` is called as work proceeds.
+    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app); `vae` / `audio_encoder`
+    replace the encoder folders it records (`load_model`). `sampler` / `steps` None: the model
+    objective's first sampler and its `pipeline.diffusion.DEFAULT_STEPS`. With `provenance_marks`
+    (default) the frames carry an invisible watermark and the container says the video is AI-generated
+    (`pipeline.provenance`); `c2pa_cert` + `c2pa_key` add a signed C2PA manifest. The soundtrack is
+    `audio` as given (its rate and channels, `media.read_audio_native`). Bad input raises a ValueError
+    subclass naming the file; `out` is written only complete (temporary file + rename).
+    `progress(fraction, message)` is called as work proceeds; the denoising steps show as a bar on a
+    terminal and as plain lines in a log (`step_progress`).
     """
     report = progress or (lambda fraction, message: None)
     if (steps is not None and steps < 1) or clips_per_batch < 1:
@@ -271,7 +331,8 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     out = Path(out)
     report(0.0, "loading model")
     try:
-        model = checkpoint if isinstance(checkpoint, Model) else load_model(checkpoint, vae_path, ema, device)
+        model = checkpoint if isinstance(checkpoint, Model) else load_model(checkpoint, vae, audio_encoder, ema,
+                                                                            device)
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(out, err) from err
     gen, info = model.gen, model.gen.data_info
@@ -282,12 +343,13 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
                               f"omit --size or use a checkpoint trained at {size}")
     report(0.02, "reading inputs")
     image = read_portrait(portrait, model_size, crop)
-    waveform = media.read_audio(audio)
+    waveform = media.read_audio(audio)  # the model's input: 16 kHz mono
     check_audio(waveform, audio)
+    soundtrack, soundtrack_rate = media.read_audio_native(audio)  # the video's: as the user gave it
     fps = float(info["fps"])
     clips = math.ceil(frame_count(len(waveform), fps) / int(info["clip_frames"]))
     total = clips * steps
-    bar = tqdm(total=total, desc=f"generating {out.name}", unit="step", disable=None)  # ETA on a terminal
+    bar = step_progress(total, f"generating {out.name}", f" ({clips} clips x {steps} steps)")
     done = 0
 
     def on_step(clips_advanced: int) -> None:
@@ -315,7 +377,7 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     gen.timings["watermark"] = time.perf_counter() - t0
     report(0.95, "writing video")
     t0 = time.perf_counter()
-    _write(out, frames, fps, waveform, tags, c2pa_cert, c2pa_key)  # write_video fits the audio to the frames
+    _write(out, frames, fps, soundtrack, soundtrack_rate, tags, c2pa_cert, c2pa_key)  # audio fitted to the frames
     gen.timings["mux"] = time.perf_counter() - t0
     seconds = len(frames) / fps
     summary = {"out": str(out), "frames": len(frames), "seconds": seconds, "seed": seed, "sampler": sampler,
@@ -333,16 +395,16 @@ def _out_of_memory(out: Path, err: torch.cuda.OutOfMemoryError) -> GenerationErr
                            "--clips-per-batch 1, shorter audio, a smaller model, or --device cpu")
 
 
-def _write(out: Path, frames: np.ndarray, fps: float, audio: np.ndarray, tags: dict[str, str] | None,
-           c2pa_cert: str | Path | None, c2pa_key: str | Path | None) -> None:
+def _write(out: Path, frames: np.ndarray, fps: float, audio: np.ndarray, sample_rate: int,
+           tags: dict[str, str] | None, c2pa_cert: str | Path | None, c2pa_key: str | Path | None) -> None:
     """Encode, then sign into a temporary file renamed onto `out`: a failing step leaves no `out`."""
     if c2pa_cert is None:
-        media.write_video(out, frames, fps, audio=audio, sample_rate=media.SAMPLE_RATE, metadata=tags)
+        media.write_video(out, frames, fps, audio=audio, sample_rate=sample_rate, metadata=tags)
         return
     unsigned = out.with_name(f".{out.stem}.unsigned{out.suffix or '.mp4'}")
     signed = out.with_name(f".{out.stem}.signed{out.suffix or '.mp4'}")
     try:
-        media.write_video(unsigned, frames, fps, audio=audio, sample_rate=media.SAMPLE_RATE, metadata=tags)
+        media.write_video(unsigned, frames, fps, audio=audio, sample_rate=sample_rate, metadata=tags)
         provenance.sign_c2pa(unsigned, signed, c2pa_cert, c2pa_key, tags)
         os.replace(signed, out)
     finally:
@@ -368,8 +430,8 @@ def generate_batch(rows_csv: str | Path, checkpoint: str | Path, report_path: st
             raise GenerationError(f"{rows_csv}: missing column(s) {', '.join(sorted(missing))}; "
                                   "expected portrait,audio,out[,seed]")
         rows = list(reader)
-    model = load_model(checkpoint, options.pop("vae_path", None), options.pop("ema", True),
-                       options.get("device", "cpu"))
+    model = load_model(checkpoint, options.pop("vae", None), options.pop("audio_encoder", None),
+                       options.pop("ema", True), options.get("device", "cpu"))
     base, results = rows_csv.parent, []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         result = {"line": number, **{key: row.get(key) for key in ("portrait", "audio", "out", "seed")}}

@@ -263,7 +263,7 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     _check_file(path)
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))  # [H, W, 3]
+            pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"))  # [H, W, 3], writable for torch
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise MediaError(f"{path}: unreadable or corrupt image ({_first_line(err)})") from err
     return pixels if size is None else square_resize(pixels[None], size)[0]

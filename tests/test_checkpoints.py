@@ -36,8 +36,19 @@ def test_export_holds_exactly_the_chosen_weights_and_the_configs(checkpoint: Pat
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_export_ships_the_ema_weights_unless_told_otherwise(checkpoint: Path, tmp_path: Path):
+    """The EMA by default, as generate uses it; --no-ema for the live weights; the JSON says which."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for flags, prefix, weights in (([], "ema.", "ema"), (["--ema"], "ema.", "ema"), (["--no-ema"], "net.", "live")):
+        out = tmp_path / f"{weights}{len(flags)}.safetensors"
+        assert main(["export", str(checkpoint), "--out", str(out), *flags]) == 0
+        exported = load_file(out)
+        assert all(torch.equal(v, ckpt["state_dict"][prefix + k]) for k, v in exported.items())
+        assert json.loads(out.with_suffix(".json").read_text())["source"]["weights"] == weights
+
+
 def test_generate_from_the_export_equals_generate_from_the_checkpoint(checkpoint: Path, tmp_path: Path):
-    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.safetensors"), "--ema"]) == 0
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model.safetensors")]) == 0
     portrait = checkpoint.parents[2] / "heldout" / "clip_0000.mp4"
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     # without provenance marks: the watermark's id comes from the file's hash, which differs by design

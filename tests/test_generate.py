@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 import subprocess
@@ -17,7 +18,8 @@ import torch
 from pipeline import media, provenance
 from pipeline.cli import main
 from pipeline.cli.demo import run_demo, score_clip
-from pipeline.generate import CheckpointError, GenerationError, frame_count, generate, load_generator, load_model
+from pipeline.generate import (CheckpointError, GenerationError, ProgressLines, frame_count, generate, load_generator,
+                                load_model, step_progress)
 
 
 def test_demo_runs_every_stage_and_reports(demo: dict):
@@ -193,7 +195,7 @@ def test_frame_count_rounds_to_the_nearest_frame():
     assert frame_count(0, 25.0) == 0 and frame_count(319, 25.0) == 0 and frame_count(320, 25.0) == 1
 
 
-def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path):
+def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path, capsys):
     calls: list[tuple[float, str]] = []
     generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 2.5 * CLIP_S), tmp_path / "o.mp4",
              steps=2, audio_scale=1.0, ref_scale=1.0, progress=lambda fraction, text: calls.append((fraction, text)))
@@ -201,6 +203,71 @@ def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path):
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     steps = [message for _, message in calls if message.startswith("denoising")]  # chained clips: one at a time
     assert len(steps) == 3 * 2 and steps[-1].endswith("step 6 of 6 (3 clips x 2 steps)")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("generating o.mp4: steps")]
+    assert len(lines) == 6 and lines[-1].startswith("generating o.mp4: steps 6 of 6 (3 clips x 2 steps), ")  # no tty
+
+
+class Clock:
+    """A clock a test moves by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_come_every_tenth_or_every_30_seconds(capsys):
+    """Without a terminal: a line per 10 % of the steps or per 30 s, whichever comes first, and one at the end."""
+    for seconds_per_step, shown in ((1.0, list(range(10, 101, 10))), (10.0, [*range(3, 100, 3), 100])):
+        clock, out = Clock(), io.StringIO()
+        progress = ProgressLines(100, "generating x.mp4: steps", " (25 clips x 4 steps)", clock=clock, stream=out)
+        for _ in range(100):
+            clock.now += seconds_per_step
+            progress.update(1)
+        lines = out.getvalue().splitlines()
+        assert [int(line.split()[3]) for line in lines] == shown
+    assert lines[0] == "generating x.mp4: steps 3 of 100 (25 clips x 4 steps), 30s elapsed, ETA 16m10s"
+    assert lines[-1] == "generating x.mp4: steps 100 of 100 (25 clips x 4 steps), 16m40s elapsed, ETA 0s"
+    clock, out = Clock(), io.StringIO()
+    progress = ProgressLines(4, "x:", clock=clock, stream=out)  # clips of many steps: one line per update, at most
+    for _ in range(4):
+        clock.now += 4000.0
+        progress.update(1)
+    assert out.getvalue().splitlines()[1] == "x: 2 of 4, 2h13m elapsed, ETA 2h13m"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_and_a_log_gets_lines():
+    bar = step_progress(8, "generating x.mp4", terminal=Terminal())
+    assert not isinstance(bar, ProgressLines)
+    bar.close()
+    assert isinstance(step_progress(8, "generating x.mp4", terminal=io.StringIO()), ProgressLines)
+
+
+def test_the_video_carries_the_users_audio_as_given(demo: dict, tmp_path: Path):
+    """44.1 kHz stereo in, 44.1 kHz stereo AAC out, the same samples over the video's length (channels not mixed);
+    the model still hears 16 kHz mono."""
+    rate = 44100
+    t = np.arange(int(1.1 * rate)) / rate
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
+    source = np.stack([0.5 * np.sin(2 * np.pi * 180 * t) * envelope, 0.3 * np.sin(2 * np.pi * 330 * t)], axis=1)
+    sf.write(tmp_path / "stereo.wav", source.astype(np.float32), rate)
+    out = tmp_path / "out.mp4"
+    summary = generate(demo["checkpoint"], demo["videos"][0], tmp_path / "stereo.wav", out, **FAST)
+    streams = media.media_streams(out)
+    assert (streams["audio_codec"], streams["audio_sample_rate"], streams["audio_channels"]) == ("aac", rate, 2)
+    sound, sound_rate = media.read_audio_native(out)
+    length = round(summary["frames"] / 25 * rate)  # the video's length: 1.1 s -> 28 frames = 1.12 s, padded
+    assert sound_rate == rate and abs(len(sound) - length) <= rate // 1000
+    for channel in range(2):
+        assert np.corrcoef(sound[: len(t), channel], source[:, channel])[0, 1] > 0.99
+    assert np.abs(sound[len(t) + rate // 200 :]).max() < 0.01  # the padding is silence
+    assert np.corrcoef(sound[: len(t), 0], source[:, 1])[0, 1] < 0.1  # left is left
 
 
 def test_no_provenance_warns_and_leaves_no_marks(demo: dict, tmp_path: Path, capsys):

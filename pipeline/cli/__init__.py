@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default=None, metavar="ROWS.csv",
                    help="generate every row of a CSV with columns portrait,audio,out[,seed]; report beside the CSV")
     p.add_argument("--vae", default=None, help="VAE folder (default: the one the training data was made with)")
+    p.add_argument("--audio-encoder-path", default=None,
+                   help="wav2vec2 or Whisper folder (default: the one the training data was made with)")
     p.add_argument("--size", type=int, default=None, help="frame size; must be the model's (checked)")
     p.add_argument("--crop", default=None, choices=["face", "center", "none"],
                    help="portrait crop (default: face when facenet-pytorch is installed, else center)")
@@ -136,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="evenly spaced frames per clip for FID (default: every frame)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--vae", default=None, help="VAE folder (default: the one the training data was made with)")
+    p.add_argument("--audio-encoder-path", default=None,
+                   help="wav2vec2 or Whisper folder (default: the one the training data was made with)")
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the sampler's own, pipeline.diffusion.DEFAULT_STEPS)")
@@ -156,7 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="checkpoint (a .ckpt or a DeepSpeed checkpoint folder) -> safetensors + config")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="output .safetensors; the config goes beside it as .json")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights (default: the live weights)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the EMA weights, as generate uses them (default); --no-ema: the live weights")
+    p.add_argument("--vae", default=None, help="record this VAE folder instead of the checkpoint's (re-homing)")
+    p.add_argument("--audio-encoder-path", default=None,
+                   help="record this wav2vec2 or Whisper folder instead of the checkpoint's (re-homing)")
 
     p = sub.add_parser("sweep", help="submit one SLURM job (slurm/train.sbatch) per grid point")
     p.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2",
@@ -234,8 +242,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from pipeline.generate import default_crop, generate, generate_batch
 
-        options = dict(vae_path=args.vae, sampler=args.sampler, steps=args.steps, **guidance(args), seed=args.seed,
-                       ema=not args.no_ema, device=args.device,
+        options = dict(vae=args.vae, audio_encoder=args.audio_encoder_path, sampler=args.sampler, steps=args.steps,
+                       **guidance(args), seed=args.seed, ema=not args.no_ema, device=args.device,
                        clips_per_batch=args.clips_per_batch, size=args.size, crop=args.crop or default_crop(),
                        provenance_marks=not args.no_provenance, consent=args.consent, c2pa_cert=args.c2pa_cert,
                        c2pa_key=args.c2pa_key)
@@ -256,8 +264,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics = MetricsConfig(fid_weights=args.fid_weights, fvd_weights=args.fvd_weights,
                                 syncnet_weights=args.syncnet_weights, fid_frames_per_clip=args.fid_frames_per_clip)
         evaluate(args.checkpoint, args.data, num_clips=args.num_clips, seed=args.seed, metrics=metrics, out=args.out,
-                 steps=args.steps, sampler=args.sampler, **guidance(args), ema=not args.no_ema, vae_path=args.vae,
-                 device=args.device)
+                 steps=args.steps, sampler=args.sampler, **guidance(args), ema=not args.no_ema, vae=args.vae,
+                 audio_encoder=args.audio_encoder_path, device=args.device)
     elif args.command == "check":
         from pipeline.check import check_dataset, format_report, write_report
 
@@ -273,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from pipeline.checkpoints import export
 
-        export(args.checkpoint, args.out, ema=args.ema)
+        export(args.checkpoint, args.out, ema=args.ema, vae=args.vae, audio_encoder=args.audio_encoder_path)
     elif args.command == "sweep":
         import shlex
 
