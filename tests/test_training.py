@@ -6,8 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from torch import nn
 from wandb.proto import wandb_internal_pb2
 
@@ -24,6 +28,7 @@ from lightning_modules.ema import EMA_KEY, ema_state_dict, with_ema
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline.cli import main
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key
+from procs import run_job
 
 C, HW, K, D, FRAMES = 4, 8, 2, 8, 12
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -226,6 +231,49 @@ def test_unworkable_configs_are_refused_at_start_with_what_to_change(shards: Pat
     err = capsys.readouterr().err
     assert re.search(f"letstalk fit: error: .*{message}", err), err[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _fit_job(args: list[str], *flags: str) -> subprocess.CompletedProcess:
+    """`letstalk fit` on 2 CPU ranks (DDP, Lightning launches the second) with stderr a pipe, as in a batch job."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return run_job([sys.executable, "-m", "pipeline.cli", "fit", *args, "--trainer.accelerator", "cpu",
+                    "--trainer.devices", "2", "--trainer.strategy", "ddp", *flags], timeout=240, env=env)
+
+
+def test_a_two_rank_job_checks_first_says_each_thing_once_and_records_what_ran(shards: Path, tmp_path: Path):
+    """What a user reads in the log of a job nobody watches, and what the run records."""
+    run = tmp_path / "run"
+    config = Path(fit_args(shards, run)[1])
+    with_eval = config.with_name("with-eval.yaml")  # EvalCallback needs a VAE the test data does not name
+    with_eval.write_text(config.read_text() + "    - class_path: lightning_modules.eval_callback.EvalCallback\n"
+                                              "      init_args: {every_n_steps: 2, num_clips: 1}\n")
+    args = ["--config", str(with_eval), "--trainer.default_root_dir", str(run)]
+
+    refused = _fit_job(args, "--evaluation", "false", "--model.net.latent_channels", "16", "--data.num_workers", "8")
+    assert refused.returncode == 1
+    assert refused.stderr.count("letstalk fit: error: this run cannot start (2 problems)") == 1, refused.stderr[-3000:]
+    assert "1. model.net.latent_channels=16, but the data's VAE (none) makes 4-channel latents" in refused.stderr
+    assert "2. " in refused.stderr and "training segments are too few for 16 loader slots" in refused.stderr
+    assert not (run / "checkpoints").exists() and not list(run.glob("lightning_logs/*/config.yaml"))
+
+    done = _fit_job(args, "--evaluation", "false", "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "50",
+                    "--trainer.val_check_interval", "100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("letstalk fit: step 1/3 (33.3%) | epoch 0 | loss ") == 1  # rank 0's lines only
+    assert done.stderr.count("letstalk fit: step 3/3 (100.0%) | epoch ") == 1
+    assert "Epoch 0/-2" not in done.stderr and "\r" not in done.stderr  # no progress bar without a terminal
+    (version,) = [config.parent for config in run.glob("lightning_logs/version_*/config.yaml")]
+    rows = list(csv.DictReader(open(version / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 2]  # first and last, though 3 < 50 steps
+    ran = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert (ran["net"]["latent_channels"], ran["net"]["audio_dim"], ran["net"]["audio_tokens"]) == (C, D, 3 * K)
+    recorded = yaml.safe_load((version / "config.yaml").read_text())
+    assert recorded["model"]["net"] == ran["net"] and recorded["evaluation"] is False
+    assert yaml.safe_load((version / "hparams.yaml").read_text())["net"] == ran["net"]
+
+    resumed = _fit_job(args, "--evaluation", "false", "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("letstalk fit: resuming from") == 1, resumed.stderr[-3000:]
 
 
 def test_the_optimizer_keeps_an_fp32_ema_that_follows_its_updates_with_the_warmup_decay():

@@ -36,11 +36,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
 
 from datamodules import LetsTalkDataModule
 from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
-from lightning_modules.preflight import ConfigError
+from lightning_modules.preflight import ConfigError, preflight
 from lightning_modules.progress import LogFirstAndLastStep, ProgressLog, StepProgressBar
 from lightning_modules.requeue import CHECKPOINT_PREFIX, SlurmRequeue
 
@@ -166,15 +167,12 @@ class LogConfigCallback(SaveConfigCallback):
     the data, `LetsTalkModule.resolve`: no "auto" left), and logs the resolved config to W&B."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        """After the run's preflight checks (a run that cannot start leaves no log folder behind)."""
         if not self.already_saved and isinstance(pl_module, LetsTalkModule):
-            try:
-                net = pl_module.resolve()
-            except ValueError:  # LetsTalkModule.setup's preflight reports it, with every other problem
-                net = None
-            if net is not None:
-                self.config = self.config.clone()
-                for key, value in asdict(net).items():
-                    self.config[f"model.net.{key}"] = value
+            net = preflight(pl_module, trainer.datamodule) if stage == TrainerFn.FITTING else pl_module.resolve()
+            self.config = self.config.clone()
+            for key, value in asdict(net).items():
+                self.config[f"model.net.{key}"] = value
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
