@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderDC, AutoencoderKL
 
 from lightning_modules.vae import _read_frames, fit_vae, train_vae
+from pipeline.locate import fingerprint
 from pipeline.media import read_video
 from pipeline.metrics.appearance import psnr
 from pipeline.prepare import prepare
@@ -310,7 +311,7 @@ def test_prepare_with_a_dc_vae_writes_dc_latents(tmp_path):
     videos = synthesize(tmp_path / "videos", clips=2, seconds=1.0, size=64, seed=5)
     manifest = prepare(tmp_path / "videos", tmp_path / "shards", dc_dir, size=64, progress=False)
     vae = load_vae(dc_dir)
-    assert manifest.vae == {**vae_info(vae, "dc-f32c32"), "path": str(dc_dir.resolve())}
+    assert manifest.vae == {**vae_info(vae, "dc-f32c32"), "path": str(dc_dir.resolve()), "sha1": fingerprint(dc_dir)}
     assert manifest.vae["type"] == "dc" and manifest.vae["downsample"] == 32 and manifest.vae["latent_channels"] == 32
     assert manifest.vae["shift_factor"] == 0.0 and manifest.vae["scaling_factor"] == 0.5
     assert recommended_patch_size(manifest.vae) == 1 and not manifest.failed
