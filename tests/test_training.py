@@ -276,6 +276,18 @@ def test_a_two_rank_job_checks_first_says_each_thing_once_and_records_what_ran(s
     assert resumed.stderr.count("letstalk fit: resuming from") == 1, resumed.stderr[-3000:]
 
 
+def test_the_production_recipe_is_the_papers_long_video_model(capsys):
+    """The README's cluster command (base + a size + a ZeRO preset) trains with motion frames and a memory bank, the
+    settings configs/long_video.yaml adds to the demo."""
+    long_video = yaml.safe_load((CONFIGS / "long_video.yaml").read_text())["model"]["net"]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model" / "xl.yaml"),
+              "--config", str(CONFIGS / "trainer" / "zero2.yaml"), "--data.root", "/data/shards", "--print_config"])
+    net = yaml.safe_load(capsys.readouterr().out)["model"]["net"]
+    assert long_video["motion_frames"] > 0 and long_video["memory_frames"] > 0
+    assert {key: net[key] for key in long_video} == long_video and net["size"] == "XL"
+
+
 def test_the_optimizer_keeps_an_fp32_ema_that_follows_its_updates_with_the_warmup_decay():
     """EMA state beside Adam's: starts at the weights after update 1, then decay min(d, (1+n)/(10+n)) after update n;
     read back by parameter name; in the optimizer's state_dict, so every strategy checkpoints it."""

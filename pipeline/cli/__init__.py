@@ -188,6 +188,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def name_deepspeed_accelerator() -> None:
+    """DeepSpeed (imported by our ZeRO strategy, and by transformers whenever it is installed) picks its accelerator
+    at import and, falling back to the CPU, prints a warning to stdout, where it corrupts `--print_config > file` and
+    every rank's log; naming the accelerator it would pick anyway silences it."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local paths only
@@ -195,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from pipeline.cli.train import run_lightning_cli
 
+        name_deepspeed_accelerator()
         run_lightning_cli(argv)
         return 0
     args = _parser().parse_args(argv)
+    name_deepspeed_accelerator()
     try:
         return _run(args)
     except (ValueError, OSError) as err:  # bad input: our errors subclass ValueError and name the file
