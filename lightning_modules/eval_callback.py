@@ -4,11 +4,24 @@ The clips, their generation and their scores are `pipeline.evaluate`'s (`select_
 `ClipLoader`, `generate_clip`, `MetricSuite`), so a score logged at step N equals what
 `letstalk evaluate` reports for the step-N checkpoint on the same clips. The clips are chosen once,
 at fit start, from the run's validation split (or from `data`, e.g. held-out shards); clip i is
-generated with seed `seed + i` by rank i % world_size. Per-clip statistics and the first
-`log_videos` videos (as mp4 bytes with their audio) and their contact sheets (portrait | real |
-generated, every 10th frame) are gathered on rank 0, which logs `eval/<metric>` to every logger,
-writes the videos and sheets under `<default_root_dir>/eval_videos/` and logs them to W&B. Every rank runs the same collectives in the same order (the EMA gather under
-ZeRO, one `all_gather_object`), whatever its share of clips. Training is not disturbed: the
+generated with seed `seed + i` by rank i % world_size.
+
+Fit start does only cheap work: the dataset's manifest, its frame size and fps against the model, the VAE
+folder and the metric weights are checked (one error naming the setting), and the clips are chosen (their
+samples are read from the shards; nothing is decoded). Their ground truth (source video decoding, the
+training crop, the VAE reconstruction: minutes on a large run) is loaded at the first evaluation, each rank
+its share, through a `pipeline.evaluate.ClipCache` in `<default_root_dir>/eval_cache/` (or `cache_dir`),
+so a resumed or requeued run, or another run on the same data, reads it back instead. Rank 0 prints a
+line when the loading starts, progress lines (every quarter of its share or 30 s, with an ETA), a line
+when it ends, and one line per evaluation with its duration and main scores.
+
+Per-clip statistics and the first `log_videos` videos (as mp4 bytes with their audio) and their
+contact sheets (portrait | real | generated, every 10th frame) are gathered on rank 0, which logs
+`eval/<metric>` to every logger, writes the videos and sheets under `<default_root_dir>/eval_videos/`
+and logs them to W&B. Every rank runs the same collectives in the same order (the EMA gather under
+ZeRO, one `all_gather_object`), whatever its share of clips; the loading of the clips at the first
+evaluation holds none, so ranks that take longer over it only make the others wait at the first
+collective. Training is not disturbed: the
 network is a float32 copy of the EMA weights, the diffusion object is a fresh one, and the
 python/numpy/torch random states are restored afterwards.
 
@@ -22,7 +35,7 @@ import contextlib
 import random
 import tempfile
 import time
-import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,15 +45,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_modules.letstalk import LetsTalkModule, _coerce
 from pipeline import media
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
-from pipeline.evaluate import METRICS, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip, select_segments
+from pipeline.evaluate import (METRICS, ClipCache, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip,
+                                select_segments)
 from pipeline.generate import Generator
+from pipeline.locate import fingerprint
 from pipeline.metrics.appearance import comparison_sheet
-from pipeline.shards import BadSamples, Manifest, ShardFormatError
+from pipeline.shards import BadSamples, Manifest, Segment, ShardFormatError
 from pipeline.vae import load_vae
 
 
@@ -75,12 +90,18 @@ class EvalCallback(L.Callback):
     DataModule's validation split (its training split, with a warning, when that is empty).
     sampler, steps, audio_scale, ref_scale: generation settings, as `letstalk evaluate`.
     log_videos: how many of the clips (the first ones) are logged as videos.
+    cache_dir: where the clips' ground truth is cached (module docstring); None: `<default_root_dir>/eval_cache/`.
+    A folder shared by runs on the same dataset is safe: files are keyed by all they depend on and written
+    atomically.
     """
+
+    clock = staticmethod(time.monotonic)  # seconds, for the progress lines (a test sets its own)
+    progress_seconds = 30.0  # the longest gap between two progress lines while clips are loaded
 
     def __init__(self, every_n_steps: int = 500, num_clips: int = 8, metrics: MetricsConfig | dict | None = None,
                  data: str | None = None, sampler: str | None = None, steps: int | None = None,
                  audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE, log_videos: int = 2, seed: int = 0,
-                 at_fit_end: bool = True):
+                 at_fit_end: bool = True, cache_dir: str | None = None):
         checks = {"every_n_steps": (every_n_steps, every_n_steps >= 1), "num_clips": (num_clips, num_clips >= 1),
                   "steps": (steps, steps is None or steps >= 1), "log_videos": (log_videos, log_videos >= 0),
                   "seed": (seed, seed >= 0)}
@@ -91,10 +112,13 @@ class EvalCallback(L.Callback):
         self.every_n_steps, self.num_clips, self.data = every_n_steps, num_clips, data
         self.metrics = _coerce(MetricsConfig, metrics or {})
         self.sampler, self.steps, self.audio_scale, self.ref_scale = sampler, steps, audio_scale, ref_scale
-        self.log_videos, self.seed, self.at_fit_end = log_videos, seed, at_fit_end
+        self.log_videos, self.seed, self.at_fit_end, self.cache_dir = log_videos, seed, at_fit_end, cache_dir
         self.keys: list[str] = []  # the chosen clips, in index order (the same on every rank)
         self.results: list[dict[str, Any]] = []  # rank 0: step, metrics, skipped, videos of each evaluation
-        self._clips: dict[int, EvalClip] = {}  # this rank's share, by index
+        self.preload: dict[str, Any] | None = None  # this rank's loading of its clips: built, cached, seconds, cache
+        self._segments: dict[int, Segment] = {}  # this rank's share, by index, until its ground truth is loaded
+        self._clips: dict[int, EvalClip] | None = None  # this rank's share once loaded, by index
+        self._source: tuple[str, Manifest, str, BadSamples] | None = None  # root, manifest, VAE path, fault policy
         self._suite: MetricSuite | None = None
         self._vae = None
         self._notes: dict[str, str] | None = None
@@ -110,37 +134,67 @@ class EvalCallback(L.Callback):
                              "a dataset root to take evaluation clips from")
         samples = datamodule.val_samples
         if not samples:
-            warnings.warn(f"{datamodule.root}: the validation split is empty (val_percent={datamodule.val_percent}); "
-                          "EvalCallback evaluates on training segments", UserWarning)
+            rank_zero_warn(f"{datamodule.root}: the validation split is empty (val_percent={datamodule.val_percent}); "
+                           "EvalCallback evaluates on training segments", UserWarning)
             samples = datamodule.train_samples
         return str(datamodule.root), {s.key for s in samples}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: LetsTalkModule) -> None:
-        """Choose the clips, load this rank's share of their ground truth, the metric networks and the VAE."""
+        """Cheap checks only (module docstring) and the choice of clips; their ground truth is loaded at the first
+        evaluation (`_load_clips`)."""
         root, keys = self._candidate_keys(trainer)
         info = pl_module.hparams["data_info"]
         manifest = Manifest.load(root)
         if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):
-            raise ValueError(f"{root}: frames are {manifest.size}px at {manifest.fps:g} fps, but the model trains on "
-                             f"{info['size']}px at {info['fps']:g} fps")
+            raise ValueError(f"EvalCallback: {root}: frames are {manifest.size}px at {manifest.fps:g} fps, but the "
+                             f"model trains on {info['size']}px at {info['fps']:g} fps")
         vae_path = info["vae"].get("path")
         if not vae_path:
-            raise ValueError(f"{root}: the training data's manifest names no VAE path; EvalCallback needs its decoder")
+            raise ValueError(f"EvalCallback: {root}: the training data's manifest names no VAE path "
+                             "(data_info.vae.path); EvalCallback needs its decoder")
+        if not Path(vae_path).is_dir():
+            raise ValueError(f"EvalCallback: {vae_path}: no such VAE folder (data_info.vae.path, from the training "
+                             "data's manifest)")
+        self._suite = MetricSuite(self.metrics, device=str(pl_module.device))  # a bad weights file fails here
         # damaged data is skipped, named and counted by the training run's fault policy (the DataModule's)
         faults = getattr(trainer.datamodule, "faults", None) or BadSamples(total=manifest.num_samples)
         segments = select_segments(root, self.num_clips, self.seed, keys, faults)
-        self._vae = load_vae(vae_path, device=pl_module.device)
-        load = ClipLoader(manifest, int(info["size"]), self._vae if self.metrics.appearance else None)
         rank, world = trainer.global_rank, trainer.world_size
         self.keys = [s.key for s in segments]
+        self._segments = {i: s for i, s in enumerate(segments) if i % world == rank}
+        self._source = (root, manifest, vae_path, faults)
+        self._clips, self._vae = None, None
+
+    def _load_clips(self, trainer: L.Trainer, pl_module: LetsTalkModule) -> None:
+        """This rank's clips: read from the cache, or decoded, cropped and VAE-reconstructed and cached; the VAE.
+        Rank 0 reports progress on its share (every rank loads its own alongside)."""
+        root, manifest, vae_path, faults = self._source
+        start = self.clock()
+        self._vae = load_vae(vae_path, device=pl_module.device)
+        folder = Path(self.cache_dir) if self.cache_dir else Path(trainer.default_root_dir) / "eval_cache"
+        load = ClipLoader(manifest, int(pl_module.hparams["data_info"]["size"]),
+                          self._vae if self.metrics.appearance else None, root=root, decoder=self._vae,
+                          cache=ClipCache(folder, {"vae_sha1": fingerprint(vae_path)}))
+        share = len(self._segments)
+        rank_zero_info(f"EvalCallback: loading the ground truth of {len(self.keys)} evaluation clips, {share} of them "
+                       f"on rank 0 (cache: {folder})")
+        every, last = max(1, share // 4), start
         self._clips = {}
-        for i, segment in enumerate(segments):
-            if i % world == rank:
-                try:
-                    self._clips[i] = load(segment)
-                except ShardFormatError as err:  # e.g. an undecodable waveform: this clip is left out
-                    faults.skip(err)
-        self._suite = MetricSuite(self.metrics, device=str(pl_module.device))
+        for done, (i, segment) in enumerate(self._segments.items(), 1):
+            try:
+                self._clips[i] = load(segment)
+            except ShardFormatError as err:  # e.g. an undecodable waveform: this clip is left out
+                faults.skip(err)
+            now = self.clock()
+            if done < share and (done % every == 0 or now - last >= self.progress_seconds):
+                rank_zero_info(f"EvalCallback: ground truth {done}/{share} clips, {now - start:.0f} s, "
+                               f"ETA {(now - start) / done * (share - done):.0f} s")
+                last = now
+        seconds = self.clock() - start
+        self.preload = {"built": load.built, "cached": load.cached, "seconds": seconds, "cache": str(folder)}
+        rank_zero_info(f"EvalCallback: ground truth ready in {seconds:.1f} s (rank 0: {load.built} built, "
+                       f"{load.cached} read from the cache)")
+        self._segments = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: LetsTalkModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -157,11 +211,13 @@ class EvalCallback(L.Callback):
         if step == 0 or step == self._last_step:
             return
         self._last_step = step
-        t0 = time.perf_counter()
         device = pl_module.device
         local: list[tuple[int, dict[str, Any], tuple[bytes, np.ndarray] | None]] = []
         clip_frames = int(pl_module.hparams["data_info"]["clip_frames"])
         with preserved_rng(device):
+            if self._clips is None:  # the first evaluation: no collective inside, so ranks may differ in time
+                self._load_clips(trainer, pl_module)
+            t0 = time.perf_counter()
             gen = Generator(pl_module.ema_network(), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
                             dict(pl_module.hparams["data_info"]))
             for i, clip in self._clips.items():
@@ -187,6 +243,11 @@ class EvalCallback(L.Callback):
             self._notes = skipped
             for name, note in skipped.items():
                 rank_zero_info(f"EvalCallback: skipped {METRICS[name][0]}: {note}")
+        main = [n for n in (*METRICS, *(f"appearance/generated/{r}/psnr" for r in ("frame", "mouth"))) if n in values]
+        references = Counter(stats["reference"] for _, stats, _ in results)
+        rank_zero_info(f"EvalCallback: step {step}: {len(results)} clips in {seconds:.1f} s ("
+                       + ", ".join(f"{n} from {ref}" for ref, n in references.items()) + "); "
+                       + ", ".join(f"{n} {values[n]:.4g}" for n in main))
         metrics = {f"eval/{name}": value for name, value in values.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "eval/seconds": seconds}, step=step)
@@ -211,4 +272,5 @@ class EvalCallback(L.Callback):
                     logger.log_image("eval/contact_sheets", [str(p) for p in sheets], step=step,
                                      caption=[f"{key}: portrait | real | generated" for key in captions])
         self.results.append({"step": step, "metrics": values, "skipped": skipped, "seconds": seconds,
+                             "reference_frames": dict(references),
                              "videos": [str(p) for _, p in videos], "contact_sheets": [str(p) for p in sheets]})

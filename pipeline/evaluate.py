@@ -20,11 +20,17 @@ compared with the ground-truth frames of the same segment:
 A network metric runs only when its weights file is configured (`MetricsConfig`); otherwise it is
 skipped with a note saying which file it needs, never estimated some other way.
 
-Ground-truth frames are the segment's frames re-read from the source video named in its metadata
-(`json.source`, from `start_frame`) at the dataset's fps and size; where that file is gone they are
-the VAE decode of the stored latents, and the result says how many clips used which.
+Ground truth (the portrait and the real frames) is the segment's frames re-read from the source video
+named in its metadata (`json.source`, frames `start_frame` .. + `frames`) at the dataset's fps and cropped
+exactly as `prepare` cropped them for training: with `crop` "face" each frame's `face_boxes` box through
+`pipeline.faces.crop_track`, with "center" the centre square (`media.square_resize`), so VAE-encoding it
+reproduces the stored latents. The video is decoded forward in chunks and only up to the segment's end.
+A relative `source` (an older dataset's) is looked for from the current folder, the dataset folder and the
+folder above it. Where the video is missing, unreadable or too short, the ground truth is the VAE decode
+of the stored latents, with a warning naming the clip and the paths tried; the result's `reference_frames`
+counts the clips of each kind ("source video (training crop)", "VAE decode of the stored latents").
 Synthetic ground truth is found the way `letstalk synth` writes it: `<source video>.json` next to
-the video, holding per-frame `mouth_box`es (mapped through the segment's `face_box` crop).
+the video, holding per-frame `mouth_box`es (each mapped through its frame's crop box).
 
 The subset: all complete samples of the dataset in manifest order, `num_clips` of them chosen by
 `numpy.random.default_rng(seed)`; clip i is generated with seed `seed + i`. Point `data` at held-out
@@ -37,17 +43,21 @@ across ranks and `MetricSuite.summarize` turns the gathered list into metrics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
-from collections.abc import Collection
+import warnings
+import zipfile
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import media
+from pipeline import faces, media
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE
 from pipeline.metrics.appearance import comparison_sheet, face_mouth_box, fidelity, flatten, format_fidelity, mean_fidelity
 from pipeline.generate import Generator, generate_frames, load_generator
@@ -56,7 +66,8 @@ from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clip
 from pipeline.metrics.inception import inception_features, load_fid_inception
 from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
 from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
-from pipeline.shards import WAVEFORM, BadSamples, Manifest, Segment, ShardFormatError, index_dataset, read_segments
+from pipeline.shards import (WAVEFORM, BadSamples, DataWarning, Manifest, Segment, ShardFormatError, index_dataset,
+                             read_segments)
 from pipeline.sync import Box, loudness_envelope, mouth_opening, mouth_region, sync_score
 from pipeline.vae import decode_latents, load_vae, reconstruct
 
@@ -68,6 +79,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "sync_d": ("Sync-D (SyncNet distance)", "lower"),
     "sync_synthetic": ("synthetic lip sync (r)", "higher"),
 }
+SOURCE_VIDEO = "source video (training crop)"  # EvalClip.reference: the source's frames, cropped as training saw them
+LATENT_DECODE = "VAE decode of the stored latents"  # EvalClip.reference where the source video is unusable
+CACHE_VERSION = 1  # of ClipCache's files: raised when what a clip holds or how it is made changes
+_CHUNK = 16  # source frames decoded at a time (at source resolution)
 
 
 @dataclass
@@ -102,9 +117,10 @@ class EvalClip:
     real: np.ndarray  # uint8 [T, H, W, 3] ground-truth frames
     waveform: np.ndarray  # float32 [N] 16 kHz mono
     fps: float
-    reference: str  # where `real` came from: "source video" | "VAE reconstruction"
+    reference: str  # where `real` came from: SOURCE_VIDEO | LATENT_DECODE
     mouth_box: Box | None = None  # synthetic ground truth: a fixed box holding the mouth
     reconstruction: np.ndarray | None = None  # uint8 [T, H, W, 3] the VAE's encode -> decode of `real`
+    note: str = ""  # with LATENT_DECODE: why the source video was not used (the warning given)
 
 
 class MetricSuite:
@@ -135,6 +151,8 @@ class MetricSuite:
         if generated.shape != clip.real.shape:
             raise ValueError(f"{clip.key}: generated frames {generated.shape} != ground truth {clip.real.shape}")
         stats: dict[str, Any] = {"key": clip.key, "frames": len(generated), "reference": clip.reference}
+        if clip.note:
+            stats["note"] = clip.note
         size = self.config.batch_size
         if self.inception is not None:
             count = self.config.fid_frames_per_clip
@@ -220,9 +238,10 @@ def select_segments(data: str | Path, num_clips: int, seed: int, keys: Collectio
     return [found[key] for _, key in wanted if key in found]
 
 
-def _mouth_box(meta: dict[str, Any], size: int) -> Box | None:
-    """The synthetic mouth region of a segment in its frames' pixels, or None without synthetic ground truth."""
-    side_path = Path(str(meta.get("source", ""))).with_suffix(".json")
+def _mouth_box(side_path: Path, meta: dict[str, Any], crops: np.ndarray | None, size: int) -> Box | None:
+    """The synthetic mouth region of a segment in its frames' pixels, or None without synthetic ground truth.
+
+    crops: the segment's per-frame crop boxes int [T, 4] in source pixels (None: the whole square frame)."""
     if not side_path.is_file():
         return None
     try:
@@ -236,49 +255,231 @@ def _mouth_box(meta: dict[str, Any], size: int) -> Box | None:
     if boxes.shape != (frames, 4):
         raise ShardFormatError(f"{side_path}: mouth_box has {len(side['mouth_box'])} frames, the segment needs "
                                f"frames {start}..{start + frames - 1}")
-    x0, y0, x1, _ = np.asarray(meta.get("face_box") or [0, 0, side["size"], side["size"]], dtype=np.float64)
-    boxes = (boxes - [x0, y0, x0, y0]) * (size / (x1 - x0))  # the segment's crop, resized to `size`
+    crops = np.tile([0, 0, side["size"], side["size"]], (frames, 1)) if crops is None else crops  # [T, 4]
+    corner = np.tile(crops[:, :2], 2).astype(np.float64)  # [T, 4] (x0, y0, x0, y0)
+    boxes = (boxes - corner) * (size / (crops[:, 2:3] - crops[:, 0:1]))  # each frame's crop, resized to `size`
     return mouth_region({"mouth_box": np.round(boxes).astype(int).tolist(), "size": size}, margin=2)
 
 
+def dataset_identity(manifest: Manifest) -> str:
+    """sha1 of the manifest's shard list (names and content hashes): the same for a copy of the dataset anywhere."""
+    shards = [[s["path"], s.get("sha256"), s.get("bytes")] for s in manifest.shards]
+    return hashlib.sha1(json.dumps(shards).encode("utf-8")).hexdigest()
+
+
+class _VideoStream:
+    """One source video decoded forward in chunks at a fixed fps: consecutive segments of a video cost one pass,
+    and decoding stops at the last frame asked for."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path = path
+        self._chunks = media.iter_video(path, fps, chunk=_CHUNK)
+        self.start, self._chunk = 0, np.zeros((0, 1, 1, 3), np.uint8)  # the chunk held: frames [start, start + n)
+
+    def frames(self, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first frame index, uint8 [n, H, W, 3]) pieces covering frames [lo, hi), lo >= `start`."""
+        while lo < hi:
+            end = self.start + len(self._chunk)
+            if lo >= end:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    raise media.MediaError(f"{self.path}: ends after {end} frames, the segment needs frames "
+                                           f"up to {hi - 1}")
+                self.start, self._chunk = end, chunk
+                continue
+            piece = self._chunk[lo - self.start : min(hi, end) - self.start]
+            yield lo, piece
+            lo += len(piece)
+
+
 class ClipLoader:
-    """Turns segments into `EvalClip`s, reading each source video once and the data's VAE only if needed.
+    """Turns segments into `EvalClip`s: the ground truth through the training crop (module docstring), the
+    waveform and the synthetic mouth box.
 
     vae: the model's VAE; given, each clip carries its reconstruction (the appearance ceiling).
+    root: the dataset folder, where an older dataset's relative `source` is also looked for.
+    decoder: the VAE that decodes the stored latents where a source video is unusable (default: the manifest's,
+    loaded on first need).
+    cache: a `ClipCache`: a clip it holds is read from it, a clip built here is written to it.
+    built, cached: how many clips were built here and how many were read from the cache.
     """
 
-    def __init__(self, manifest: Manifest, size: int, vae=None):
-        self.manifest, self.size, self.model_vae = manifest, size, vae
-        self._source: tuple[str, np.ndarray] | None = None
-        self._vae = None
+    def __init__(self, manifest: Manifest, size: int, vae=None, root: str | Path | None = None, decoder=None,
+                 cache: ClipCache | None = None):
+        self.manifest, self.size, self.model_vae, self.decoder, self.cache = manifest, size, vae, decoder, cache
+        self.root = None if root is None else Path(root) if Path(root).is_dir() else Path(root).parent
+        self.built = self.cached = 0
+        self._stream: _VideoStream | None = None
+        self._dataset = dataset_identity(manifest)
 
-    def _source_frames(self, path: str) -> np.ndarray | None:
-        if self._source is None or self._source[0] != path:
-            try:
-                self._source = (path, media.read_video(path, fps=self.manifest.fps, size=self.size))
-            except media.MediaError:
-                self._source = (path, np.zeros((0, self.size, self.size, 3), np.uint8))
-        return self._source[1]
+    def sources(self, meta: dict[str, Any]) -> list[Path]:
+        """Where a segment's source video may be: `json.source` as written (absolute, or from the current folder),
+        then for a relative one from the dataset folder and the folder above it (where `prepare` usually ran)."""
+        source = str(meta.get("source") or "")
+        if not source:
+            return []
+        path = Path(source)
+        found = [path] if path.is_absolute() or self.root is None else [path, self.root / path, self.root.parent / path]
+        return list(dict.fromkeys(found))
+
+    def _crop_boxes(self, segment: Segment) -> tuple[str, np.ndarray | None]:
+        """(crop, per-frame crop boxes int [T, 4] in source pixels or None where the data does not record them)."""
+        meta, frames = segment.meta, int(segment.meta["frames"])
+        crop = meta.get("crop") or self.manifest.settings.get("crop") or "center"
+        if crop == "center":
+            box = meta.get("face_box")
+            return crop, None if box is None else np.tile(np.asarray(box, np.int64), (frames, 1))
+        if crop != "face":
+            raise ShardFormatError(f"{segment.key}: json crop {crop!r} is neither 'center' nor 'face'", segment.key)
+        boxes = meta.get("face_boxes") or ([meta["face_box"]] * frames if meta.get("face_box") else [])
+        boxes = np.asarray(boxes, dtype=np.int64)
+        if boxes.shape != (frames, 4):
+            raise ShardFormatError(f"{segment.key}: json face_boxes holds {len(boxes)} boxes for {frames} frames",
+                                   segment.key)
+        return crop, boxes
+
+    def _training_crop(self, path: Path, start: int, frames: int, boxes: np.ndarray | None) -> np.ndarray:
+        """Frames [start, start + frames) of `path` -> uint8 [frames, size, size, 3]: each frame's box
+        (`faces.crop_track`, as `prepare --crop face` cuts), or the centre square with `boxes` None."""
+        if self._stream is None or self._stream.path != path or start < self._stream.start:
+            self._stream = _VideoStream(path, self.manifest.fps)
+        parts = []
+        for at, piece in self._stream.frames(start, start + frames):  # piece: uint8 [n, H, W, 3] source pixels
+            if boxes is None:
+                parts.append(media.square_resize(piece, self.size))
+                continue
+            part = boxes[at - start : at - start + len(piece)]  # [n, 4]
+            _, height, width, _ = piece.shape
+            if part[:, 2].max() > width or part[:, 3].max() > height:
+                raise media.MediaError(f"{path}: frames are {width}x{height}, the segment's crop boxes reach "
+                                       f"({part[:, 2].max()}, {part[:, 3].max()}): not the video prepare read")
+            parts.append(faces.crop_track(piece, faces.FaceTrack(0, len(piece), part), self.size))
+        return np.concatenate(parts)  # [frames, size, size, 3]
+
+    def describe(self, segment: Segment) -> dict[str, Any]:
+        """Everything a clip's content depends on besides the VAE (`ClipCache`'s key): the dataset, the segment's
+        metadata, the source video and synthetic side file found (size and modification time), size, fps, and
+        whether the reconstruction is kept."""
+        found = next((p for p in self.sources(segment.meta) if p.is_file()), None)
+        files = {}
+        for name, path in (("source", found), ("side", None if found is None else found.with_suffix(".json"))):
+            if path is not None and path.is_file():
+                stat = path.stat()
+                files[name] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        return {"version": CACHE_VERSION, "dataset": self._dataset, "key": segment.key, "meta": segment.meta,
+                "files": files, "size": self.size, "fps": float(self.manifest.fps),
+                "reconstruction": self.model_vae is not None}
 
     def __call__(self, segment: Segment) -> EvalClip:
+        description = None if self.cache is None else self.describe(segment)
+        clip = None if description is None else self.cache.load(description)
+        if clip is not None:
+            self.cached += 1
+            if clip.note:
+                warnings.warn(f"{clip.note} (cached)", DataWarning, stacklevel=2)
+            return clip
+        clip = self._build(segment)
+        self.built += 1
+        if description is not None:
+            self.cache.save(description, clip)
+        return clip
+
+    def _build(self, segment: Segment) -> EvalClip:
         meta = segment.meta
-        frames = int(meta["frames"])
-        start = int(meta.get("start_frame", 0))
-        real = self._source_frames(str(meta.get("source", "")))[start : start + frames]
-        reference = "source video"
-        if len(real) != frames:
-            if self._vae is None:
+        frames, start = int(meta["frames"]), int(meta.get("start_frame", 0))
+        crop, boxes = self._crop_boxes(segment)
+        tried = self.sources(meta)
+        source = next((p for p in tried if p.is_file()), None)
+        real, note = None, ""
+        if source is None:
+            note = f"no source video at {' nor '.join(map(str, tried))}" if tried else "json names no source video"
+        else:
+            try:
+                real = self._training_crop(source, start, frames, boxes if crop == "face" else None)
+            except media.MediaError as err:
+                self._stream = None
+                note = f"source video unusable: {err}"
+        reference = SOURCE_VIDEO
+        if real is None:
+            note = f"{segment.key}: {note}; its ground truth is the {LATENT_DECODE}"
+            warnings.warn(note, DataWarning, stacklevel=3)
+            if self.decoder is None:
                 if not self.manifest.vae.get("path"):
-                    raise ShardFormatError(f"{segment.key}: source video {meta.get('source')} is unreadable and the "
-                                           "manifest names no VAE to decode the latents with")
-                self._vae = load_vae(self.manifest.vae["path"])
-            real, reference = decode_latents(self._vae, segment.latents.astype(np.float32)), "VAE reconstruction"
+                    raise ShardFormatError(f"{note}, but the manifest names no VAE to decode them with", segment.key)
+                self.decoder = load_vae(self.manifest.vae["path"])
+            real, reference = decode_latents(self.decoder, segment.latents.astype(np.float32)), LATENT_DECODE
         waveform, rate = media.decode_flac(segment.waveform_flac, source=f"{segment.key}.{WAVEFORM}")
         if rate != media.SAMPLE_RATE:
             raise ShardFormatError(f"{segment.key}: audio.flac is {rate} Hz, expected {media.SAMPLE_RATE}")
-        return EvalClip(segment.key, real, waveform, float(meta.get("fps", self.manifest.fps)), reference,
-                        _mouth_box(meta, self.size),
-                        None if self.model_vae is None else reconstruct(self.model_vae, real))
+        mouth = None if source is None else _mouth_box(source.with_suffix(".json"), meta, boxes, self.size)
+        return EvalClip(segment.key, real, waveform, float(meta.get("fps", self.manifest.fps)), reference, mouth,
+                        None if self.model_vae is None else reconstruct(self.model_vae, real), note)
+
+
+class ClipCache:
+    """Evaluation clips on disk, one `<key>-<hash>.npz` per clip, so a resumed or requeued run, or another run on
+    the same data and settings, skips the decoding and the VAE work.
+
+    The hash is of the clip's description (`ClipLoader.describe`, with `context`: the VAE's content hash), which
+    the file also holds and which must match on load. Plain arrays only (read with `allow_pickle=False`), written
+    to a temporary file and renamed; a damaged or mismatched file is ignored with a warning and rebuilt.
+    """
+
+    def __init__(self, folder: str | Path, context: dict[str, Any]):
+        self.folder, self.context = Path(folder), dict(context)
+
+    def _entry(self, description: dict[str, Any]) -> tuple[Path, str]:
+        text = json.dumps({**description, **self.context}, sort_keys=True)
+        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+        return self.folder / f"{description['key'].replace('/', '_')}-{digest}.npz", text
+
+    def load(self, description: dict[str, Any]) -> EvalClip | None:
+        """The clip stored for this description, or None (absent, or damaged or mismatched: warned, to rebuild)."""
+        path, text = self._entry(description)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["description"]) != text:
+                    raise ValueError("it was made for other data or settings")
+                clip = EvalClip(str(data["key"]), data["real"], data["waveform"], float(data["fps"]),
+                                str(data["reference"]), tuple(int(v) for v in data["mouth_box"])
+                                if "mouth_box" in data else None,
+                                data["reconstruction"] if "reconstruction" in data else None, str(data["note"]))
+            size, frames = int(description["size"]), int(description["meta"]["frames"])
+            if clip.real.shape != (frames, size, size, 3) or clip.real.dtype != np.uint8:
+                raise ValueError(f"frames {clip.real.dtype} {list(clip.real.shape)}, expected uint8 "
+                                 f"{[frames, size, size, 3]}")
+            if description["reconstruction"] and (clip.reconstruction is None
+                                                  or clip.reconstruction.shape != clip.real.shape):
+                raise ValueError("no VAE reconstruction of the frames")
+            return clip
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            warnings.warn(f"{path}: evaluation cache file ignored and rebuilt ({type(err).__name__}: {err})",
+                          DataWarning, stacklevel=3)
+            return None
+
+    def save(self, description: dict[str, Any], clip: EvalClip) -> Path:
+        """Write one clip (atomically: a temporary file in the folder, then a rename)."""
+        path, text = self._entry(description)
+        arrays = {"description": np.array(text), "key": np.array(clip.key), "real": clip.real,
+                  "waveform": clip.waveform, "fps": np.array(clip.fps), "reference": np.array(clip.reference),
+                  "note": np.array(clip.note)}
+        if clip.mouth_box is not None:
+            arrays["mouth_box"] = np.array(clip.mouth_box, dtype=np.int64)
+        if clip.reconstruction is not None:
+            arrays["reconstruction"] = clip.reconstruction
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache folder's files from the team
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
 
 
 def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None,
@@ -308,7 +509,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
         raise ValueError(f"{data}: frames are {manifest.size}px at {manifest.fps:g} fps, but {checkpoint} was "
                          f"trained on {info['size']}px at {info['fps']:g} fps")
     vae = load_vae(info["vae"]["path"], device=device)  # the folder load_generator found
-    load = ClipLoader(manifest, int(info["size"]), vae if metrics.appearance else None)
+    load = ClipLoader(manifest, int(info["size"]), vae if metrics.appearance else None, root=data, decoder=vae)
     stats: list[dict[str, Any]] = []
     sheets = None if out is None else Path(out).with_suffix("").with_name(Path(out).stem + "_sheets")
     seconds = {"setup": time.perf_counter() - t_start, "generate": 0.0, "metrics": 0.0}
@@ -370,6 +571,7 @@ def format_table(result: dict[str, Any]) -> str:
     for name, note in skipped.items():
         notes.setdefault(note, []).append(METRICS[name][0])
     lines += [f"skipped {', '.join(labels)}: {note}" for note, labels in notes.items()]
+    lines += [clip["note"] for clip in result["clips"] if clip.get("note")]
     if result.get("appearance"):
         lines += ["", format_fidelity({f"mean of {count} clip{'s' * (count != 1)}": result["appearance"]})]
     if "out" in result:

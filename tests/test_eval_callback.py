@@ -10,7 +10,9 @@ Data: `letstalk synth` faces (8 frames each, so one clip per generation), a rand
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import logging
 import random
 import struct
 import sys
@@ -32,11 +34,12 @@ from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline import media
 from pipeline.checkpoints import export
-from pipeline.evaluate import MetricsConfig, evaluate
+from pipeline.evaluate import SOURCE_VIDEO, MetricsConfig, evaluate
 from pipeline.generate import generate
 from pipeline.metrics import MetricWeightsError
 from pipeline.metrics.inception import FIDInceptionV3
 from pipeline.prepare import prepare
+from pipeline.shards import DataWarning
 from pipeline.synth import synthesize
 from pipeline.vae import demo_vae_config
 from procs import run_job
@@ -223,6 +226,10 @@ def test_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Path, t
     run = tmp_path / "run"
     done = run_job([sys.executable, str(script), str(shards), str(run), json.dumps(metrics)], timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("EvalCallback: loading the ground truth of 3 evaluation clips, 2 of them on rank 0",
+                 "EvalCallback: ground truth ready in", "EvalCallback: step 2: 3 clips in"):
+        assert done.stderr.count(line) == 1, line  # rank 0 only, once
+    assert len(list((run / "eval_cache").glob("*.npz"))) == 3  # by default in the run's folder; each rank its share
     logged = json.loads((run / "eval.json").read_text())
     (result,) = logged["results"]
     assert result["step"] == 2 and len(result["videos"]) == 3  # clips 0 and 2 from rank 0, clip 1 from rank 1
@@ -260,6 +267,71 @@ def test_generation_from_a_zero3_export_equals_generation_from_the_ddp_checkpoin
         frames[name] = media.read_video(out).astype(int)
     assert frames["ddp"].shape == frames["zero3"].shape
     assert np.abs(frames["ddp"] - frames["zero3"]).max() <= 1
+
+
+class FirstSteps(L.Callback):
+    """Records, before each training step up to the first evaluation, whether EvalCallback has loaded its clips
+    and what its cache folder holds."""
+
+    def __init__(self, callback: EvalCallback, cache: Path) -> None:
+        self.callback, self.cache, self.seen = callback, cache, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step < self.callback.every_n_steps:
+            files = sorted(p.name for p in self.cache.iterdir()) if self.cache.exists() else []
+            self.seen.append((trainer.global_step, self.callback._clips is not None, files))
+
+
+class Lines(logging.Handler):
+    """The messages of Lightning's rank-zero logger (where `rank_zero_info` writes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_clips_load_at_the_first_evaluation_into_a_cache_that_later_fits_reuse(shards: Path, tmp_path: Path):
+    cache = tmp_path / "shared_cache"
+    lines, logger = Lines(), logging.getLogger("lightning.pytorch")
+    logger.addHandler(lines)
+    try:
+        first = EvalCallback(every_n_steps=2, num_clips=2, steps=1, log_videos=0, cache_dir=str(cache))
+        first.clock = itertools.count(0.0, 10.0).__next__  # 0 at the start, then +10 s per reading
+        probe = FirstSteps(first, cache)
+        _fit(shards, tmp_path / "run1", [first, probe])
+    finally:
+        logger.removeHandler(lines)
+    # nothing decoded, cropped or VAE-encoded before the first evaluation (step 2): no clips, no cache file
+    assert probe.seen == [(0, False, []), (1, False, [])]
+    files = sorted(cache.glob("*.npz"))
+    assert len(files) == 2 and first.preload["built"] == 2 and first.preload["cached"] == 0
+    assert [r["reference_frames"] for r in first.results] == [{SOURCE_VIDEO: 2}] * 2
+    said = [line for line in lines.lines if line.startswith("EvalCallback:")]
+    assert said[:3] == [f"EvalCallback: loading the ground truth of 2 evaluation clips, 2 of them on rank 0 "
+                        f"(cache: {cache})",
+                        "EvalCallback: ground truth 1/2 clips, 10 s, ETA 10 s",
+                        "EvalCallback: ground truth ready in 30.0 s (rank 0: 2 built, 0 read from the cache)"]
+    steps = [line for line in said if line.startswith("EvalCallback: step ")]
+    assert len(steps) == 2 and steps[0].startswith("EvalCallback: step 2: 2 clips in ")
+    assert f"(2 from {SOURCE_VIDEO}); sync_synthetic " in steps[0] and "appearance/generated/mouth/psnr" in steps[0]
+
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = EvalCallback(every_n_steps=4, num_clips=2, steps=1, log_videos=0, cache_dir=str(cache))
+    _fit(shards, tmp_path / "run2", [second])
+    assert second.preload["built"] == 0 and second.preload["cached"] == 2  # read back, not rebuilt
+    assert [f.stat().st_mtime_ns for f in files] == stamps and sorted(cache.glob("*.npz")) == files
+    assert second.results[0]["metrics"] == first.results[-1]["metrics"]  # step 4, the same scores
+
+    files[0].write_bytes(files[0].read_bytes()[:1000])  # a torn file
+    third = EvalCallback(every_n_steps=4, num_clips=2, steps=1, log_videos=0, cache_dir=str(cache))
+    with pytest.warns(DataWarning, match=rf"{files[0].name}: evaluation cache file ignored and rebuilt"):
+        _fit(shards, tmp_path / "run3", [third])
+    assert third.preload["built"] == 1 and third.preload["cached"] == 1
+    assert third.results[0]["metrics"] == first.results[-1]["metrics"]
+    assert np.load(files[0], allow_pickle=False)["real"].shape == (FRAMES, 64, 64, 3)  # whole again
 
 
 def test_bad_settings_are_refused_clearly(shards: Path, tmp_path: Path):

@@ -20,7 +20,8 @@ from torch import nn
 from datamodules.letstalk import LetsTalkDataModule
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline import media
-from pipeline.evaluate import ClipLoader, MetricsConfig, MetricSuite, evaluate, select_segments
+from pipeline.evaluate import (LATENT_DECODE, SOURCE_VIDEO, ClipLoader, MetricsConfig, MetricSuite, evaluate,
+                               select_segments)
 from pipeline.generate import CheckpointError
 from pipeline.metrics import MetricWeightsError
 from pipeline.metrics.i3d import InceptionI3d
@@ -93,7 +94,7 @@ def test_without_weights_metrics_are_skipped_with_notes(tiny, tmp_path, capsys):
     # the ground-truth faces open their mouths with the audio: the synthetic metric sees it
     assert result["metrics"]["sync_synthetic_real"] > 0.9
     assert -1.0 <= result["metrics"]["sync_synthetic"] <= 1.0
-    assert result["reference_frames"] == {"source video": 2} and result["num_clips"] == 2
+    assert result["reference_frames"] == {SOURCE_VIDEO: 2} and result["num_clips"] == 2
     assert [c["frames"] for c in result["clips"]] == [FRAMES, FRAMES]
     table = capsys.readouterr().out
     assert "synthetic lip sync (r)" in table and "skipped FID: no Inception weights" in table
@@ -150,12 +151,14 @@ def test_subset_is_fixed_by_the_seed(tiny):
         select_segments(tiny["shards"], 0, 0)
 
 
-def test_missing_source_video_falls_back_to_vae_reconstruction(tiny):
+def test_missing_source_video_falls_back_to_the_latents_with_a_warning(tiny):
     manifest = Manifest.load(tiny["shards"])
     segment = select_segments(tiny["shards"], 1, seed=0)[0]
     segment.meta["source"] = str(tiny["root"] / "gone.mp4")
-    clip = ClipLoader(manifest, 64)(segment)
-    assert clip.reference == "VAE reconstruction" and clip.mouth_box is None
+    with pytest.warns(UserWarning, match=rf"{segment.key}: no source video at .*gone\.mp4; its ground truth is the "
+                                         "VAE decode of the stored latents"):
+        clip = ClipLoader(manifest, 64)(segment)
+    assert clip.reference == LATENT_DECODE and clip.mouth_box is None and "gone.mp4" in clip.note
     expected = decode_latents(load_vae(tiny["root"] / "vae"), segment.latents.astype(np.float32))
     assert np.array_equal(clip.real, expected)
 
