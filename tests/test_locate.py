@@ -119,6 +119,16 @@ def test_with_overrides_the_moved_model_makes_the_same_video(travel: dict):
     assert gen.data_info["audio_encoder"]["sha1"] == travel["info"]["audio_encoder"]["sha1"]
 
 
+def test_batch_mode_takes_the_overrides(travel: dict):
+    vae, encoder = moved(travel)
+    rows = travel["root"] / "rows.csv"
+    rows.write_text(f"portrait,audio,out\n{travel['root'] / 'portrait.png'},speech.wav,batch/one.mp4\n")
+    assert main(["generate", "--checkpoint", str(travel["checkpoint"]), "--batch", str(rows), "--steps", "2",
+                 "--crop", "center", "--vae", str(vae), "--audio-encoder-path", str(encoder)]) == 0
+    np.testing.assert_array_equal(media.read_video(travel["root"] / "batch" / "one.mp4"),
+                                  media.read_video(travel["before"]))
+
+
 def test_evaluate_takes_the_same_overrides(travel: dict, tmp_path: Path, capsys):
     vae, encoder = moved(travel)
     args = ["evaluate", "--checkpoint", str(travel["checkpoint"]), "--data", str(travel["root"] / "shards"),
