@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate")
@@ -42,9 +44,33 @@ def guidance(args: argparse.Namespace) -> dict[str, float]:
             "ref_scale": REF_SCALE if args.ref_scale is None else args.ref_scale}
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse that answers a mistyped command or option with the nearest known one ("did you mean ...?").
+
+    `argv` (of the class, so that the command's sub-parser sees it too): the arguments being parsed, set by `main`,
+    so that an error names every unknown option at once, even when argparse stops first at a missing argument."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+        hints = []
+        bad = re.search(r"invalid choice: '([^']*)'", message)
+        if bad and commands:
+            hints += [f"did you mean {near}?" for near in difflib.get_close_matches(bad.group(1), list(commands), 1)]
+        command = commands.get(self.argv[0]) if self.argv and commands else self
+        if command is not None:
+            known = list(command._option_string_actions)
+            for arg in self.argv[1:] if commands else self.argv:
+                option = arg.split("=", 1)[0]
+                if option.startswith("--") and not any(k.startswith(option) for k in known):
+                    near = difflib.get_close_matches(option, known, 1)
+                    hints.append(f"unknown option {option}" + (f" (did you mean {near[0]}?)" if near else ""))
+        super().error("; ".join([message, *dict.fromkeys(hints)]))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="letstalk", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = SuggestingParser(prog="letstalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="draw a synthetic talking-head dataset")
@@ -208,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         name_deepspeed_accelerator()
         run_lightning_cli(argv)
         return 0
+    SuggestingParser.argv = argv
     args = _parser().parse_args(argv)
     name_deepspeed_accelerator()
     try:

@@ -44,6 +44,7 @@ from lightning_modules.letstalk import LetsTalkModule
 from lightning_modules.preflight import ConfigError, preflight
 from lightning_modules.progress import LogFirstAndLastStep, ProgressLog, StepProgressBar
 from lightning_modules.requeue import CHECKPOINT_PREFIX, SlurmRequeue
+from pipeline.cli.config_keys import unknown_keys
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -243,6 +244,14 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
     # answers (each worker yields its own share of the epoch plan)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+    problems = unknown_keys(argv[1:])
+    if problems:
+        if rank_zero_only.rank == 0:
+            listed = "\n".join(f"  {problem}" for problem in problems)
+            print(f"letstalk {argv[0]}: error: {len(problems)} unknown key{'s' * (len(problems) > 1)}:\n{listed}\n"
+                  f"tip: `letstalk {argv[0]} --help` lists the options, `--print_config` the resolved config",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(2)
     try:
         return LetsTalkCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_callback=LogConfigCallback,
                            save_config_kwargs={"overwrite": True},
