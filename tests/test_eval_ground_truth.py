@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import torch
 from datamodules.letstalk import LetsTalkDataModule
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline import media
-from pipeline.evaluate import (_CHUNK, LATENT_DECODE, SOURCE_VIDEO, ClipLoader, MetricsConfig, evaluate,
-                               select_segments)
+from pipeline.evaluate import (_CHUNK, LATENT_DECODE, SOURCE_VIDEO, ClipCache, ClipLoader, EvalClip, MetricsConfig,
+                               evaluate, select_segments)
 from pipeline.metrics.appearance import face_mouth_box
 from pipeline.prepare import prepare
 from pipeline.shards import AtomicShardWriter, DataWarning, Manifest, Segment, iter_tar, write_index
@@ -181,3 +182,31 @@ def test_face_mouth_box_holds_the_mouth_of_a_face_crop(corpus: Path):
     assert ((corners[..., 0] >= x0) & (corners[..., 0] < x1)).all()
     inside = ((corners[..., 1] >= y0) & (corners[..., 1] < y1)).all(axis=1)
     assert inside.mean() >= 0.8, inside.mean()
+
+
+def test_clip_cache_keeps_clips_exactly_and_trusts_no_other_file(tmp_path: Path):
+    folder = tmp_path / "cache"
+    cache = ClipCache(folder, {"vae_sha1": "abc"})
+    description = {"key": "v/0000", "meta": {"frames": 3}, "size": 8, "reconstruction": True}
+    rng = np.random.default_rng(0)
+    clip = EvalClip("v/0000", rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8),
+                    rng.standard_normal(1920).astype(np.float32), 25.0, LATENT_DECODE, (1, 2, 5, 6),
+                    rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), "v/0000: gone")
+    path = cache.save(description, clip)
+    assert sorted(folder.iterdir()) == [path] and path.stat().st_mode & 0o777 == 0o644  # no temporary left
+    back = cache.load(description)
+    for name in ("key", "fps", "reference", "mouth_box", "note"):
+        assert getattr(back, name) == getattr(clip, name), name
+    for name in ("real", "waveform", "reconstruction"):
+        assert np.array_equal(getattr(back, name), getattr(clip, name)) and getattr(back, name).dtype == \
+            getattr(clip, name).dtype, name
+    assert ClipCache(folder, {"vae_sha1": "def"}).load(description) is None  # another VAE: another file
+
+    os.replace(cache.save({**description, "size": 9}, clip), path)  # a file made for other settings, renamed
+    with pytest.warns(DataWarning, match=rf"{path.name}: evaluation cache file ignored and rebuilt .*other data"):
+        assert cache.load(description) is None
+    text = json.dumps({**description, "vae_sha1": "abc"}, sort_keys=True)
+    with open(path, "wb") as file:  # the right description, but a pickled object where the frames belong
+        np.savez(file, description=np.array(text), key=np.array("v/0000"), real=np.array([{"x": 1}], dtype=object))
+    with pytest.warns(DataWarning, match="allow_pickle=False"):
+        assert cache.load(description) is None
