@@ -5,8 +5,6 @@ them in metrics.csv and W&B whatever `trainer.log_every_n_steps` is. `letstalk f
 
 from __future__ import annotations
 
-import datetime
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -14,6 +12,8 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+from pipeline.progress import ProgressLines
 
 
 class _StepDescription:
@@ -29,45 +29,31 @@ class StepProgressBar(_StepDescription, RichProgressBar if _RICH_AVAILABLE else 
     """Lightning's own progress bar for a terminal, with a step-limited run's epoch shown as "Epoch N"."""
 
 
-def _duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
-
-
 class ProgressLog(L.Callback):
-    """Rank 0 prints one plain line at the first step, then every `every_s` seconds and at the last step: step of
-    max_steps, epoch, loss, clips/s, elapsed time and ETA. For logs without a terminal, where a bar is unreadable.
-    `clock` (seconds, monotonic) and `out` are injectable for tests."""
+    """Rank 0 prints a plain line at the first step, then every `every_s` seconds and at the last step
+    (`pipeline.progress.ProgressLines`): step of max_steps, epoch, loss, clips/s, elapsed time and ETA. For logs
+    without a terminal, where a bar is unreadable. `clock` (seconds, monotonic) and `out` are injectable for tests."""
 
     def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic, out: TextIO | None = None):
         if every_s <= 0:
             raise ValueError(f"ProgressLog every_s must be > 0, got {every_s}")
         self.every_s, self.clock, self.out = every_s, clock, out
-        self._start: tuple[float, int] | None = None  # (time, step) when this process started training
-        self._last = 0.0
+        self._lines: ProgressLines | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._last = (self.clock(), trainer.global_step), float("-inf")
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        self._lines = ProgressLines(total, "letstalk fit: step", interval=self.every_s, first=trainer.global_step,
+                                    clock=self.clock, stream=self.out)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        now, step = self.clock(), trainer.global_step
-        if trainer.is_global_zero and (now - self._last >= self.every_s or step == trainer.max_steps):
-            self._last = now
-            print(self.line(trainer, now), file=self.out or sys.stderr, flush=True)
-
-    def line(self, trainer: L.Trainer, now: float) -> str:
-        """"step 1200/300000 (0.4%) epoch 3 | loss 0.0841 | 12.3 clips/s | elapsed 0:10:00, ETA 1 day, 3:00:00"."""
-        step, (t0, step0), total = trainer.global_step, self._start, trainer.max_steps
-        parts = [f"step {step}/{total} ({100 * step / total:.1f}%)" if total > 0 else f"step {step}",
-                 f"epoch {trainer.current_epoch}"]
-        metrics = trainer.callback_metrics
+        if not trainer.is_global_zero or self._lines is None:
+            return
+        metrics, detail = trainer.callback_metrics, f", epoch {trainer.current_epoch}"
         if "train/loss" in metrics:
-            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+            detail += f", loss {float(metrics['train/loss']):.4f}"
         if "train/clips_per_s" in metrics:
-            parts.append(f"{float(metrics['train/clips_per_s']):.1f} clips/s")
-        elapsed = now - t0
-        eta = f", ETA {_duration((total - step) * elapsed / (step - step0))}" if total > 0 and step > step0 else ""
-        parts.append(f"elapsed {_duration(elapsed)}{eta}")
-        return "letstalk fit: " + " | ".join(parts)
+            detail += f", {float(metrics['train/clips_per_s']):.1f} clips/s"
+        self._lines.update(trainer.global_step - self._lines.done, detail)
 
 
 class LogFirstAndLastStep(L.Callback):

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from pipeline.checkpoints import CheckpointError, read_weights, recorded_in
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
 from pipeline.locate import locate_encoders
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
+from pipeline.progress import ProgressLines
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
 
 CROPS = ("face", "center", "none")
@@ -146,51 +148,14 @@ def frame_count(num_samples: int, fps: float) -> int:
     return int(math.floor(num_samples * fps / media.SAMPLE_RATE + 0.5))
 
 
-class ProgressLines:
-    """Progress as plain lines, for a log without a terminal (a batch job's), where a bar prints nothing until the
-    end: a line once `fraction` of the work or `interval` seconds of `clock` have passed since the last one,
-    whichever comes first, and one at the end; each gives the count done (with `detail`), the time elapsed and an
-    ETA. `clock` is injectable, so the rate is tested without waiting."""
-
-    def __init__(self, total: int, label: str, detail: str = "", clock: Callable[[], float] = time.monotonic,
-                 fraction: float = 0.1, interval: float = 30.0, stream=None):
-        self.total, self.label, self.detail, self.clock = total, label, detail, clock
-        self.fraction, self.interval, self.stream = fraction, interval, stream
-        self.start = self.last = clock()
-        self.done = self.shown = 0
-
-    def update(self, n: int) -> None:
-        """`n` more done; print a line if one is due."""
-        self.done += n
-        now = self.clock()
-        due = self.done - self.shown >= self.fraction * self.total or now - self.last >= self.interval
-        if not self.done or (not due and self.done < self.total):
-            return
-        self.shown, self.last = self.done, now
-        elapsed = now - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        print(f"{self.label} {self.done} of {self.total}{self.detail}, {_duration(elapsed)} elapsed, "
-              f"ETA {_duration(eta)}", file=self.stream or sys.stdout, flush=True)
-
-    def close(self) -> None:
-        """Nothing to tear down (the interface of a tqdm bar)."""
-
-
-def step_progress(total: int, label: str, detail: str = "", terminal=None) -> tqdm | ProgressLines:
-    """Progress over `total` denoising steps: a tqdm bar (with ETA) on `terminal` (default stderr) where it is
-    one, else `ProgressLines` on stdout."""
-    terminal = terminal or sys.stderr
-    if terminal.isatty():
-        return tqdm(total=total, desc=label, unit="step", file=terminal)
-    return ProgressLines(total, f"{label}: steps", detail)
-
-
-def _duration(seconds: float) -> str:
-    """Seconds for a log line: 42s, 7m05s, 3h12m."""
-    seconds = int(round(seconds))
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+def step_progress(total: int, label: str, detail: str = "", stream: TextIO | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> tqdm | ProgressLines:
+    """Progress over `total` denoising steps on `stream` (default stderr): a tqdm bar (with ETA) where it is a
+    terminal, else `ProgressLines`: every 10 % of the steps or 30 s of `clock`, whichever comes first."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        return tqdm(total=total, desc=label, unit="step", file=stream)
+    return ProgressLines(total, f"{label}: steps", detail, interval=30.0, fraction=0.1, clock=clock, stream=stream)
 
 
 @torch.no_grad()

@@ -76,6 +76,7 @@ from tqdm import tqdm
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.locate import fingerprint
+from pipeline.progress import ProgressLines
 from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, log_path, sample_key,
                              speaker_split, split_warning, video_id, write_index)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
@@ -297,44 +298,6 @@ class StageTimes:
         return [f"prepare: {stage:<7}{self.seconds[stage]:10.1f} s {self.frames[stage]:10d} frames "
                 f"{self.frames[stage] / max(self.seconds[stage], 1e-9):10.1f} frames/s"
                 for stage in STAGES if self.frames.get(stage)]
-
-
-class ProgressLines:
-    """Progress as plain lines, for a log without a terminal (a batch job's), where a bar is unreadable:
-    inputs done / total, segments, elapsed time and ETA (from the mean time per input so far). A line after the
-    first input (an early sign of life and pace), then at most one per `interval` seconds of `clock`, and one at
-    the end."""
-
-    def __init__(self, total: int, stream: Any = None, clock: Callable[[], float] = time.monotonic,
-                 interval: float = 60.0):
-        self.total, self.stream, self.clock, self.interval = total, stream, clock, interval
-        self.start = clock()
-        self.last: float | None = None  # when the last line was printed
-
-    def update(self, done: int, segments: int) -> str | None:
-        """After each input: the line printed, if one is due, else None."""
-        now = self.clock()
-        if self.last is not None and now - self.last < self.interval and done < self.total:
-            return None
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / done * (self.total - done) if done else float("inf")
-        line = (f"prepare: {done}/{self.total} inputs, {segments} segments, {_duration(elapsed)} elapsed, "
-                f"ETA {_duration(eta)}")
-        print(line, file=self.stream or sys.stderr, flush=True)
-        return line
-
-
-def _duration(seconds: float) -> str:
-    """"42s", "7m05s", "3h12m"; "?" for an unknown (infinite) time."""
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @dataclass
@@ -721,9 +684,9 @@ def prepare(
         writer.shards = list(manifest.shards)
         log = _TaskLog(out, name, manifest, writer)
         bar = tqdm(total=len(mine), desc="prepare", unit="video") if terminal else None
-        lines = ProgressLines(len(mine)) if progress and bar is None else None
+        lines = ProgressLines(len(mine), "prepare: inputs") if progress and bar is None else None
         written = 0
-        for done, (item, vid) in enumerate(mine, 1):
+        for item, vid in mine:
             source = str(item.path)
             try:
                 pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detect, times)
@@ -751,7 +714,7 @@ def prepare(
             if bar is not None:
                 bar.update()
             elif lines is not None:
-                lines.update(done, written)
+                lines.update(1, f", {written} segments")
         if bar is not None:
             bar.close()
         start = times.clock()

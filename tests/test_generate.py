@@ -18,8 +18,9 @@ import torch
 from pipeline import media, provenance
 from pipeline.cli import main
 from pipeline.cli.demo import run_demo, score_clip
-from pipeline.generate import (CheckpointError, GenerationError, ProgressLines, frame_count, generate, load_generator,
+from pipeline.generate import (CheckpointError, GenerationError, frame_count, generate, load_generator,
                                 load_model, step_progress)
+from pipeline.progress import ProgressLines
 
 
 def test_demo_runs_every_stage_and_reports(demo: dict):
@@ -203,8 +204,8 @@ def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path, capsy
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     steps = [message for _, message in calls if message.startswith("denoising")]  # chained clips: one at a time
     assert len(steps) == 3 * 2 and steps[-1].endswith("step 6 of 6 (3 clips x 2 steps)")
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("generating o.mp4: steps")]
-    assert len(lines) == 6 and lines[-1].startswith("generating o.mp4: steps 6 of 6 (3 clips x 2 steps), ")  # no tty
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generating o.mp4: steps")]
+    assert len(lines) == 6 and lines[-1].startswith("generating o.mp4: steps 6/6 (3 clips x 2 steps), ")  # no tty
 
 
 class Clock:
@@ -217,24 +218,19 @@ class Clock:
         return self.now
 
 
-def test_progress_lines_come_every_tenth_or_every_30_seconds(capsys):
-    """Without a terminal: a line per 10 % of the steps or per 30 s, whichever comes first, and one at the end."""
-    for seconds_per_step, shown in ((1.0, list(range(10, 101, 10))), (10.0, [*range(3, 100, 3), 100])):
+def test_progress_lines_come_every_tenth_or_every_30_seconds():
+    """Without a terminal (`step_progress`): a line at the first step, then per 10 % of the steps or per 30 s,
+    whichever comes first, and one at the end."""
+    for seconds_per_step, shown in ((1.0, [1, *range(11, 100, 10), 100]), (10.0, [*range(1, 100, 3), 100])):
         clock, out = Clock(), io.StringIO()
-        progress = ProgressLines(100, "generating x.mp4: steps", " (25 clips x 4 steps)", clock=clock, stream=out)
+        progress = step_progress(100, "generating x.mp4", " (25 clips x 4 steps)", stream=out, clock=clock)
         for _ in range(100):
             clock.now += seconds_per_step
             progress.update(1)
         lines = out.getvalue().splitlines()
-        assert [int(line.split()[3]) for line in lines] == shown
-    assert lines[0] == "generating x.mp4: steps 3 of 100 (25 clips x 4 steps), 30s elapsed, ETA 16m10s"
-    assert lines[-1] == "generating x.mp4: steps 100 of 100 (25 clips x 4 steps), 16m40s elapsed, ETA 0s"
-    clock, out = Clock(), io.StringIO()
-    progress = ProgressLines(4, "x:", clock=clock, stream=out)  # clips of many steps: one line per update, at most
-    for _ in range(4):
-        clock.now += 4000.0
-        progress.update(1)
-    assert out.getvalue().splitlines()[1] == "x: 2 of 4, 2h13m elapsed, ETA 2h13m"
+        assert [int(line.split()[3].split("/")[0]) for line in lines] == shown
+    assert lines[1] == "generating x.mp4: steps 4/100 (25 clips x 4 steps), 40s elapsed, ETA 16m00s"
+    assert lines[-1] == "generating x.mp4: steps 100/100 (25 clips x 4 steps), 16m40s elapsed, ETA 0s"
 
 
 class Terminal(io.StringIO):
@@ -243,10 +239,10 @@ class Terminal(io.StringIO):
 
 
 def test_a_terminal_gets_a_bar_and_a_log_gets_lines():
-    bar = step_progress(8, "generating x.mp4", terminal=Terminal())
+    bar = step_progress(8, "generating x.mp4", stream=Terminal())
     assert not isinstance(bar, ProgressLines)
     bar.close()
-    assert isinstance(step_progress(8, "generating x.mp4", terminal=io.StringIO()), ProgressLines)
+    assert isinstance(step_progress(8, "generating x.mp4", stream=io.StringIO()), ProgressLines)
 
 
 def test_the_video_carries_the_users_audio_as_given(demo: dict, tmp_path: Path):

@@ -28,9 +28,10 @@ from pipeline.audio_encoders import MelEncoder, Wav2Vec2Encoder
 import pipeline
 from pipeline.cli import main
 from pipeline.prepare import (
-    InputItem, ProgressLines, StageTimes, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds,
+    InputItem, StageTimes, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds,
     slurm_task, summary, task_of, unique_ids,
 )
+from pipeline.progress import ProgressLines
 from pipeline.shards import Manifest, index_dataset, index_shards, iter_tar, speaker_split
 from pipeline.synth import make_clip, synthesize
 from pipeline.vae import VAEError, demo_vae_config, encode_frames, load_vae, vae_info
@@ -241,10 +242,10 @@ def test_list_file_with_wav2vec2(tmp_path, videos, vae_dir, capsys):
     assert re.fullmatch(r"prepare: \d+\.\d s in all \(loading the encoders included\)", lines[-1])
     assert "skipped" in printed.err and "notes.txt: not a video file" in printed.err
     # no terminal (a batch job's log): plain progress lines, no carriage-return bar
-    progress = [line for line in printed.err.splitlines() if " inputs, " in line]
+    progress = [line for line in printed.err.splitlines() if line.startswith("prepare: inputs ")]
     assert "\r" not in printed.err and len(progress) == 2
-    assert re.fullmatch(r"prepare: 1/3 inputs, 2 segments, \d+s elapsed, ETA \d+s", progress[0])
-    assert re.fullmatch(r"prepare: 3/3 inputs, 2 segments, \d+s elapsed, ETA 0s", progress[1])
+    assert re.fullmatch(r"prepare: inputs 1/3, 2 segments, \d+s elapsed, ETA \d+s", progress[0])
+    assert re.fullmatch(r"prepare: inputs 3/3, 2 segments, \d+s elapsed, ETA 0s", progress[1])
     assert [(Path(f["path"]).name, f["reason"]) for f in manifest.failed] == [
         ("notes.txt", "not a video file (extension .txt)"), ("clip.mp4", "file not found"),
     ]  # fmt: skip
@@ -826,20 +827,21 @@ def test_an_array_job_begun_by_an_earlier_version_keeps_its_split(tmp_path, monk
 # ---- what a batch job's log shows ----
 
 def test_progress_lines_come_at_a_bounded_rate():
-    """An input every 1.5 s for 1000 inputs: a line after the first, then one per 60 s at most, and one at the end."""
+    """An input every 1.5 s for 1000 inputs: a line after the first, then one per 60 s at most, and one at the end
+    (prepare's `ProgressLines`)."""
     now, stream = [100.0], io.StringIO()
-    lines = ProgressLines(1000, stream=stream, clock=lambda: now[0], interval=60.0)
+    lines = ProgressLines(1000, "prepare: inputs", stream=stream, clock=lambda: now[0], interval=60.0)
     printed = []
     for done in range(1, 1001):
         now[0] += 1.5
-        printed.append((done, now[0], lines.update(done, 2 * done)))
+        printed.append((done, now[0], lines.update(1, f", {2 * done} segments")))
     shown = [(done, at, line) for done, at, line in printed if line]
     assert [line for _, _, line in shown] == stream.getvalue().splitlines()
     assert [done for done, _, _ in shown] == [*range(1, 1000, 40), 1000]
     assert all(b - a >= 60 for (_, a, _), (_, b, _) in zip(shown, shown[1:-1]))
-    assert shown[0][2] == "prepare: 1/1000 inputs, 2 segments, 2s elapsed, ETA 24m58s"
-    assert shown[1][2] == "prepare: 41/1000 inputs, 82 segments, 1m02s elapsed, ETA 23m58s"
-    assert shown[-1][2] == "prepare: 1000/1000 inputs, 2000 segments, 25m00s elapsed, ETA 0s"
+    assert shown[0][2] == "prepare: inputs 1/1000, 2 segments, 2s elapsed, ETA 24m58s"
+    assert shown[1][2] == "prepare: inputs 41/1000, 82 segments, 1m02s elapsed, ETA 23m58s"
+    assert shown[-1][2] == "prepare: inputs 1000/1000, 2000 segments, 25m00s elapsed, ETA 0s"
 
 
 def test_stage_times_count_each_stage_on_its_own_clock():

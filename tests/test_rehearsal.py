@@ -84,9 +84,9 @@ def test_the_user_guide_on_production_shaped_inputs(tmp_path: Path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     log = _fit(tmp_path, "--trainer.max_steps", "2")
     assert log.index("letstalk fit: step 1/2") < log.index("EvalCallback: loading the ground truth"), log[-3000:]
-    assert log.count("letstalk fit: step 2/2 (100.0%)") == 1 and "\r" not in log
+    assert log.count("letstalk fit: step 2/2, ") == 1 and "\r" not in log
     log = _fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last")
-    assert log.count("letstalk fit: resuming from") == 1 and "letstalk fit: step 4/4 (100.0%)" in log, log[-3000:]
+    assert log.count("letstalk fit: resuming from") == 1 and "letstalk fit: step 4/4, " in log, log[-3000:]
     assert "ground truth ready" in log and "0 built" in log  # the evaluation clips came from the run's cache
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
