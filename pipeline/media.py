@@ -351,12 +351,17 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() in _SOUNDFILE_SUFFIXES:
-        try:
-            data, source_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
-        except (sf.LibsndfileError, RuntimeError) as err:
-            raise MediaError(f"{path}: unreadable or corrupt audio file ({_first_line(err)})") from err
-        return _downmix_resample(data, int(source_rate), sample_rate)
+        return _downmix_resample(*_soundfile(path), sample_rate)
     return np.clip(_ffmpeg_audio(path, sample_rate), -1.0, 1.0)
+
+
+def _soundfile(path: Path) -> tuple[np.ndarray, int]:
+    """(float32 [N, C], sample rate) of an audio file soundfile reads, or MediaError naming it."""
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise MediaError(f"{path}: unreadable or corrupt audio file ({_first_line(err)})") from err
+    return data, int(rate)
 
 
 def read_audio_native(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -368,10 +373,7 @@ def read_audio_native(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() in _SOUNDFILE_SUFFIXES:
-        try:
-            data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
-        except (sf.LibsndfileError, RuntimeError) as err:
-            raise MediaError(f"{path}: unreadable or corrupt audio file ({_first_line(err)})") from err
+        data, rate = _soundfile(path)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             wav = Path(tmp) / "audio.wav"
