@@ -12,8 +12,9 @@ samples are read from the shards; nothing is decoded). Their ground truth (sourc
 training crop, the VAE reconstruction: minutes on a large run) is loaded at the first evaluation, each rank
 its share, through a `pipeline.evaluate.ClipCache` in `<default_root_dir>/eval_cache/` (or `cache_dir`),
 so a resumed or requeued run, or another run on the same data, reads it back instead. Rank 0 prints a
-line when the loading starts, progress lines (every quarter of its share or 30 s, with an ETA), a line
-when it ends, and one line per evaluation with its duration and main scores.
+line on stderr when the loading starts, progress lines (`pipeline.progress.ProgressLines`: the first clip,
+then every quarter of its share or 30 s, with an ETA), a line when it ends, and one line per evaluation
+with its duration and main scores.
 
 Per-clip statistics and the first `log_videos` videos (as mp4 bytes with their audio) and their
 contact sheets (portrait | real | generated, every 10th frame) are gathered on rank 0, which logs
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules.letstalk import LetsTalkModule, _coerce
 from pipeline import media
@@ -55,6 +57,7 @@ from pipeline.evaluate import (METRICS, ClipCache, ClipLoader, EvalClip, Metrics
 from pipeline.generate import Generator
 from pipeline.locate import fingerprint
 from pipeline.metrics.appearance import comparison_sheet
+from pipeline.progress import ProgressLines, duration
 from pipeline.shards import BadSamples, Manifest, Segment, ShardFormatError
 from pipeline.vae import load_vae
 
@@ -95,7 +98,7 @@ class EvalCallback(L.Callback):
     atomically.
     """
 
-    clock = staticmethod(time.monotonic)  # seconds, for the progress lines (a test sets its own)
+    clock = staticmethod(time.monotonic)  # seconds, for the loading's progress lines (a test sets its own)
     progress_seconds = 30.0  # the longest gap between two progress lines while clips are loaded
 
     def __init__(self, every_n_steps: int = 500, num_clips: int = 8, metrics: MetricsConfig | dict | None = None,
@@ -176,25 +179,29 @@ class EvalCallback(L.Callback):
                           self._vae if self.metrics.appearance else None, root=root, decoder=self._vae,
                           cache=ClipCache(folder, {"vae_sha1": fingerprint(vae_path)}))
         share = len(self._segments)
-        rank_zero_info(f"EvalCallback: loading the ground truth of {len(self.keys)} evaluation clips, {share} of them "
-                       f"on rank 0 (cache: {folder})")
-        every, last = max(1, share // 4), start
+        self._say(trainer, f"EvalCallback: loading the ground truth of {len(self.keys)} evaluation clips, {share} of "
+                           f"them on rank 0 (cache: {folder})")
+        lines = ProgressLines(share, "EvalCallback: ground truth", " clips", interval=self.progress_seconds,
+                              fraction=0.25, clock=self.clock) if trainer.is_global_zero else None
         self._clips = {}
-        for done, (i, segment) in enumerate(self._segments.items(), 1):
+        for i, segment in self._segments.items():
             try:
                 self._clips[i] = load(segment)
             except ShardFormatError as err:  # e.g. an undecodable waveform: this clip is left out
                 faults.skip(err)
-            now = self.clock()
-            if done < share and (done % every == 0 or now - last >= self.progress_seconds):
-                rank_zero_info(f"EvalCallback: ground truth {done}/{share} clips, {now - start:.0f} s, "
-                               f"ETA {(now - start) / done * (share - done):.0f} s")
-                last = now
+            if lines is not None:
+                lines.update()
         seconds = self.clock() - start
         self.preload = {"built": load.built, "cached": load.cached, "seconds": seconds, "cache": str(folder)}
-        rank_zero_info(f"EvalCallback: ground truth ready in {seconds:.1f} s (rank 0: {load.built} built, "
-                       f"{load.cached} read from the cache)")
+        self._say(trainer, f"EvalCallback: ground truth ready in {duration(seconds)} (rank 0: {load.built} built, "
+                           f"{load.cached} read from the cache)")
         self._segments = {}
+
+    @staticmethod
+    def _say(trainer: L.Trainer, line: str) -> None:
+        """One line on stderr, from rank 0 only (a batch job's log)."""
+        if trainer.is_global_zero:
+            print(line, file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: LetsTalkModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -242,12 +249,12 @@ class EvalCallback(L.Callback):
         if skipped != self._notes:
             self._notes = skipped
             for name, note in skipped.items():
-                rank_zero_info(f"EvalCallback: skipped {METRICS[name][0]}: {note}")
+                self._say(trainer, f"EvalCallback: skipped {METRICS[name][0]}: {note}")
         main = [n for n in (*METRICS, *(f"appearance/generated/{r}/psnr" for r in ("frame", "mouth"))) if n in values]
         references = Counter(stats["reference"] for _, stats, _ in results)
-        rank_zero_info(f"EvalCallback: step {step}: {len(results)} clips in {seconds:.1f} s ("
-                       + ", ".join(f"{n} from {ref}" for ref, n in references.items()) + "); "
-                       + ", ".join(f"{n} {values[n]:.4g}" for n in main))
+        self._say(trainer, f"EvalCallback: step {step}: {len(results)} clips in {duration(seconds)} ("
+                           + ", ".join(f"{n} from {ref}" for ref, n in references.items()) + "); "
+                           + ", ".join(f"{n} {values[n]:.4g}" for n in main))
         metrics = {f"eval/{name}": value for name, value in values.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "eval/seconds": seconds}, step=step)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import logging
 import random
 import struct
 import sys
@@ -283,38 +282,23 @@ class FirstSteps(L.Callback):
             self.seen.append((trainer.global_step, self.callback._clips is not None, files))
 
 
-class Lines(logging.Handler):
-    """The messages of Lightning's rank-zero logger (where `rank_zero_info` writes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-def test_clips_load_at_the_first_evaluation_into_a_cache_that_later_fits_reuse(shards: Path, tmp_path: Path):
+def test_clips_load_at_the_first_evaluation_into_a_cache_that_later_fits_reuse(shards: Path, tmp_path: Path, capsys):
     cache = tmp_path / "shared_cache"
-    lines, logger = Lines(), logging.getLogger("lightning.pytorch")
-    logger.addHandler(lines)
-    try:
-        first = EvalCallback(every_n_steps=2, num_clips=2, steps=1, log_videos=0, cache_dir=str(cache))
-        first.clock = itertools.count(0.0, 10.0).__next__  # 0 at the start, then +10 s per reading
-        probe = FirstSteps(first, cache)
-        _fit(shards, tmp_path / "run1", [first, probe])
-    finally:
-        logger.removeHandler(lines)
+    first = EvalCallback(every_n_steps=2, num_clips=2, steps=1, log_videos=0, cache_dir=str(cache))
+    first.clock = itertools.count(0.0, 10.0).__next__  # 0 at the start, then +10 s per reading
+    probe = FirstSteps(first, cache)
+    _fit(shards, tmp_path / "run1", [first, probe])
     # nothing decoded, cropped or VAE-encoded before the first evaluation (step 2): no clips, no cache file
     assert probe.seen == [(0, False, []), (1, False, [])]
     files = sorted(cache.glob("*.npz"))
     assert len(files) == 2 and first.preload["built"] == 2 and first.preload["cached"] == 0
     assert [r["reference_frames"] for r in first.results] == [{SOURCE_VIDEO: 2}] * 2
-    said = [line for line in lines.lines if line.startswith("EvalCallback:")]
-    assert said[:3] == [f"EvalCallback: loading the ground truth of 2 evaluation clips, 2 of them on rank 0 "
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("EvalCallback:")]
+    assert said[:4] == [f"EvalCallback: loading the ground truth of 2 evaluation clips, 2 of them on rank 0 "
                         f"(cache: {cache})",
-                        "EvalCallback: ground truth 1/2 clips, 10 s, ETA 10 s",
-                        "EvalCallback: ground truth ready in 30.0 s (rank 0: 2 built, 0 read from the cache)"]
+                        "EvalCallback: ground truth 1/2 clips, 10s elapsed, ETA 10s",
+                        "EvalCallback: ground truth 2/2 clips, 20s elapsed, ETA 0s",
+                        "EvalCallback: ground truth ready in 40s (rank 0: 2 built, 0 read from the cache)"]
     steps = [line for line in said if line.startswith("EvalCallback: step ")]
     assert len(steps) == 2 and steps[0].startswith("EvalCallback: step 2: 2 clips in ")
     assert f"(2 from {SOURCE_VIDEO}); sync_synthetic " in steps[0] and "appearance/generated/mouth/psnr" in steps[0]
