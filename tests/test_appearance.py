@@ -80,8 +80,8 @@ def test_region_masks_split_the_frame_at_the_mouth_box():
     np.testing.assert_array_equal(masks["outside_mouth"], ~masks["mouth"])
     with pytest.raises(ValueError, match="outside frames of size 64x64"):
         region_masks(64, 64, (20, 36, 70, 52))
-    assert face_mouth_box(64) == (19, 37, 45, 54)  # lower centre of a face crop
-    assert face_mouth_box(256) == (76, 148, 180, 216)
+    assert face_mouth_box(64) == (19, 32, 45, 53)  # lower centre of a face crop
+    assert face_mouth_box(256) == (76, 128, 180, 210)
 
 
 def test_clip_spans_are_the_first_and_the_last_chained_clip_without_the_portrait_frame():

@@ -166,8 +166,8 @@ def test_synthetic_mouth_box_follows_each_frames_crop(tmp_path: Path):
 
 
 def test_face_mouth_box_holds_the_mouth_of_a_face_crop(corpus: Path):
-    """MTCNN's mouth-corner landmarks on the training crops fall inside `face_mouth_box`: always across, and
-    in most frames up and down (the crop follows a smoothed track, so the mouth moves a little in it)."""
+    """MTCNN's mouth-corner landmarks on the training crops fall inside `face_mouth_box` in every frame (the crop
+    follows a smoothed track, so the mouth moves a little in it)."""
     from facenet_pytorch import MTCNN
 
     detector = MTCNN(device="cpu", min_face_size=20)
@@ -180,8 +180,7 @@ def test_face_mouth_box_holds_the_mouth_of_a_face_crop(corpus: Path):
     x0, y0, x1, y1 = face_mouth_box(SIZE)
     assert len(corners) == 76
     assert ((corners[..., 0] >= x0) & (corners[..., 0] < x1)).all()
-    inside = ((corners[..., 1] >= y0) & (corners[..., 1] < y1)).all(axis=1)
-    assert inside.mean() >= 0.8, inside.mean()
+    assert ((corners[..., 1] >= y0) & (corners[..., 1] < y1)).all(), (corners[..., 1].min(), corners[..., 1].max())
 
 
 def test_clip_cache_keeps_clips_exactly_and_trusts_no_other_file(tmp_path: Path):
