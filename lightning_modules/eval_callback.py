@@ -58,7 +58,7 @@ from pipeline.generate import Generator
 from pipeline.locate import fingerprint
 from pipeline.metrics.appearance import comparison_sheet
 from pipeline.progress import ProgressLines, duration
-from pipeline.shards import BadSamples, Manifest, Segment, ShardFormatError
+from pipeline.shards import BadSamples, DataWarning, Manifest, Segment, ShardFormatError
 from pipeline.vae import load_vae
 
 
@@ -138,7 +138,7 @@ class EvalCallback(L.Callback):
         samples = datamodule.val_samples
         if not samples:
             rank_zero_warn(f"{datamodule.root}: the validation split is empty (val_percent={datamodule.val_percent}); "
-                           "EvalCallback evaluates on training segments", UserWarning)
+                           "EvalCallback evaluates on training segments", category=DataWarning)
             samples = datamodule.train_samples
         return str(datamodule.root), {s.key for s in samples}
 

@@ -327,3 +327,15 @@ def test_bad_settings_are_refused_clearly(shards: Path, tmp_path: Path):
     missing = tmp_path / "nothere.pth"
     with pytest.raises(MetricWeightsError, match="nothere.pth"):  # at fit start, not at the first evaluation
         _fit(shards, tmp_path / "run", [EvalCallback(metrics={"fid_weights": str(missing)})])
+
+
+def test_an_empty_validation_split_evaluates_training_segments_with_a_warning():
+    from types import SimpleNamespace
+
+    from pipeline.shards import DataWarning
+
+    sample = SimpleNamespace(key="v0/0000")
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(root="/data/shards", val_percent=None, val_samples=[],
+                                                         train_samples=[sample]))
+    with pytest.warns(DataWarning, match="/data/shards: the validation split is empty .* on training segments"):
+        assert EvalCallback()._candidate_keys(trainer) == ("/data/shards", {"v0/0000"})
