@@ -40,7 +40,7 @@ def test_every_sample_at_most_once_and_every_rank_the_same_batches(counts):
     assert sum(counts) - used.sum() == sum(counts) % slots < slots  # what is left waits for another epoch
     print(f"plan of {SHARDS} shards for {RANKS} x {WORKERS} slots: {seconds * 1e3:.2f} ms and {peak / 2**10:.0f} kB "
           "peak per loader worker")
-    assert seconds < 0.05 and peak < 2**20
+    assert peak < 2**20  # the time is printed, not asserted: it measures the machine (benchmarks/data_path.py)
 
 
 def test_the_next_epoch_is_another_permutation(counts):

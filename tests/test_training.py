@@ -378,16 +378,21 @@ def test_nan_policy_skip_leaves_weights_alone_counts_and_stops_after_k_in_a_row(
 
 
 def test_throughput_rates_leave_validation_and_checkpoint_stalls_out(shards: Path, tmp_path: Path):
-    """A 3 s stall in every validation and every checkpoint save must not enter clips/s: each logged rate
-    implies a step time far below the stall (the step after a stall logs no rate)."""
+    """On a clock the test moves (1 s + 10 ms x step for a training step, 100 s in every validation and checkpoint
+    save), every logged clips/s is one step's worth: the stalls never enter it (the step after a stall logs no
+    rate)."""
+    now = [0.0]
     implied: list[float] = []
 
-    class Stall(L.Callback):
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            now[0] += 1.0 + 0.01 * trainer.global_step  # a step time of its own, so repeats can be told apart
+
         def on_validation_epoch_end(self, trainer, pl_module):
-            time.sleep(3.0)
+            now[0] += 100.0
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            time.sleep(3.0)
+            now[0] += 100.0
 
     class Rates(L.Callback):  # a step that logs no rate leaves the previous one in callback_metrics: skip repeats
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -395,9 +400,11 @@ def test_throughput_rates_leave_validation_and_checkpoint_stalls_out(shards: Pat
             if rate is not None and (not implied or 4 / float(rate) != implied[-1]):
                 implied.append(4 / float(rate))  # seconds per step of batch 4
 
+    module = LetsTalkModule(net={"size": "tiny"})
+    module.clock = lambda: now[0]
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
     L.Trainer(accelerator="cpu", max_steps=8, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
               num_sanity_val_steps=0, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
-              callbacks=[Stall(), Rates(), saver]).fit(LetsTalkModule(net={"size": "tiny"}), _data(shards))
-    # the first rate also covers the first step's one-time costs (seconds on a loaded machine); stalls come later
-    assert len(implied) >= 3 and max(implied[1:]) < 2.0, implied
+              callbacks=[Clock(), Rates(), saver]).fit(module, _data(shards))
+    steps = {round(1.0 + 0.01 * step, 6) for step in range(8)}
+    assert len(implied) >= 3 and all(round(seconds, 6) in steps for seconds in implied), implied
