@@ -34,9 +34,9 @@ Either way no speaker is in both splits.
 
 Damaged data (`pipeline.shards.BadSamples`): a shard or sample that cannot be read is skipped,
 named and counted wherever it is met (index, training stream, validation); each training batch
-carries `bad_samples`, the skips of its worker since its previous batch, so that the
-LetsTalkModule can sum them over workers and ranks, log `data/bad_samples` and stop the run past
-`max_bad_samples`. Training reads only what clips are cut from: no waveform, and of the latents and
+carries `bad_samples`, the damaged samples its worker first met since its previous batch (their keys), so
+that the LetsTalkModule can count the distinct ones over workers, readers and ranks, log `data/bad_samples` and
+stop the run past `max_bad_samples`. Training reads only what clips are cut from: no waveform, and of the latents and
 audio features only the clip's rows (`pipeline.shards.NpyMember`, by offset), not whole segments.
 """
 
@@ -247,12 +247,12 @@ class TrainClips(IterableDataset):
         planned = max(sum(piece.stop - piece.first for piece in pieces), share * self.batch_size)
         windows = wds.DataPipeline(lambda: islice(self._interleaved(one_pass, open_shards), planned), *stages)
         for k, group in enumerate(islice(iter(windows), share)):
-            bad = self.faults.take()  # skips since this worker's previous batch
+            bad = self.faults.take()  # damaged samples this worker first met since its previous batch
             if k < done:  # trained on before a mid-epoch resume: drawn and dropped, no frame read
                 continue
             clips = [make_clip(*item, self.clip_frames, self.audio_radius, self.context) for item in group]
             batch = scale_batch(clips, self.vae)  # the clips' frames and audio rows are read here, by offset
-            batch["bad_samples"] = torch.tensor(bad)
+            batch["bad_samples"] = bad
             yield batch
 
 

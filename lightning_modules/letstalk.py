@@ -86,7 +86,7 @@ class LetsTalkModule(L.LightningModule):
         self._tick: float | None = None
         self._skipped = 0  # consecutive non-finite steps skipped (nan_policy "skip")
         self._skipped_total = 0
-        self._bad_samples = 0  # damaged samples the training stream skipped (its batches say so); checkpointed
+        self._bad_samples: set[str] = set()  # the distinct damaged samples met on any rank (keys); checkpointed
         self._val_net: LetsTalkDiT | None = None  # the EMA network during a validation epoch
         self._loaded_ema: dict[str, torch.Tensor] | None = None  # a checkpoint's `ema.*`, when no optimizer runs
         if data_info:  # restored from a checkpoint: sizes already resolved
@@ -217,21 +217,27 @@ class LetsTalkModule(L.LightningModule):
                 torch.cuda.reset_peak_memory_stats(self.device)
         return loss
 
-    def _count_bad_samples(self, new: torch.Tensor | None, b: int) -> None:
-        """Sum the damaged samples skipped so far over workers (`new`: the batch's worker's skips since its last
-        batch), the main process (index, validation) and ranks; log it as `data/bad_samples` and stop the run, on
-        every rank alike, once it passes the datamodule's budget (`pipeline.shards.BadSamples`)."""
+    def _count_bad_samples(self, new: list[str] | None, b: int) -> None:
+        """Count the distinct damaged samples met so far by every reader (`new`: those the batch's loader worker met
+        since its previous batch; the main process's index, validation and evaluation clips: the datamodule's
+        `faults`) on every rank, log it as `data/bad_samples` and stop the run, on every rank alike, once it passes
+        the datamodule's budget (`pipeline.shards.BadSamples`). A sample met by several readers or ranks, or every
+        epoch, counts once."""
         if new is None:
             return
-        self._bad_samples += int(new)
         faults = getattr(self.trainer.datamodule, "faults", None)
-        # the main process's skips (index, validation, evaluation clips) are the same on every rank: rank 0's count
-        shared = faults.count if faults is not None and self.global_rank == 0 else 0
-        local = self._bad_samples + shared
-        total = int(self.trainer.strategy.reduce(torch.tensor(float(local), device=self.device), reduce_op="sum"))
-        self.log("data/bad_samples", float(total), batch_size=b)
+        fresh = sorted({*new, *(faults.seen if faults is not None else ())} - self._bad_samples)
+        anywhere = int(self.trainer.strategy.reduce(torch.tensor(float(len(fresh)), device=self.device),
+                                                    reduce_op="sum"))
+        if anywhere:  # some rank met a new one: every rank takes the union (the same collective on every rank)
+            gathered = [fresh]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                gathered = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, fresh)
+            self._bad_samples.update(key for part in gathered for key in part)
+        self.log("data/bad_samples", float(len(self._bad_samples)), batch_size=b)
         if faults is not None:
-            faults.check(total)
+            faults.check(len(self._bad_samples))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Global gradient norm before clipping (DDP: of the all-reduced gradients; ZeRO: see `optimizer_step`)."""
@@ -302,7 +308,7 @@ class LetsTalkModule(L.LightningModule):
         self.restart_rate_window()
         checkpoint["hyper_parameters"] = dict(self.hparams)
         checkpoint["world_size"] = self.trainer.world_size
-        checkpoint["bad_samples"] = self._bad_samples
+        checkpoint["bad_samples"] = sorted(self._bad_samples)
         if "state_dict" in checkpoint and not hasattr(self.trainer.strategy, "deepspeed_engine"):
             ema = self._ema_state()
             checkpoint["state_dict"].update({f"ema.{k}": v for k, v in ema.items()})
@@ -320,7 +326,9 @@ class LetsTalkModule(L.LightningModule):
                 f"{self.trainer.world_size}: each rank's place in the data stream belongs to that number of ranks. "
                 f"Resume it with {written_by} ranks (--trainer.num_nodes x --trainer.devices); the weights alone go "
                 "anywhere with `letstalk export`")
-        self._bad_samples = int(checkpoint.get("bad_samples", 0))
+        saved = checkpoint.get("bad_samples", [])  # a count in checkpoints of earlier versions: kept as a count
+        self._bad_samples = set(saved) if isinstance(saved, list) else {f"(met before the resume) {i}"
+                                                                         for i in range(int(saved))}
         state = checkpoint.get("state_dict", {})
         ema = {k[len("ema."):]: state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
         self._loaded_ema = ema or None

@@ -14,6 +14,7 @@ features for each frame; the datamodule and generation both call it.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +23,7 @@ import torch
 import torchaudio
 
 from pipeline.media import SAMPLE_RATE
+from pipeline.progress import hf_loading_bars
 
 
 @runtime_checkable
@@ -261,7 +263,8 @@ def build_audio_encoder(name: str, path: str | None = None, fps: float = 25, dev
             raise ValueError(f"audio encoder {name} needs a path to a local checkpoint folder (--audio-encoder-path)")
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         cls = Wav2Vec2Encoder if name == "wav2vec2" else WhisperEncoder
-        return cls(path, layers=layers, fps=fps, device=device, dtype=dtype)
+        with hf_loading_bars(sys.stderr.isatty()):
+            return cls(path, layers=layers, fps=fps, device=device, dtype=dtype)
     raise ValueError(f"unknown audio encoder {name!r}; choose one of {', '.join(ENCODERS)}")
 
 

@@ -63,7 +63,6 @@ import re
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -635,10 +634,9 @@ def prepare(
     times = StageTimes()
     began = times.clock()
     terminal = progress and sys.stderr.isatty()
-    with _loading_bars(terminal):
-        vae = load_vae(vae_path, device=device, dtype=weights)
-        encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
-                                      layers=audio_encoder_layers, dtype=weights)
+    vae = load_vae(vae_path, device=device, dtype=weights)
+    encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
+                                  layers=audio_encoder_layers, dtype=weights)
     vae_id = Path(vae_path).resolve().name
     # generation finds the decoder by this path, or by name and content hash after a move (`pipeline.locate`)
     info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve()), "sha1": fingerprint(vae_path)}
@@ -725,22 +723,6 @@ def prepare(
     if progress:
         print(summary(manifest, times, times.clock() - began), flush=True)
     return manifest
-
-
-@contextmanager
-def _loading_bars(shown: bool) -> Iterator[None]:
-    """Hugging Face's weight-loading bars only where `shown` (a terminal): in a batch job's log each is a line of
-    carriage returns."""
-    from transformers.utils import logging
-
-    hide = not shown and logging.is_progress_bar_enabled()
-    if hide:
-        logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if hide:
-            logging.enable_progress_bar()
 
 
 def merge(out: str | Path) -> Manifest:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 
@@ -57,3 +58,19 @@ class ProgressLines:
 
     def close(self) -> None:
         """Nothing to tear down (a tqdm bar's interface)."""
+
+
+@contextmanager
+def hf_loading_bars(shown: bool) -> Iterator[None]:
+    """Hugging Face's weight-loading bars only where `shown` (a terminal): in a batch job's log each is a line of
+    carriage returns."""
+    from transformers.utils import logging
+
+    hide = not shown and logging.is_progress_bar_enabled()
+    if hide:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            logging.enable_progress_bar()

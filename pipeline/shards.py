@@ -413,10 +413,12 @@ class BadSamples:
     """The fault policy of every shard reader: skip a damaged shard or sample, name it and count it; stop the run
     (TooManyBadSamples) once the count passes the budget.
 
+    The count is of distinct damaged samples (by sample key; a shard's damage without one by its message), however
+    often they are met: every epoch re-reads them, and validation and evaluation read some of them too.
     budget (`data.max_bad_samples`): >= 1 an absolute count, in (0, 1) a fraction of `total` samples (the dataset's),
     0 none at all. Also a webdataset error handler (`handler=policy`): it returns True, i.e. "skip and go on".
-    `take()` returns the skips since its last call (the datamodule hands them on with each batch, so the count
-    crosses worker processes).
+    `take()` returns the damaged samples first met since its last call (the datamodule hands them on with each
+    batch, so that the count crosses worker processes and ranks).
     """
 
     def __init__(self, budget: float = 0.01, total: int = 0, name: str = "data.max_bad_samples"):
@@ -425,33 +427,49 @@ class BadSamples:
         self.budget, self.total, self.name = budget, total, name
         self.allowed = budget if math.isinf(budget) else int(budget) if budget >= 1 or budget == 0 else \
             math.floor(budget * total)
-        self.count, self._taken = 0, 0
-        self.records: list[str] = []  # "<shard>: sample <key>: <reason>" of each skip, in order
+        self.seen: dict[str, str] = {}  # each distinct damaged sample: its identity -> the first message naming it
+        self._taken = 0
         self.keys: set[str] = set()  # keys of the skipped samples, where known (readers leave them out afterwards)
+
+    @property
+    def count(self) -> int:
+        """Distinct damaged samples met in this process."""
+        return len(self.seen)
+
+    @property
+    def records(self) -> list[str]:
+        """"<shard>: sample <key>: <reason>" of each distinct damaged sample, in the order they were met."""
+        return list(self.seen.values())
 
     def __call__(self, error: Exception) -> bool:
         self.skip(error)
         return True
 
     def skip(self, error: Exception, key: str | None = None) -> None:
-        self.count += 1
+        """Count `error` (a sample's, by its `key`, else by its message) unless that sample was met before."""
         if key is not None:
             self.keys.add(key)
-        self.records.append(str(error))
-        warnings.warn(f"skipped ({self.count} so far in this process): {error}", DataWarning, stacklevel=2)
+        identity = key if key is not None else str(error)
+        if identity in self.seen:
+            return
+        self.seen[identity] = str(error)
+        warnings.warn(f"skipped ({self.count} distinct damaged sample{'s' if self.count > 1 else ''} so far in this "
+                      f"process): {error}", DataWarning, stacklevel=2)
         self.check(self.count)
 
     def check(self, count: int) -> None:
-        """Raise if `count` bad samples (this process's, or a run's sum over processes) pass the budget."""
+        """Raise if `count` distinct bad samples (this process's, or a run's over processes) pass the budget."""
         if count > self.allowed:
             of = f" ({self.budget:g} of {self.total} samples)" if 0 < self.budget < 1 else ""
             raise TooManyBadSamples(
-                f"{count} damaged samples, more than {self.name}={self.allowed}{of} allows; the last: "
-                f"{self.records[-1] if self.records else '(counted in other processes)'}. Run `letstalk check` on "
+                f"{count} distinct damaged samples, more than {self.name}={self.allowed}{of} allows; the last: "
+                f"{self.records[-1] if self.seen else '(met in other processes)'}. Run `letstalk check` on "
                 f"the dataset, repair or re-prepare it, or raise {self.name}")
 
-    def take(self) -> int:
-        new, self._taken = self.count - self._taken, self.count
+    def take(self) -> list[str]:
+        """Identities of the damaged samples first met since the last call."""
+        new = list(self.seen)[self._taken:]
+        self._taken = self.count
         return new
 
 
@@ -471,7 +489,7 @@ def read_segments(paths: Iterable[str], faults: BadSamples, keep: Callable[[str]
                 try:
                     yield decode(sample)
                 except ShardFormatError as err:
-                    faults.skip(err)
+                    faults.skip(err, err.key or sample.get("__key__"))
         except ShardFormatError as err:
             if keep is None or err.key is not None:
                 faults.skip(err, err.key)

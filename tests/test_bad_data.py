@@ -99,8 +99,8 @@ def test_a_budget_of_zero_stops_with_a_clear_message(damaged, tmp_path):
     root, _ = damaged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        with pytest.raises(TooManyBadSamples, match=r"1 damaged samples, more than data.max_bad_samples=0 allows; the "
-                                                    rf"last: .*shard-000000.tar: {POISONED}.latents.npy: an object "
+        with pytest.raises(TooManyBadSamples, match=r"1 distinct damaged samples, more than data.max_bad_samples=0 "
+                                                    rf"allows; the last: .*shard-000000.tar: {POISONED}.latents.npy: an object "
                                                     r"array .*letstalk check"):
             main(["fit", *fit_args(root, tmp_path / "run"), "--trainer.max_steps", "2", "--data.max_bad_samples", "0"])
 
@@ -139,6 +139,51 @@ def test_exact_resume_on_damaged_data(damaged, tmp_path):
     assert isinstance(resumed, LetsTalkModule) and resumed.global_step == whole.global_step == 6
     for (key, x), y in zip(whole.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(x, y), f"{key} differs after resume"
+
+
+def _damage_what_only_decoding_finds(root: Path) -> list[str]:
+    """In shard-000000.tar, four samples damaged: a cut `json`, an `audio.npy` cut to 50 bytes, a `latents.npy` cut
+    after its header, and an `audio.npy` of objects. Returns their keys."""
+    shard = root / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m, _ in members))[:4]
+    objects = io.BytesIO()
+    np.save(objects, np.empty((12, 2, 8), dtype=object), allow_pickle=True)
+    change = {f"{keys[0]}.json": lambda b: b[: len(b) // 2], f"{keys[1]}.audio.npy": lambda b: b[:50],
+              f"{keys[2]}.latents.npy": lambda b: b[:200], f"{keys[3]}.audio.npy": lambda b: objects.getvalue()}
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            payload = change.get(member.name, lambda b: b)(payload)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    return keys
+
+
+@pytest.mark.parametrize("budget, stops", [(4, False), (3, True)])
+def test_the_budget_counts_distinct_samples_however_often_they_are_met(tmp_path, budget, stops):
+    """Four damaged samples met by two loader workers in every epoch of a run of 3 epochs or more: `data/bad_samples`
+    stays 4, a budget of 4 lets the run finish and a budget of 3 stops it naming 4 distinct samples."""
+    root = write_shards(tmp_path / "shards")
+    keys = _damage_what_only_decoding_finds(root)
+    run = tmp_path / "run"
+    args = ["fit", *fit_args(root, run), "--trainer.max_steps", "8", "--data.num_workers", "2", "--data.batch_size",
+            "4", "--data.val_percent", "0", "--data.max_bad_samples", str(budget)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if stops:
+            with pytest.raises(TooManyBadSamples, match=rf"4 distinct damaged samples, more than "
+                                                        rf"data.max_bad_samples={budget} allows"):
+                main(args)
+            return
+        assert main(args) == 0
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 8 and last["epoch"] >= 2 and sorted(last["bad_samples"]) == sorted(keys)
+    rows = [row for path in run.glob("lightning_logs/version_*/metrics.csv") for row in csv.DictReader(open(path))]
+    counts = [float(r["data/bad_samples"]) for r in rows if r.get("data/bad_samples")]
+    assert counts[-1] == 4.0 and max(counts) == 4.0, counts
+    named = {key for w in caught if issubclass(w.category, DataWarning) for key in keys if key in str(w.message)}
+    assert named == set(keys)
 
 
 def test_a_readable_dataset_counts_nothing(tmp_path):
