@@ -58,3 +58,11 @@ def test_the_shipped_configs_and_abbreviated_flags_have_no_unknown_keys():
         assert unknown_keys(["--config", str(path)]) == [], path
     assert unknown_keys(["--data.batch", "2", "--trainer.max_step=7", "--evaluation", "false", "--ckpt_path", "last",
                          "--trainer.callbacks+=lightning.pytorch.callbacks.Timer", "--print_config"]) == []
+
+
+def test_a_prefix_of_a_model_config_field_is_a_typo():
+    """`--model.net.*` is a dict handed to DiTConfig, which LightningCLI does not abbreviate: a prefix there is a
+    typo, named before the run starts (it used to pass here and fail later as "unknown DiTConfig keys")."""
+    assert unknown_keys(["--model.net.latent_channel", "4", "--model.optim.l", "1e-3"]) == [
+        "command line: --model.net.latent_channel: unknown key (did you mean --model.net.latent_channels?)",
+        "command line: --model.optim.l: unknown key (did you mean --model.optim.lr?)"]

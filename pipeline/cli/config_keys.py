@@ -31,8 +31,12 @@ def _arguments(target: Any) -> dict[str, Any] | None:
     return {name: _ANY for name in parameters if name != "self"}
 
 
+class _Exact(dict):
+    """A section that takes its keys whole: a config dataclass, passed as a dict (argparse abbreviates only options)."""
+
+
 def _dataclass_keys(cls: type) -> dict[str, Any]:
-    return {f.name: _ANY for f in fields(cls)}
+    return _Exact({f.name: _ANY for f in fields(cls)})
 
 
 def schema() -> dict[str, Any]:
@@ -89,13 +93,14 @@ def _walk(tree: dict[str, Any], known: dict[str, Any], path: str, problems: list
 
 
 def _flag_key(flag: str, known: dict[str, Any]) -> str | None:
-    """Why a `--a.b.c` flag names no key (None if it does); a unique prefix of a key is accepted, as argparse does."""
+    """Why a `--a.b.c` flag names no key (None if it does); a unique prefix of an option is accepted, as argparse
+    does, but not of a config dataclass's field (`--model.net.latent_channel`)."""
     section, path = known, []
     for part in flag.split("."):
         if not isinstance(section, dict):
             return None  # below a leaf or a class_path entry: LightningCLI's to judge
         if part not in section:
-            matches = [key for key in section if key.startswith(part)]
+            matches = [] if isinstance(section, _Exact) else [key for key in section if key.startswith(part)]
             if len(matches) != 1:
                 near = difflib.get_close_matches(part, list(section), n=1, cutoff=0.6)
                 hint = f" (did you mean --{'.'.join([*path, near[0]])}?)" if near else ""
