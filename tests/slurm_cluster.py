@@ -1,9 +1,16 @@
-"""A real single-node SLURM (munge + slurmctld + slurmd on loopback) in a private state folder, for tests.
+"""A real SLURM (munge + slurmctld + one slurmd per node, all on loopback) in a private state folder, for tests.
 
 Needs Debian's `slurm-wlm` and `munge` (CI installs them) and root (slurmd runs the jobs as the submitter,
 which on a single test node needs root). Every daemon writes only under the state folder; `stop` kills
 them by the pids they wrote there. `HoldRankZero` is a callback that test jobs load by class path (tests/ on
 their PYTHONPATH) to stop a job at a known step.
+
+Several nodes on one machine (`SlurmCluster(..., nodes=2)`): nodes n0, n1, ... each with its own slurmd
+(`slurmd -N n0`), port, spool, pid and log file (SLURM's `%n`), all at NodeHostname localhost and NodeAddr
+127.0.0.1. Debian's slurm-wlm 22.05 runs them side by side (checked: both idle, a `--nodes=2` job's tasks get
+SLURM_NODEID 0 and 1). Their CPUs are declared, not detected (`SlurmdParameters=config_overrides`), so the
+nodes may together declare more CPUs than the machine has. A node name other than localhost does not resolve:
+a multi-node job's ranks need MASTER_ADDR=127.0.0.1 in the environment (Lightning takes it before the node list).
 """
 
 from __future__ import annotations
@@ -42,18 +49,19 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 ReturnToService=2
 StateSaveLocation={S}/state
-SlurmdSpoolDir={S}/spool
+SlurmdSpoolDir={S}/spool{node_part}
 SlurmctldPidFile={S}/slurmctld.pid
-SlurmdPidFile={S}/slurmd.pid
+SlurmdPidFile={S}/slurmd{node_part}.pid
 SlurmctldLogFile={S}/log/slurmctld.log
-SlurmdLogFile={S}/log/slurmd.log
+SlurmdLogFile={S}/log/slurmd{node_part}.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
+SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait={kill_wait}
 MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -80,8 +88,10 @@ def _free_port() -> int:
 class SlurmCluster:
     """Daemons of one cluster; `env` is the environment (SLURM_CONF) in which to call sbatch/scontrol."""
 
-    def __init__(self, state: Path, cpus: int = 2):
+    def __init__(self, state: Path, cpus: int = 2, nodes: int = 1):
+        """`cpus` per node; one node is `localhost`, several are n0, n1, ... (see the module docstring)."""
         self.state = state
+        self.nodes = ["localhost"] if nodes == 1 else [f"n{i}" for i in range(nodes)]
         self.conf = state / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         for sub in ("state", "spool", "log"):
@@ -90,8 +100,19 @@ class SlurmCluster:
         self.munge = Path(tempfile.mkdtemp(prefix="letstalk-munge-"))
         shutil.chown(self.munge, "munge", "munge")
         self.munge.chmod(0o755)
+        if nodes == 1:
+            node_lines = f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN"
+        else:  # one slurmd per node on this machine, each on its own port and spool. A job step's messages are
+            # forwarded between the slurmds: on a machine loaded ~8x over its cores both logged "Socket timed out"
+            # (the default 10 s) at about the time the ranks would finish, and the job stayed RUNNING; allow 60 s
+            for node in self.nodes:
+                (state / f"spool-{node}").mkdir(exist_ok=True)
+            node_lines = "MessageTimeout=60\n" + "\n".join(
+                f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} "
+                "RealMemory=4000 State=UNKNOWN" for name in self.nodes)
         self.conf.write_text(SLURM_CONF.format(S=state, munge=self.munge, ctld_port=_free_port(), d_port=_free_port(),
-                                               cpus=cpus, kill_wait=KILL_WAIT))
+                                               cpus=cpus, kill_wait=KILL_WAIT, node_lines=node_lines,
+                                               node_names=",".join(self.nodes), node_part="" if nodes == 1 else "-%n"))
 
     def start(self, timeout: float = 60.0) -> None:
         m = self.munge
@@ -99,14 +120,15 @@ class SlurmCluster:
                    f"--key-file={MUNGE_KEY}", f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
                    f"--seed-file={m}/munged.seed"])
         self._run([str(SBIN / "slurmctld"), "-f", str(self.conf)])
-        self._run([str(SBIN / "slurmd"), "-f", str(self.conf), "-N", "localhost"])
+        for node in self.nodes:
+            self._run([str(SBIN / "slurmd"), "-f", str(self.conf), "-N", node])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._node_state() == "idle":
                 return
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"SLURM node not idle after {timeout:.0f} s; see {self.state / 'log'}")
+        raise RuntimeError(f"SLURM nodes not all idle after {timeout:.0f} s; see {self.state / 'log'}")
 
     def _run(self, argv: list[str]) -> None:
         result = subprocess.run(argv, env=self.env, capture_output=True, text=True)
@@ -116,7 +138,7 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Kill the daemons this cluster started (by the pid files they wrote)."""
-        for path in (self.state / "slurmd.pid", self.state / "slurmctld.pid", self.munge / "munged.pid"):
+        for path in (*self._slurmd_files("", ".pid"), self.state / "slurmctld.pid", self.munge / "munged.pid"):
             if not path.is_file():
                 continue
             pid = int(path.read_text().strip())
@@ -163,14 +185,21 @@ class SlurmCluster:
                 raise TimeoutError(f"node still {state} after {timeout:.0f} s\n{self.log_tail()}")
             time.sleep(0.5)
 
+    def _slurmd_files(self, folder: str, suffix: str) -> list[Path]:
+        """Each slurmd's file: `slurmd.pid` for the single node, `slurmd-n0.pid`, ... for several."""
+        names = ["slurmd"] if self.nodes == ["localhost"] else [f"slurmd-{node}" for node in self.nodes]
+        return [self.state / folder / f"{name}{suffix}" for name in names]
+
     def _node_state(self) -> str:
-        return subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True).stdout.strip()
+        """The nodes' state when all share one (sinfo prints a line per state), else their states on one line."""
+        return " ".join(sorted(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True,
+                                                  text=True).stdout.split())))
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of slurmctld's and slurmd's logs: why a job failed to start, for a failing test's message."""
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            path = self.state / "log" / name
+        for path in (self.state / "log" / "slurmctld.log", *self._slurmd_files("log", ".log")):
+            name = path.name
             text = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else ["(no log)"]
             parts.append(f"--- {name}\n" + "\n".join(text))
         return "\n".join(parts)
