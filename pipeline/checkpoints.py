@@ -6,16 +6,28 @@ folder of per-rank shards: the fp32 master weights and the EMA (kept by the opti
 `lightning_modules/ema.py`) are flat partitions in the optimizer shards, and are put back together
 here with DeepSpeed's own layout code (`deepspeed.utils.zero_to_fp32`). `letstalk export` turns
 either into `model.safetensors` (the network only) plus `model.json` (the configs), which
-`letstalk generate` loads like a checkpoint; it holds the EMA weights unless asked for the live ones, and may
+`letstalk generate` loads like a checkpoint (the JSON, written last, records the safetensors' size and sha256); it holds the EMA weights unless asked for the live ones, and may
 re-home the encoders (`pipeline.locate`). Nothing is unpickled: files are read with
 `torch.load(weights_only=True)`, DeepSpeed's too (`no_unpickling`).
+
+Integrity: every checkpoint `letstalk fit` writes carries a manifest, written last (`write_manifest`, called by
+`lightning_modules.trainer.LetsTalkTrainer.save_checkpoint`): each file's relative path, size and sha256, the
+global step and the rank count. It sits inside a DeepSpeed folder (`letstalk-manifest.json`, removed with the
+folder) and beside a file (`<name>.ckpt.manifest.json`). `verify_checkpoint` checks it (sizes, then hashes) before
+anything reads the checkpoint: resume, export, generate, evaluate. An export's JSON, written after its
+safetensors, records that file's size and sha256 (`integrity`). Cost: one sequential read and sha256 of the
+checkpoint, ~0.9 GB/s on one core (`benchmarks/checkpoint_integrity.py`: 0.8 s for the S model's 724 MB), so
+seconds for a multi-GB one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +38,111 @@ from safetensors.torch import load_file, save_file
 from pipeline.locate import fingerprint, locate_encoders
 
 CONFIG_KEYS = ("net", "diffusion", "data_info")
+MANIFEST = "letstalk-manifest.json"  # inside a DeepSpeed checkpoint folder
+SIDECAR = ".manifest.json"  # beside a checkpoint file: <name>.ckpt.manifest.json
+MANIFEST_FORMAT = "letstalk-checkpoint-manifest/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unreadable, or not written by `letstalk fit`."""
+
+
+class CheckpointIntegrityError(CheckpointError):
+    """A checkpoint whose files differ from its manifest (truncated, changed, missing), or whose manifest is unreadable."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint or export without an integrity record (written before manifests, or by another tool)."""
+
+
+def manifest_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the manifest of `checkpoint` is: inside a DeepSpeed folder, beside a file."""
+    path = Path(checkpoint)
+    return path / MANIFEST if path.is_dir() else path.with_name(path.name + SIDECAR)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _entry(path: Path, name: str) -> dict[str, Any]:
+    return {"path": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def make_manifest(written: str | os.PathLike, global_step: int, world_size: int, name: str | None = None) -> dict:
+    """The manifest of the checkpoint at `written` (a file, or a folder: every file under it but the manifest, by
+    relative path); a file is listed as `name` (its final name, when it was written under a temporary one)."""
+    written = Path(written)
+    if written.is_dir():
+        files = [_entry(p, p.relative_to(written).as_posix()) for p in sorted(written.rglob("*"))
+                 if p.is_file() and p.relative_to(written).as_posix() != MANIFEST]
+    else:
+        files = [_entry(written, name or written.name)]
+    return {"format": MANIFEST_FORMAT, "kind": "deepspeed" if written.is_dir() else "file",
+            "global_step": int(global_step), "world_size": int(world_size),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bytes": sum(f["bytes"] for f in files),
+            "files": files}
+
+
+def write_manifest(manifest: dict, target: str | os.PathLike) -> Path:
+    """Write `manifest` to `target` atomically (a temporary name, then a rename)."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, target)
+    return target
+
+
+def read_manifest(checkpoint: str | os.PathLike) -> dict | None:
+    """The manifest of `checkpoint`, or None when it has none; CheckpointIntegrityError when it is unreadable."""
+    path = manifest_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), list):
+            raise ValueError(f"not a {MANIFEST_FORMAT} manifest")
+    except (OSError, ValueError) as err:
+        raise CheckpointIntegrityError(f"{path}: unreadable integrity manifest ({err})") from None
+    return manifest
+
+
+def _file_problem(path: Path, entry: dict, hashes: bool = True) -> str | None:
+    if not path.is_file():
+        return "missing (its manifest lists it)"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{size} bytes, its manifest recorded {entry['bytes']} ({'truncated' if size < entry['bytes'] else 'grown'})"
+    if hashes and _sha256(path) != entry["sha256"]:
+        return "its bytes differ from the sha256 its manifest recorded (corrupted or changed after the save)"
+    return None
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> dict | None:
+    """Check `checkpoint` against its manifest: every file's size first (cheap), then its sha256. Returns the
+    manifest, or None when there is none (the caller decides: warn, or treat as incomplete); raises
+    CheckpointIntegrityError naming the first file that fails and why."""
+    path = Path(checkpoint)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return None
+    if path.is_dir():
+        files = [(path / entry["path"], entry) for entry in manifest["files"]]
+    elif len(manifest["files"]) == 1:  # a file is its own single entry, whatever name it was saved under
+        files = [(path, manifest["files"][0])]
+    else:
+        raise CheckpointIntegrityError(f"{manifest_path(path)}: lists {len(manifest['files'])} files for one file")
+    for hashes in (False, True):
+        for file, entry in files:
+            if problem := _file_problem(file, entry, hashes):
+                raise CheckpointIntegrityError(f"{file}: {problem}")
+    return manifest
+
+
+def warn_unverified(checkpoint: str | os.PathLike, what: str = "no integrity manifest") -> None:
+    warnings.warn(f"{checkpoint}: {what} (written before checkpoints carried one, or by another tool): its files "
+                  "are used unverified", UnverifiedCheckpointWarning, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -121,7 +234,9 @@ def _load_lightning(path: Path) -> dict[str, Any]:
 def read_weights(checkpoint: str | os.PathLike, ema: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(configs {net, diffusion, data_info}, network state dict) from a `.ckpt`, a DeepSpeed folder or an export.
 
-    `ema` picks the EMA weights of a training checkpoint; an export holds the weights it was made with.
+    `ema` picks the EMA weights of a training checkpoint; an export holds the weights it was made with. Verified
+    first: a checkpoint against its manifest, an export against the size and sha256 its JSON records (a mismatch:
+    CheckpointIntegrityError naming the file; no record: UnverifiedCheckpointWarning, and it is read anyway).
     """
     path = Path(checkpoint)
     if not path.exists():
@@ -131,9 +246,21 @@ def read_weights(checkpoint: str | os.PathLike, ema: bool = True) -> tuple[dict[
         if not config_path.is_file():
             raise CheckpointError(f"{path}: its config {config_path.name} is missing (export writes both)")
         try:
-            return json.loads(config_path.read_text()), load_file(path)
-        except Exception as err:  # noqa: BLE001 - safetensors/json raise several kinds
+            config = json.loads(config_path.read_text())
+        except Exception as err:  # noqa: BLE001 - json raises several kinds
+            raise CheckpointError(f"{path}: cannot read the export's config {config_path.name} "
+                                  f"({type(err).__name__}: {err})") from err
+        record = config.pop("integrity", None)
+        if record is None:
+            warn_unverified(path, f"no sha256 in {config_path.name}")
+        elif problem := _file_problem(path, record):
+            raise CheckpointIntegrityError(f"{path}: {problem.replace('its manifest', config_path.name)}")
+        try:
+            return config, load_file(path)
+        except Exception as err:  # noqa: BLE001 - safetensors raises several kinds
             raise CheckpointError(f"{path}: cannot read the export ({type(err).__name__}: {err})") from err
+    if verify_checkpoint(path) is None:
+        warn_unverified(path)
     ckpt = _load_lightning(path)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "net" not in hparams or not hparams.get("data_info"):
@@ -173,6 +300,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, ema: bool = Tr
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    config["integrity"] = {"file": out.name, **{k: v for k, v in _entry(tmp, out.name).items() if k != "path"}}
     os.replace(tmp, out)
     config_path = out.with_suffix(".json")
     config_path.with_name(config_path.name + ".tmp").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -19,7 +19,7 @@ import torch
 
 from pipeline import media
 from pipeline.audio_encoders import build_audio_encoder
-from pipeline.checkpoints import export
+from pipeline.checkpoints import export, make_manifest, manifest_path, write_manifest
 from pipeline.cli import main
 from pipeline.diffusion import DiffusionConfig
 from pipeline.evaluate import MetricsConfig, evaluate
@@ -46,7 +46,8 @@ def recorded_info(vae: Path, encoder: Path) -> dict:
 
 def write_checkpoint(path: Path, info: dict) -> Path:
     """A `letstalk fit`-shaped checkpoint (configs + net/ema weights) of a tiny network with random weights that
-    all matter (no zero-initialised outputs), so its videos depend on the audio encoder and the VAE."""
+    all matter (no zero-initialised outputs), so its videos depend on the audio encoder and the VAE; with its
+    integrity manifest."""
     config = DiTConfig(size="tiny", latent_channels=info["latent_channels"], patch_size=2, audio_dim=info["audio_dim"],
                        audio_tokens=info["audio_tokens"])
     torch.manual_seed(0)
@@ -54,6 +55,7 @@ def write_checkpoint(path: Path, info: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"hyper_parameters": {"net": asdict(config), "diffusion": asdict(DiffusionConfig()), "data_info": info},
                 "state_dict": {f"{prefix}.{k}": v for prefix in ("net", "ema") for k, v in state.items()}}, path)
+    write_manifest(make_manifest(path, 0, 1), manifest_path(path))  # as `letstalk fit` writes it
     return path
 
 

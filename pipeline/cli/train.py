@@ -3,7 +3,8 @@
 On top of LightningCLI:
 - resume: `--ckpt_path last` takes the newest complete one of the ModelCheckpoint `last` checkpoints and the
   requeue checkpoints in the run folder (`requeue-step=N.ckpt`, saved on USR1 by SlurmRequeue; Lightning's older
-  `hpc_ckpt_N.ckpt` too); a newer but incomplete one (a save cut short) is skipped with a message, so that it
+  `hpc_ckpt_N.ckpt` too); a newer but incomplete one (a save cut short) or damaged one (a file that differs from
+  its integrity manifest, lightning_modules/trainer.py) is skipped with a message naming the file, so that it
   cannot fail every restart. A requeued SLURM job (SLURM_RESTART_COUNT > 0) resumes that way even without the
   flag. No complete checkpoint yet: a fresh start.
 - SLURM (`srun letstalk fit`): USR1 saves, requeues and stops at an optimizer step all ranks agree on
@@ -44,6 +45,8 @@ from lightning_modules.letstalk import LetsTalkModule
 from lightning_modules.preflight import ConfigError, preflight
 from lightning_modules.progress import LogFirstAndLastStep, ProgressLog, StepProgressBar
 from lightning_modules.requeue import CHECKPOINT_PREFIX, SlurmRequeue
+from lightning_modules.trainer import LetsTalkTrainer
+from pipeline.checkpoints import CheckpointIntegrityError, manifest_path, verify_checkpoint
 from pipeline.cli.config_keys import unknown_keys
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -117,9 +120,32 @@ def _pickled_int(path: Path, key: str) -> int | None:
     return None
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None: a file must be a whole torch zip; a DeepSpeed folder needs
-    `latest`, whole model and optimizer shards, and one optimizer shard per rank that wrote it (`dp_world_size`)."""
+def checkpoint_problem(path: Path, manifest_expected: bool = True) -> str | None:
+    """Why `path` is not a complete, intact checkpoint, or None (`_judge`)."""
+    judged = _judge(path, manifest_expected)
+    return judged[1] if judged else None
+
+
+def _judge(path: Path, manifest_expected: bool) -> tuple[str, str] | None:
+    """("incomplete" | "damaged", why) for a checkpoint resume must not take, or None. Its structure first (cheap,
+    `_structure_problem`: a save cut short), then its manifest (`pipeline.checkpoints.verify_checkpoint`: every
+    file's size and sha256 as saved; the first that differs is named). Without a manifest it is incomplete if
+    `manifest_expected` (the run's other checkpoints have one: a save that did not finish); else (a run from before
+    checkpoints carried manifests, another tool) its structure is all that is judged."""
+    if problem := _structure_problem(path):
+        return "incomplete", problem
+    try:
+        manifest = verify_checkpoint(path)
+    except CheckpointIntegrityError as err:
+        return "damaged", str(err)
+    if manifest is None and manifest_expected:
+        return "incomplete", f"no integrity manifest {manifest_path(path).name} (its save did not finish)"
+    return None
+
+
+def _structure_problem(path: Path) -> str | None:
+    """A file must be a whole torch zip; a DeepSpeed folder needs `latest`, whole model and optimizer shards, and one
+    optimizer shard per rank that wrote it (`dp_world_size`)."""
     if not path.is_dir():
         return _zip_problem(path)
     latest = path / "latest"
@@ -143,22 +169,31 @@ def _written_at(path: Path) -> float:
 
 
 def resume_checkpoint(trainer, ckpt_path: str | None) -> str | None:
-    """Resolve `last` (and a SLURM requeue without --ckpt_path) to the newest complete last/requeue checkpoint."""
+    """Resolve `last` (and a SLURM requeue without --ckpt_path) to the newest complete and intact last/requeue
+    checkpoint (`_judge`); each one skipped is named with why. Every rank verifies (this runs before the process group
+    exists, and all must take the same one): each reads the checkpoint once, from the page cache after the first on
+    a node. An explicit path is verified too: a damaged one stops the run (CheckpointIntegrityError names the file),
+    one without a manifest is used with a warning."""
     if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         ckpt_path = "last"
     if ckpt_path != "last":
+        if ckpt_path is not None and Path(ckpt_path).exists() and verify_checkpoint(ckpt_path) is None:  # damaged: raises
+            say(f"{ckpt_path} has no integrity manifest (written before checkpoints carried one, or by another tool): "
+                "resuming from it unverified")
         return ckpt_path
     root = Path(trainer.default_root_dir)
     candidates = [*root.glob(f"{CHECKPOINT_PREFIX}*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")]
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             candidates += Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
+    expected = any(manifest_path(path).is_file() for path in candidates)  # else: a run from before manifests
     for path in sorted(candidates, key=_written_at, reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            say(f"resuming from {path}")
+        judged = _judge(path, expected)
+        if judged is None:
+            unverified = "" if expected else " (no integrity manifest: its structure was checked, not its bytes)"
+            say(f"resuming from {path}{unverified}")
             return str(path)
-        say(f"skipping incomplete checkpoint {path}: {problem}")
+        say(f"skipping {judged[0]} checkpoint {path}: {judged[1]}")
     say(f"no complete last or requeue checkpoint under {root}: starting from scratch")
     return None
 
@@ -184,7 +219,12 @@ class LogConfigCallback(SaveConfigCallback):
 
 
 class LetsTalkCLI(LightningCLI):
-    """LightningCLI with stable W&B run ids, resume resolution and config refusals (see the module doc)."""
+    """LightningCLI with stable W&B run ids, resume resolution and config refusals (see the module doc), running
+    LetsTalkTrainer (every checkpoint complete or absent, with its integrity manifest: lightning_modules/trainer.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_class", LetsTalkTrainer)
+        super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand)
