@@ -92,12 +92,14 @@ class LetsTalkModule(L.LightningModule):
         if data_info:  # restored from a checkpoint: sizes already resolved
             self.net = LetsTalkDiT(net)
 
-    def resolve(self) -> DiTConfig:
-        """The network config for this run's data (`DiTConfig.for_data` on the DataModule's `data_info`), recorded
-        in the hyper-parameters, so hparams.yaml, config.yaml and checkpoints hold what runs; idempotent."""
+    def resolve(self, datamodule: Any = None) -> DiTConfig:
+        """The network config for this run's data (`DiTConfig.for_data` on the `data_info` of `datamodule`, by default
+        the trainer's), recorded in the hyper-parameters, so hparams.yaml, config.yaml and checkpoints hold what
+        runs; idempotent."""
         if self.hparams["data_info"]:
             return DiTConfig(**self.hparams["net"])
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None and self._trainer is not None:
+            datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "data_info"):
             raise ValueError("LetsTalkModule needs a LetsTalkDataModule to size the network from its manifest")
         info = datamodule.data_info

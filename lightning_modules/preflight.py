@@ -34,7 +34,7 @@ def preflight(module: Any, datamodule: Any) -> DiTConfig:
     """
     problems: list[str] = []
     try:
-        net = module.resolve()
+        net = module.resolve(datamodule)
     except ValueError as err:
         problems.append(str(err))
         net = DiTConfig(**module.hparams["net"])  # its long-video settings do not depend on the data
@@ -42,7 +42,8 @@ def preflight(module: Any, datamodule: Any) -> DiTConfig:
         datamodule.set_context(net)
         datamodule.train_batches_per_epoch  # noqa: B018 - raises when the training segments cannot fill the slots
     except ValueError as err:
-        problems.append(str(err))
+        if str(err) not in problems:  # the data's own refusal, met again
+            problems.append(str(err))
     spec = module.hparams.get("init_from")
     if spec and not Path(spec["path"]).is_file():
         problems.append(f"model.init_from.path: {spec['path']} does not exist")

@@ -1,4 +1,5 @@
 """SlurmRequeue: on SLURM's warning signal, save a checkpoint at a step all ranks agree on, requeue the job, stop.
+FaultLog: record the error that ends fit, for slurm/train.sbatch's decision to requeue the job after a fault.
 
 Why not Lightning's auto-requeue (`SLURMEnvironment(auto_requeue=True)`, which `letstalk fit` turns off under
 SLURM): its USR1 handler saves the checkpoint from inside the signal handler, on every rank. That save is
@@ -40,6 +41,9 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_modules.preflight import ConfigError
+from pipeline import faults
 
 CHECKPOINT_PREFIX = "requeue-step="  # <default_root_dir>/requeue-step=<global step>.ckpt; only the newest is kept
 
@@ -95,3 +99,13 @@ class SlurmRequeue(Callback):
         outcome = ("requeued" if done and done.returncode == 0 else
                    f"not requeued ({done.stderr.strip() if done else 'no SLURM_JOB_ID'})")
         print(f"letstalk fit: saved {path}; job {job} {outcome}; leaving", file=sys.stderr, flush=True)
+
+
+class FaultLog(Callback):
+    """Record the exception that ends fit on this rank, with its step, for slurm/train.sbatch's decision to requeue
+    the job or stop (`pipeline.faults`)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, ConfigError)):  # a signal: no fault; a ConfigError: recorded as
+            return  # one by pipeline/cli/train.py, which also sees those raised before a trainer exists
+        faults.record(exception, trainer.global_step, trainer.global_rank)

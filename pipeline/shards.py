@@ -462,7 +462,7 @@ class BadSamples:
         if count > self.allowed:
             of = f" ({self.budget:g} of {self.total} samples)" if 0 < self.budget < 1 else ""
             raise TooManyBadSamples(
-                f"{count} distinct damaged samples, more than {self.name}={self.allowed}{of} allows; the last: "
+                f"{count} distinct damaged sample{'s' if count > 1 else ''}, more than {self.name}={self.allowed}{of} allows; the last: "
                 f"{self.records[-1] if self.seen else '(met in other processes)'}. Run `letstalk check` on "
                 f"the dataset, repair or re-prepare it, or raise {self.name}")
 

@@ -99,7 +99,7 @@ def test_a_budget_of_zero_stops_with_a_clear_message(damaged, tmp_path):
     root, _ = damaged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        with pytest.raises(TooManyBadSamples, match=r"1 distinct damaged samples, more than data.max_bad_samples=0 "
+        with pytest.raises(TooManyBadSamples, match=r"1 distinct damaged sample, more than data.max_bad_samples=0 "
                                                     rf"allows; the last: .*shard-000000.tar: {POISONED}.latents.npy: an object "
                                                     r"array .*letstalk check"):
             main(["fit", *fit_args(root, tmp_path / "run"), "--trainer.max_steps", "2", "--data.max_bad_samples", "0"])

@@ -125,9 +125,10 @@ def _zero2_job(cluster: SlurmCluster, shards: Path, folder: Path, hold: bool) ->
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    """Network and EMA weights of the run's `last` DeepSpeed folder, which must be of step STEPS."""
+    """Network and EMA weights of the run's `last` checkpoint (a DeepSpeed folder or a file), which must be of step
+    STEPS."""
     last = run / "checkpoints" / "last.ckpt"
-    assert last.is_dir() and list((run / "checkpoints").glob(f"*step={STEPS}.ckpt"))
+    assert last.exists() and list((run / "checkpoints").glob(f"*step={STEPS}.ckpt"))
     _, net = read_weights(last, ema=False)
     _, ema = read_weights(last, ema=True)
     return {**{f"net.{k}": v for k, v in net.items()}, **{f"ema.{k}": v for k, v in ema.items()}}

@@ -37,15 +37,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.trainer.states import TrainerFn
 
 from datamodules import LetsTalkDataModule
 from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
 from lightning_modules.preflight import ConfigError, preflight
 from lightning_modules.progress import LogFirstAndLastStep, ProgressLog, StepProgressBar
-from lightning_modules.requeue import CHECKPOINT_PREFIX, SlurmRequeue
+from lightning_modules.requeue import CHECKPOINT_PREFIX, FaultLog, SlurmRequeue
 from lightning_modules.trainer import LetsTalkTrainer
+from pipeline import faults
 from pipeline.checkpoints import CheckpointIntegrityError, manifest_path, verify_checkpoint
 from pipeline.cli.config_keys import unknown_keys
 
@@ -203,9 +203,8 @@ class LogConfigCallback(SaveConfigCallback):
     the data, `LetsTalkModule.resolve`: no "auto" left), and logs the resolved config to W&B."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """After the run's preflight checks (a run that cannot start leaves no log folder behind)."""
         if not self.already_saved and isinstance(pl_module, LetsTalkModule):
-            net = preflight(pl_module, trainer.datamodule) if stage == TrainerFn.FITTING else pl_module.resolve()
+            net = pl_module.resolve()
             self.config = self.config.clone()
             for key, value in asdict(net).items():
                 self.config[f"model.net.{key}"] = value
@@ -248,7 +247,8 @@ class LetsTalkCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         """The trainer's callbacks, completed: without EvalCallback under `--evaluation false`; a progress bar on a
         terminal, else plain progress lines (`lightning_modules.progress`); the first and last steps' metrics always
-        logged; under SLURM, SlurmRequeue acting on USR1 with Lightning's own auto-requeue off (one mechanism only)."""
+        logged; under SLURM, SlurmRequeue acting on USR1 with Lightning's own auto-requeue off (one mechanism only)
+        and FaultLog recording a fault for train.sbatch's restart decision."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = _as_list(config.get("callbacks"))
         if not self._get(self.config_init, "evaluation", default=True):
@@ -263,11 +263,15 @@ class LetsTalkCLI(LightningCLI):
         if self.subcommand == "fit" and SLURMEnvironment.detect():
             plugins = [p for p in _as_list(config.get("plugins")) if not isinstance(p, SLURMEnvironment)]
             kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
-            callbacks.append(SlurmRequeue())
+            callbacks += [SlurmRequeue(), FaultLog()]
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
+        """The run's checks first (`preflight`), before fit starts the loggers (a W&B run, a log folder): a run that
+        cannot start leaves nothing behind. Then `--ckpt_path last` resolved."""
+        self.datamodule.trainer = self.trainer  # as fit attaches it: the checks count the ranks' loader slots
+        preflight(self.model, self.datamodule)
         fit = self.config_init["fit"]
         fit["ckpt_path"] = resume_checkpoint(self.trainer, fit.get("ckpt_path"))
 
@@ -291,6 +295,7 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
             print(f"letstalk {argv[0]}: error: {len(problems)} unknown key{'s' * (len(problems) > 1)}:\n{listed}\n"
                   f"tip: `letstalk {argv[0]} --help` lists the options, `--print_config` the resolved config",
                   file=sys.stderr, flush=True)
+        faults.record(SystemExit(f"{len(problems)} unknown keys"), None, rank_zero_only.rank, faults.CONFIG)
         raise SystemExit(2)
     try:
         return LetsTalkCLI(LetsTalkModule, LetsTalkDataModule, args=argv, save_config_callback=LogConfigCallback,
@@ -303,7 +308,16 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
         if rank == 0 or not isinstance(err, ConfigError):  # a ConfigError is the same on every rank: said once
             where = "" if rank == 0 else f" (rank {rank})"
             print(f"letstalk {argv[0] if argv else 'fit'}{where}: error: {err}", file=sys.stderr, flush=True)
+        # for train.sbatch (unless FaultLog recorded it in fit); a ConfigError would fail the same way again
+        faults.record(err, None, rank, faults.CONFIG if isinstance(err, ConfigError) else faults.CRASH)
         raise SystemExit(1) from None
+    except SystemExit as exit:
+        if exit.code == 2:  # the parser's: a bad option or value
+            faults.record(exit, None, rank_zero_only.rank, faults.CONFIG)
+        raise
+    except Exception as err:  # any other error, e.g. TooManyBadSamples from the checks before fit
+        faults.record(err, None, rank_zero_only.rank)
+        raise
     finally:
         # WandbLogger leaves its run open; close it so a later run in this process starts its own. (wandb is
         # imported by then if a WandbLogger ran; a run without one, e.g. on a GPU image without wandb, needs none.)

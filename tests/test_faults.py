@@ -1,0 +1,205 @@
+"""Faults a cluster throws, against a real single-node SLURM (tests/slurm_cluster.py) running `slurm/train.sbatch`
+with 2 CPU tasks on the tiny model: a killed rank, a killed loader worker, a crash that repeats, a configuration
+error. Each ends the job fast, requeues it (or not) by the rules of `pipeline/faults.py`, and the resumed
+job ends with the weights of an uninterrupted one. The README's fault table comes from these tests' printed lines.
+
+The jobs are held at a known point as in tests/test_slurm.py: rank 0 waits in Python at the end of step HOLD
+(slurm_cluster.HoldRankZero) while rank 1 runs into its next collective; the fault is injected there. A requeued
+job's start is moved to now (`scontrol update StartTime=now`) instead of SLURM's 120 s requeue delay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import faults
+from pipeline.cli.sweep import SBATCH_SCRIPT
+from slurm_cluster import SlurmCluster
+from test_bad_data import _damage_what_only_decoding_finds
+from test_slurm import (CPU_TASKS, ENDED, EVERY, HOLD, STEPS, ZERO2, _assert_same_weights, _final_weights, _job_env,
+                        _wait_for, cluster, shards, uninterrupted)  # noqa: F401  (fixtures)
+from test_training import fit_args, write_shards
+
+DDP = ["--trainer.strategy", "ddp"]
+STRATEGIES = {"ddp": DDP, "zero2": ZERO2}
+FAST = 60  # s: a fault must end the job within this
+
+
+def _job(cluster: SlurmCluster, shards: Path, folder: Path, strategy: list[str], *flags: str,
+         hold: bool = True) -> tuple[int, Path, Path]:
+    """A 2-task train.sbatch job of STEPS steps (checkpoints every EVERY) into `folder/run`, log `folder/job.out`,
+    fault record `folder/faults.jsonl`; with `hold`, rank 0 waits at the end of step HOLD on the first start."""
+    run, log = folder / "run", folder / "job.out"
+    held = {"class_path": "slurm_cluster.HoldRankZero", "init_args": {"folder": str(folder), "step": HOLD}}
+    cluster.env["LETSTALK_FAULTS"] = str(folder / "faults.jsonl")
+    job = cluster.sbatch([*CPU_TASKS, f"--output={log}", str(SBATCH_SCRIPT), *fit_args(shards, run, every=EVERY),
+                          *strategy, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "1000",
+                          *flags, *([f"--trainer.callbacks+={json.dumps(held)}"] if hold else [])], cwd=folder)
+    return job, run, log
+
+
+def _processes(job: int) -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, SLURM_PROCID) of this job's task processes and their children (loader workers)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == str(job) and "letstalk" in cmd and "fit" in cmd and "SLURM_PROCID" in env:
+            found[int(proc.name)] = (parent, int(env["SLURM_PROCID"]))
+    return found
+
+
+def _rank(job: int, rank: int) -> int:
+    """The pid of task `rank` (its parent is not another task process)."""
+    procs = _processes(job)
+    return next(pid for pid, (parent, r) in procs.items() if r == rank and parent not in procs)
+
+
+def _worker(job: int, rank: int) -> int:
+    """The pid of a loader worker of task `rank` (a child of the task process running the same command)."""
+    procs, task = _processes(job), _rank(job, rank)
+    return next(pid for pid, (parent, _) in procs.items() if parent == task)
+
+
+def _ended_by_fault(cluster: SlurmCluster, job: int, log: Path, since: float) -> float:
+    """Wait until the job ended (requeued: PENDING again, or stopped); seconds from `since`."""
+    cluster.wait(job, {"PENDING"} | ENDED, 120)
+    took = time.monotonic() - since
+    assert took < FAST, f"the job took {took:.0f} s to end after the fault:\n{log.read_text()[-4000:]}"
+    return took
+
+
+def _stepd_gone(job: int, timeout: float = 60) -> None:
+    """Wait until the job's first start has no process left, its slurmstepds included: a start moved to now before
+    they are gone is refused by slurmd ("Job 3 already killed, do not launch batch job") and the job FAILS."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stepd = f"slurmstepd: [{job}."
+        if not any(p.name.isdigit() and _cmdline(p).startswith(stepd) for p in Path("/proc").iterdir()) \
+                and not _processes(job):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job}'s processes still there after {timeout:.0f} s")
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _restart_now(cluster: SlurmCluster, job: int, log: Path, state: str = "COMPLETED") -> str:
+    cluster.wait_idle(60)
+    _stepd_gone(job)
+    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    info = cluster.wait(job, ENDED, 300)
+    text = log.read_text()
+    assert info["JobState"] == state and info["Restarts"] == "1", f"{info}\n{text[-4000:]}\n{cluster.log_tail()}"
+    return text
+
+
+def _resumed(text: str) -> list[int]:
+    return [int(step) for step in re.findall(r"resumed at step (\d+) \(SLURM_RESTART_COUNT=1\)", text)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(slurm: SlurmCluster, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Final weights of the DDP job nothing interrupts."""
+    folder = tmp_path_factory.mktemp("uninterrupted_ddp")
+    job, run, log = _job(_job_env(slurm), shards, folder, DDP, hold=False)
+    info = slurm.wait(job, ENDED, 300)
+    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    return _final_weights(run)
+
+
+def _reference(name: str, request: pytest.FixtureRequest) -> dict:
+    return request.getfixturevalue("uninterrupted_ddp" if name == "ddp" else "uninterrupted")
+
+
+def _fault_row(fault: str, strategy: str, took: float, text: str) -> None:
+    """One row of the README's fault table, printed (`pytest -s`)."""
+    resumed = _resumed(text)
+    print(f"FAULT | {fault} | {strategy} | ended {took:.0f} s after | resumed at step {resumed} of fault at {HOLD}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("victim", ["rank", "worker"])
+def test_a_dead_rank_or_loader_worker_ends_the_job_which_requeues_itself_and_resumes_exactly(
+        cluster: SlurmCluster, shards: Path, tmp_path: Path, strategy: str, victim: str, request):
+    """`kill -9` of task 1, or of one of its loader workers, while rank 0 is held at step HOLD: srun's
+    --kill-on-bad-exit ends the other task, the batch script requeues the job (a fault, the first), and the job
+    resumes from `last` (step EVERY) to the weights of an uninterrupted run."""
+    job, run, log = _job(cluster, shards, tmp_path, STRATEGIES[strategy], "--data.num_workers", "1")
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    victim_pid = _rank(job, 1) if victim == "rank" else _worker(job, 1)
+    os.kill(victim_pid, signal.SIGKILL)
+    killed = time.monotonic()
+    (tmp_path / "release").touch()
+    took = _ended_by_fault(cluster, job, log, killed)
+    text = _restart_now(cluster, job, log)
+    assert "ended by a fault" in text and "fault 1 of at most 3" in text and "requeueing" in text, text[-4000:]
+    assert _resumed(text) == [EVERY], text[-4000:]
+    _assert_same_weights(run, _reference(strategy, request))
+    _fault_row(f"kill -9 of a {'rank' if victim == 'rank' else 'loader worker'}", strategy, took, text)
+
+
+def test_a_crash_that_repeats_at_the_same_step_stops_after_one_restart(cluster: SlurmCluster, tmp_path: Path):
+    """Damaged samples under `data.max_bad_samples 0`: every start stops at the same point (the shard index finds
+    them at start). The first start's fault requeues the job, the second's stops it, naming the error and where."""
+    shards = write_shards(tmp_path / "shards")
+    _damage_what_only_decoding_finds(shards)
+    job, run, log = _job(cluster, shards, tmp_path, DDP, "--data.max_bad_samples", "0", "--data.val_percent", "0",
+                         hold=False)
+    started = time.monotonic()
+    info = cluster.wait(job, {"PENDING"} | ENDED, 240)
+    assert info["JobState"] == "PENDING", log.read_text()[-4000:]
+    text = _restart_now(cluster, job, log, state="FAILED")
+    stop = re.search(r"the same (\w+) at (start|step \d+) as the previous start, a deterministic crash", text)
+    assert stop and stop.group(1) == "TooManyBadSamples", text[-4000:]
+    decisions = [r["decision"] for r in faults.read(tmp_path / "faults.jsonl") if "decision" in r]
+    assert decisions == ["requeue", "stop"]
+    print(f"FAULT | the same crash at {stop.group(2)} of every start | ddp | stopped after 1 restart, "
+          f"{time.monotonic() - started:.0f} s in all")
+
+
+def test_a_configuration_error_is_not_restarted(cluster: SlurmCluster, shards: Path, tmp_path: Path):
+    job, _, log = _job(cluster, shards, tmp_path, DDP, "--data.clip_frames", "99", hold=False)
+    info = cluster.wait(job, ENDED, 240)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-4000:]
+    assert "a configuration error, which would fail again" in text and "stopping" in text, text[-4000:]
+
+
+def test_the_restart_rules():
+    """pipeline.faults.decide without SLURM: configuration errors, the restart budget, a repeated crash."""
+    crash = {"attempt": 0, "rank": 0, "step": 7, "kind": "crash", "error": "RuntimeError: worker killed"}
+    assert faults.decide([crash], 0) == (True, "fault 1 of at most 3 (rank 0 at step 7: RuntimeError: worker killed)")
+    config = {**crash, "kind": "config", "step": None}
+    assert not faults.decide([config], 0)[0]
+    same = [crash, {"attempt": 0, "decision": "requeue"}, {**crash, "attempt": 1}]
+    requeue, why = faults.decide(same, 1)
+    assert not requeue and "the same RuntimeError at step 7" in why
+    assert faults.decide([crash, {"attempt": 0, "decision": "requeue"}, {**crash, "attempt": 1, "step": 9}], 1)[0]
+    spent = [{"attempt": a, "decision": "requeue"} for a in range(3)] + [{**crash, "attempt": 3, "step": 12}]
+    requeue, why = faults.decide(spent, 3)
+    assert not requeue and "3 restarts after faults already, LETSTALK_MAX_RESTARTS=3" in why
+    assert faults.decide(spent, 3, max_restarts=4)[0]
+    at_start = {**crash, "step": None, "error": "TooManyBadSamples: 1 distinct damaged sample"}
+    requeue, why = faults.decide([at_start, {"attempt": 0, "decision": "requeue"}, {**at_start, "attempt": 1}], 1)
+    assert not requeue and "the same TooManyBadSamples at start as the previous start" in why
+    killed = faults.decide([], 2)
+    assert killed[0] and "no rank recorded an error" in killed[1]
