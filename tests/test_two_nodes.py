@@ -17,7 +17,7 @@ of SLURM_NODELIST) and a real network between the nodes. MASTER_PORT is a free p
 
 Each job is 4 CPU processes on what may be 2 cores: ~40-65 s, most of it start-up; the 3 jobs of each strategy
 (1 x 4, 2 x 2, 2 x 2 resumed) are made once per module and shared by its two tests. On the 2-core machine: DDP's
-two tests 2.0 min at a load average of ~1.5, 2.5-3 min at ~6 (other jobs); ZeRO-2's ~3 min at ~6 (`pytest -m slow`).
+two tests 2.0 min at a load average of ~1.5, 2.5-3 min at ~6 (other jobs); ZeRO-2's ~3 min at ~6.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ FLAGS = {  # after the base config, as a user would give them
     "zero2": ["--config", str(REPO / "configs" / "trainer" / "zero2.yaml"), "--trainer.accelerator", "cpu",
               "--trainer.precision", "32-true"],
 }
-PRESETS = ["ddp", pytest.param("zero2", marks=pytest.mark.slow)]  # ZeRO-2's 3 jobs: `pytest -m slow`
+PRESETS = ["ddp", "zero2"]
 
 
 @pytest.fixture(scope="module")
