@@ -66,6 +66,7 @@ from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clip
 from pipeline.metrics.inception import inception_features, load_fid_inception
 from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
 from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
+from pipeline.progress import ProgressLines
 from pipeline.shards import (WAVEFORM, BadSamples, DataWarning, Manifest, Segment, ShardFormatError, index_dataset,
                              read_segments)
 from pipeline.sync import Box, loudness_envelope, mouth_opening, mouth_region, sync_score
@@ -514,11 +515,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
     sheets = None if out is None else Path(out).with_suffix("").with_name(Path(out).stem + "_sheets")
     seconds = {"setup": time.perf_counter() - t_start, "generate": 0.0, "metrics": 0.0}
     faults = BadSamples(total=manifest.num_samples)
-    for i, segment in enumerate(select_segments(data, num_clips, seed, faults=faults)):
+    chosen = select_segments(data, num_clips, seed, faults=faults)
+    progress = ProgressLines(len(chosen), "evaluate: clips", interval=30.0)  # a job's log: first, every 30 s, last
+    for i, segment in enumerate(chosen):
         try:
             clip = load(segment)
         except ShardFormatError as err:  # e.g. an undecodable waveform: this clip is left out, named and counted
             faults.skip(err)
+            progress.update(detail=" (one left out)")
             continue
         t0 = time.perf_counter()
         generated = generate_clip(gen, vae, clip, seed + i, sampler, steps, audio_scale, ref_scale, device)
@@ -528,6 +532,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed
             media.write_image(sheets / f"{i:03d}_{clip.key.replace('/', '_')}.png", comparison_sheet(clip.real, generated))
         seconds["generate"] += t1 - t0
         seconds["metrics"] += time.perf_counter() - t1
+        progress.update()
     values, skipped = suite.summarize(stats)
     seconds["total"] = time.perf_counter() - t_start
     references = [s["reference"] for s in stats]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,11 @@ def test_without_weights_metrics_are_skipped_with_notes(tiny, tmp_path, capsys):
     assert -1.0 <= result["metrics"]["sync_synthetic"] <= 1.0
     assert result["reference_frames"] == {SOURCE_VIDEO: 2} and result["num_clips"] == 2
     assert [c["frames"] for c in result["clips"]] == [FRAMES, FRAMES]
-    table = capsys.readouterr().out
+    said = capsys.readouterr()
+    table = said.out
     assert "synthetic lip sync (r)" in table and "skipped FID: no Inception weights" in table
+    # a job's log shows progress: the first clip, then the last (the 30 s interval does not pass here)
+    assert re.findall(r"evaluate: clips (\d)/2", said.err) == ["1", "2"], said.err
     assert "skipped Sync-C (SyncNet confidence), Sync-D (SyncNet distance)" in table and str(out) in table
     assert "mouth box: static portrait" in table and "drift: last chained clip" in table
     # the static reference, computed here from the source videos: frame 0 repeated against frames 1..
