@@ -55,5 +55,6 @@ def test_bad_grid_entries_are_explained(spec: str):
 def test_sbatch_script_launches_fit_with_srun_and_requeues():
     text = SBATCH_SCRIPT.read_text()
     assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text
-    assert 'srun letstalk fit --ckpt_path last "$@"' in text
+    assert 'srun --kill-on-bad-exit=1 letstalk fit --ckpt_path last "$@"' in text  # one dead task ends them all
+    assert 'python -m pipeline.faults "$LETSTALK_FAULTS"' in text  # after a fault: requeue or stop
     assert subprocess.run(["bash", "-n", str(SBATCH_SCRIPT)]).returncode == 0
