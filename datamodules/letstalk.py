@@ -43,6 +43,7 @@ audio features only the clip's rows (`pipeline.shards.NpyMember`, by offset), no
 from __future__ import annotations
 
 import random
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -82,6 +83,13 @@ def choose_window(rng: np.random.Generator, frames: int, clip_frames: int, ref_m
     if ref_mode == "outside" and outside:
         return start, int(rng.choice(outside))
     return start, int(rng.integers(0, frames))
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """A loader worker's init: SIGTERM ignored. SLURM's preemption signal reaches every process of a task, and a
+    worker it ended would fail its rank before the rank could save (lightning_modules/requeue.py); the rank shuts
+    its workers down when it leaves."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_clip(
@@ -509,6 +517,7 @@ class LetsTalkDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_sigterm,
         )
 
     def _build_val_batches(self) -> list[dict[str, Any]]:

@@ -1,32 +1,29 @@
-"""SlurmRequeue: on SLURM's warning signal, save a checkpoint at a step all ranks agree on, requeue the job, stop.
+"""SlurmRequeue: on SLURM's warning signal (USR1 before the time limit) or its preemption signal (SIGTERM, with
+GraceTime to spare), save a checkpoint at a step all ranks agree on, requeue the job, stop.
 FaultLog: record the error that ends fit, for slurm/train.sbatch's decision to requeue the job after a fault.
 
 Why not Lightning's auto-requeue (`SLURMEnvironment(auto_requeue=True)`, which `letstalk fit` turns off under
-SLURM): its USR1 handler saves the checkpoint from inside the signal handler, on every rank. That save is
-collective (under DeepSpeed every rank writes its shard, between barriers and all-reduces), but the signal
-finds each rank at a different point of its step, and a rank waiting in a collective (a gradient reduce, ...)
-runs its Python handler only once that collective returns. The handler's collectives then pair with the other
-rank's step collectives: gloo aborts with "Received data size doesn't match expected size" (seen on 2 CPU ranks,
-tests/test_slurm.py), NCCL typically hangs until its timeout; either way the job is neither saved nor requeued,
-and the half-written `hpc_ckpt_N.ckpt` is the newest checkpoint of the run.
+SLURM) nor its SIGTERM handler: both run collectives from inside the signal handler (the auto-requeue's checkpoint
+save; the SIGTERM handler's broadcast), on every rank. The signal finds each rank at a different point of its step,
+and a rank waiting in a collective (a gradient reduce, ...) runs its Python handler only once that collective
+returns. The handler's collectives then pair with the other rank's step collectives: gloo aborts with "Received
+data size doesn't match expected size" (seen on 2 CPU ranks, tests/test_slurm.py), NCCL typically hangs until its
+timeout; either way the job is neither saved nor requeued, and a half-written `hpc_ckpt_N.ckpt` is the newest
+checkpoint of the run.
 
-Here the handler only sets a flag. At the start of each batch all ranks take one decision with one all-reduce
-(any rank signalled: all stop); at the end of the first optimizer step after it they save one checkpoint together
-through `trainer.save_checkpoint` (into `<name>.partial`, renamed by rank 0 once every rank has written: complete
-or absent), rank 0 runs `scontrol requeue`, and every rank leaves `fit` at once. SLURM restarts the job
-(SLURM_RESTART_COUNT + 1), which resumes from the newest complete checkpoint (`--ckpt_path last`,
-pipeline/cli/train.py).
+Here the handlers only set a flag (SIGTERM's replaces Lightning's once training starts). At the start of each batch
+all ranks take one decision with one all-reduce (any rank signalled: all stop); at the end of the first optimizer
+step after it they save one checkpoint together through `trainer.save_checkpoint` (into `<name>.partial`, renamed by
+rank 0 once every rank has written: complete or absent), rank 0 runs `scontrol requeue`, and every rank leaves `fit`
+at once by `SIGTERMException`, not by `trainer.should_stop` (a stop would run validation and the fit-end hooks).
+SLURM restarts the job (SLURM_RESTART_COUNT + 1), which resumes from the newest complete checkpoint
+(`--ckpt_path last`, pipeline/cli/train.py).
 
-The requeue makes SLURM send SIGTERM to every task, and Lightning's SIGTERM handler also runs a collective (a
-broadcast) from inside the handler. So, measured on 2 ranks, where a hang lasts until SLURM's SIGKILL (KillWait,
-30 s, later) and a clean exit takes ~5 s:
-- the decision is taken at a batch's start, right after Lightning's own per-batch broadcast, which is where a
-  rank ahead of the others (rank 0 lags, it logs) then waits, and which Lightning's handler pairs with; an
-  all-reduce of ours at the batch end became that waiting point, and a SIGTERM (`scontrol requeue`, scancel,
-  preemption) hung the job;
-- from the save on, SIGTERM is ignored and fit ends by `SIGTERMException` (Lightning's own way out on SIGTERM),
-  not by `trainer.should_stop`: a stop runs validation and the fit-end hooks (evaluation, ModelCheckpoint's
-  save_last), whose collectives met the handler's broadcast, and the job hung.
+Preemption (PreemptMode=REQUEUE) sends SIGTERM to the tasks and their children, not to the batch script nor srun;
+the loader workers ignore it (datamodules.letstalk.ignore_sigterm), the rank saves as above. GraceTime later, SLURM
+requeues the job (SIGTERM to srun too, which then SIGKILLs the tasks): a save not finished by then stays a
+`.partial`, which resume skips, and the job resumes from the newest complete checkpoint. A requeue or scancel without
+grace reaches srun at once, which kills the tasks the same way.
 """
 
 from __future__ import annotations
@@ -49,31 +46,40 @@ CHECKPOINT_PREFIX = "requeue-step="  # <default_root_dir>/requeue-step=<global s
 
 
 class SlurmRequeue(Callback):
-    """Save, `scontrol requeue` and leave fit at the first optimizer step after `signum` reached a rank (module doc)."""
+    """Save, `scontrol requeue` and leave fit at the first optimizer step after USR1 or SIGTERM reached a rank
+    (module doc)."""
 
-    def __init__(self, signum: int = signal.SIGUSR1):
-        self.signum = signum
-        self.signalled = False  # this rank got the signal
+    def __init__(self, warning: int = signal.SIGUSR1):
+        self.warning = warning
+        self.signalled: str | None = None  # the signal this rank got
         self.stopping = False  # all ranks agreed to stop
-        self._previous = None
+        self._previous: dict[int, object] = {}
         self._step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._on_signal)
+            self._previous = {s: signal.getsignal(s) for s in (self.warning, signal.SIGTERM)}  # restored at teardown
+            signal.signal(self.warning, self._on_signal)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._previous:  # after Lightning registered its SIGTERM handler (Trainer._run), which this replaces
+            signal.signal(signal.SIGTERM, self._on_signal)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _on_signal(self, signum, frame) -> None:
-        self.signalled = True  # nothing collective in a signal handler: see the module doc
+        self.signalled = self.signalled or signal.Signals(signum).name  # nothing collective here: see the module doc
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step = trainer.global_step
         if not self.stopping:
-            self.stopping = trainer.strategy.reduce_boolean_decision(self.signalled, all=False)
+            self.stopping = trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False)
+            if self.stopping and self.signalled:
+                print(f"letstalk fit: {self.signalled} on rank {trainer.global_rank}: saving at the end of step "
+                      f"{trainer.global_step + 1}, then leaving", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.stopping or trainer.global_step == self._step:  # also within gradient accumulation: no step yet

@@ -14,11 +14,13 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from lightning_modules.requeue import CHECKPOINT_PREFIX
 from pipeline import faults
 from pipeline.cli.sweep import SBATCH_SCRIPT
 from slurm_cluster import SlurmCluster
@@ -156,6 +158,49 @@ def test_a_dead_rank_or_loader_worker_ends_the_job_which_requeues_itself_and_res
     assert _resumed(text) == [EVERY], text[-4000:]
     _assert_same_weights(run, _reference(strategy, request))
     _fault_row(f"kill -9 of a {'rank' if victim == 'rank' else 'loader worker'}", strategy, took, text)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_preemption_with_grace_saves_at_the_step_end_and_resumes_exactly(cluster: SlurmCluster, shards: Path,
+                                                                        tmp_path: Path, strategy: str, request):
+    """Preemption's SIGTERM (what PreemptMode=REQUEUE sends to the tasks and their children, not to srun: `scancel
+    --signal=TERM`) while rank 0 is held at step HOLD and rank 1 waits in a collective, with loader workers running.
+    The workers ignore it, the ranks agree at the start of step HOLD + 1, save at its end, requeue and leave; the
+    job resumes from that checkpoint to the weights of an uninterrupted run."""
+    job, run, log = _job(cluster, shards, tmp_path, STRATEGIES[strategy], "--data.num_workers", "1")
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    subprocess.run(["scancel", "--signal=TERM", str(job)], env=cluster.env, check=True)
+    signalled = time.monotonic()
+    time.sleep(3)  # delivered before rank 0 goes on
+    (tmp_path / "release").touch()
+    took = _ended_by_fault(cluster, job, signalled)
+    text = _restart_now(cluster, job, log)
+    saved = run / f"requeue-step={HOLD + 1}.ckpt"
+    assert f"SIGTERM on rank 0: saving at the end of step {HOLD + 1}" in text, text[-4000:]
+    assert f"saved {saved}; job {job} requeued" in text and "ended by a fault" not in text, text[-4000:]
+    assert f"resuming from {saved}" in text and _resumed(text) == [HOLD + 1], text[-4000:]
+    _assert_same_weights(run, _reference(strategy, request))
+    _fault_row("preemption: SIGTERM, grace long enough for a step and a save", strategy, took, text)
+
+
+def test_preemption_without_grace_resumes_from_the_last_complete_checkpoint(cluster: SlurmCluster, shards: Path,
+                                                                            tmp_path: Path, uninterrupted: dict):
+    """Preemption's SIGTERM, then the requeue at the end of a grace too short for the save (SIGTERM to srun too,
+    which SIGKILLs the tasks) while rank 0 is still held: nothing half-written is taken, the job resumes from `last`
+    (step EVERY) to the weights of an uninterrupted run."""
+    job, run, log = _job(cluster, shards, tmp_path, ZERO2, "--data.num_workers", "1")
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    subprocess.run(["scancel", "--signal=TERM", str(job)], env=cluster.env, check=True)
+    signalled = time.monotonic()
+    time.sleep(1)
+    cluster.scontrol("requeue", str(job))
+    took = _ended_by_fault(cluster, job, signalled)
+    (tmp_path / "release").touch()
+    text = _restart_now(cluster, job, log)
+    assert not list(run.glob(f"{CHECKPOINT_PREFIX}*")), text[-4000:]  # the save never finished: nothing to take
+    assert _resumed(text) == [EVERY] and "ended by a fault" not in text, text[-4000:]
+    _assert_same_weights(run, uninterrupted)
+    _fault_row("preemption: SIGTERM, grace shorter than a step and a save", "zero2", took, text)
 
 
 def test_a_crash_that_repeats_at_the_same_step_stops_after_one_restart(cluster: SlurmCluster, tmp_path: Path):

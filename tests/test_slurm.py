@@ -178,19 +178,20 @@ def uninterrupted(slurm: SlurmCluster, shards: Path, tmp_path_factory: pytest.Te
     return _final_weights(run)
 
 
-def test_requeued_zero2_job_ends_with_the_weights_of_an_uninterrupted_run(cluster: SlurmCluster, shards: Path,
-                                                                          tmp_path: Path, uninterrupted: dict):
-    """`scontrol requeue` while rank 0 lags (held at step 4) and rank 1 waits for it: the first start's processes end
-    on their own within seconds (SlurmRequeue's all-reduce at a batch start leaves rank 1 waiting in Lightning's own
-    broadcast, which Lightning's SIGTERM handler pairs with), and the job resumes from `last` (step 3) to the
-    weights of the uninterrupted run."""
+def test_requeued_zero2_job_saves_within_kill_wait_and_ends_with_the_weights_of_an_uninterrupted_run(
+        cluster: SlurmCluster, shards: Path, tmp_path: Path, uninterrupted: dict):
+    """`scontrol requeue` while rank 0 lags (held at step 4) and rank 1 waits for it: SIGTERM reaches every process,
+    srun included, which gives the tasks KillWait before it kills them. The ranks agree at the start of step 5, save
+    at its end and leave on their own within seconds; the job resumes from that checkpoint to the weights of the
+    uninterrupted run."""
     job, run, log = _zero2_job(cluster, shards, tmp_path, hold=True)
     _wait_for(tmp_path / "held", 240, job, cluster)
     cluster.scontrol("requeue", str(job))  # SIGTERM while rank 0 is held and rank 1 waits in a collective
     time.sleep(1)
     (tmp_path / "release").touch()  # rank 0 was only slower
     text = _restarted_to_completion(cluster, job, log)
-    assert _resumed_at(text) == [EVERY], text[-4000:]  # from `last`
+    saved = run / f"requeue-step={HOLD + 1}.ckpt"
+    assert f"resuming from {saved}" in text and _resumed_at(text) == [HOLD + 1], text[-4000:]
     _assert_same_weights(run, uninterrupted)
 
 
@@ -220,7 +221,8 @@ def test_requeue_skips_newer_half_written_checkpoints(cluster: SlurmCluster, sha
                                                       uninterrupted: dict):
     """Newer than `last` (step 3) when the job is requeued, as a save cut short leaves them: a DeepSpeed folder
     without rank 1's optimizer shard and a truncated checkpoint file. `last` by mtime would take one of them and
-    fail on every restart; the newest complete one is `last`."""
+    fail on every restart; the newest complete one is `last`. The tasks are killed (no save at SIGTERM), the batch
+    script requeues the job after that fault."""
     job, run, log = _zero2_job(cluster, shards, tmp_path, hold=True)
     _wait_for(tmp_path / "held", 240, job, cluster)
     last, file = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "last-v1.ckpt"
@@ -229,9 +231,7 @@ def test_requeue_skips_newer_half_written_checkpoints(cluster: SlurmCluster, sha
     next((folder / "checkpoint").glob("*rank_1_*optim_states.pt")).unlink()
     shard = next((last / "checkpoint").glob("*optim_states.pt")).read_bytes()
     file.write_bytes(shard[: len(shard) // 2])
-    cluster.scontrol("requeue", str(job))
-    time.sleep(1)
-    (tmp_path / "release").touch()
+    subprocess.run(["scancel", "--signal=KILL", f"{job}.0"], env=cluster.env, check=True)  # the step: a fault, no save
     text = _restarted_to_completion(cluster, job, log)
     assert f"skipping incomplete checkpoint {folder}: 1 optimizer shards, written by 2 ranks" in text, text[-4000:]
     assert f"skipping incomplete checkpoint {file}: not a readable torch file" in text, text[-4000:]

@@ -68,7 +68,7 @@ trainer:
   logger:
     - class_path: lightning.pytorch.loggers.CSVLogger
       init_args: {save_dir: "${trainer.default_root_dir}"}
-    - class_path: lightning.pytorch.loggers.WandbLogger
+    - class_path: lightning_modules.wandb_logger.WandbLogger
       init_args: {save_dir: "${trainer.default_root_dir}", project: letstalk-test, offline: true}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint

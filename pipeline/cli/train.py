@@ -19,6 +19,7 @@ On top of LightningCLI:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickletools
 import sys
@@ -323,4 +324,8 @@ def run_lightning_cli(argv: list[str]) -> LightningCLI:
         # imported by then if a WandbLogger ran; a run without one, e.g. on a GPU image without wandb, needs none.)
         wandb = sys.modules.get("wandb")
         if wandb is not None and wandb.run is not None:
-            wandb.finish()
+            try:
+                wandb.finish()
+            except ConnectionError:  # its service is gone (lightning_modules/wandb_logger.py): close the connection
+                with contextlib.suppress(ConnectionError):  # here, not in W&B's atexit hook, which prints the error
+                    wandb.teardown()
