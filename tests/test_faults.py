@@ -1,7 +1,8 @@
 """Faults a cluster throws, against a real single-node SLURM (tests/slurm_cluster.py) running `slurm/train.sbatch`
-with 2 CPU tasks on the tiny model: a killed rank, a killed loader worker, a crash that repeats, a configuration
-error. Each ends the job fast, requeues it (or not) by the rules of `pipeline/faults.py`, and the resumed
-job ends with the weights of an uninterrupted one. The README's fault table comes from these tests' printed lines.
+with 2 CPU tasks on the tiny model: a killed rank, a killed loader worker, preemption with and without grace, a
+crash that repeats, a configuration error. Each ends the job fast, requeues it (or not) by the rules of
+`pipeline/faults.py`, and the resumed job ends with the weights of an uninterrupted one. The fault table of
+docs/slurm.md comes from these tests' printed lines.
 
 The jobs are held at a known point as in tests/test_slurm.py: rank 0 waits in Python at the end of step HOLD
 (slurm_cluster.HoldRankZero) while rank 1 runs into its next collective; the fault is injected there. A requeued
@@ -131,7 +132,7 @@ def _reference(name: str, request: pytest.FixtureRequest) -> dict:
 
 
 def _fault_row(fault: str, strategy: str, took: float, text: str) -> None:
-    """One row of the README's fault table, printed (`pytest -s`)."""
+    """One row of the fault table in docs/slurm.md, printed (`pytest -s`)."""
     resumed = _resumed(text)
     print(f"FAULT | {fault} | {strategy} | ended {took:.0f} s after | resumed at step {resumed} of fault at {HOLD}")
 

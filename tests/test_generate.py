@@ -417,7 +417,7 @@ def test_full_demo_learns_audio_driven_mouth_motion(full_demo: dict):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 13: the appearance targets are not reached, and the still head shows "
                    "that outside-mouth, whole-frame and drift are out of reach of any portrait+audio model on "
-                   "this data (README, Portrait fidelity)")
+                   "this data (benchmarks/fidelity.md)")
 def test_full_demo_keeps_the_portrait(full_demo: dict):
     """Issue 13's targets, clip by clip: outside the mouth within 1 dB of the VAE ceiling, the whole frame at or
     above the static portrait, the mouth 2 dB above it, the last chained clip within 0.5 dB of the first."""

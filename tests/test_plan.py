@@ -1,5 +1,5 @@
 """The epoch plan at cluster scale, reading no data: 10,000 uneven shards for 512 ranks x 8 loader workers.
-~10 s on 2 CPU cores (it prints the plan's time and memory, which the README quotes)."""
+~10 s on 2 CPU cores (it prints the plan's time and memory, which docs/data.md quotes)."""
 
 from __future__ import annotations
 

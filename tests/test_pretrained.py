@@ -338,7 +338,8 @@ def test_letstalk_fit_takes_init_from_and_refuses_a_misfit_with_the_setting(tmp_
 
 
 def test_the_latte_xl_config_composes_with_the_base_config(tmp_path, capsys):
-    """configs/init/latte_xl.yaml: the README's fine-tune command resolves to a network Latte-XL/2's weights fit."""
+    """configs/init/latte_xl.yaml: docs/training.md's fine-tune command resolves to a network Latte-XL/2's weights
+    fit."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(configs / "base.yaml"), "--config", str(configs / "init" / "latte_xl.yaml"),

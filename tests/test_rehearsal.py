@@ -68,7 +68,7 @@ def test_the_user_guide_on_production_shaped_inputs(tmp_path: Path, monkeypatch,
     sd_vae(corpus / "sd-vae")
     wav2vec2(corpus / "wav2vec2")
 
-    # prepare, in the corpus folder with relative paths, as the README's example reads
+    # prepare, in the corpus folder with relative paths, as docs/data.md's example reads
     monkeypatch.chdir(corpus)
     code, log = _cli(["prepare", "corpus.csv", "--out", "shards", "--vae", "sd-vae", "--size", "64", "--crop", "face",
                       "--detect-every", "3", "--audio-encoder", "wav2vec2", "--audio-encoder-path", "wav2vec2",

@@ -277,8 +277,8 @@ def test_a_two_rank_job_checks_first_says_each_thing_once_and_records_what_ran(s
 
 
 def test_the_production_recipe_is_the_papers_long_video_model(capsys):
-    """The README's cluster command (base + a size + a ZeRO preset) trains with motion frames and a memory bank, the
-    settings configs/long_video.yaml adds to the demo."""
+    """The cluster command of the README and docs/training.md (base + a size + a ZeRO preset) trains with motion
+    frames and a memory bank, the settings configs/long_video.yaml adds to the demo."""
     long_video = yaml.safe_load((CONFIGS / "long_video.yaml").read_text())["model"]["net"]
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model" / "xl.yaml"),
