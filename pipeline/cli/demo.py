@@ -23,13 +23,12 @@ import numpy as np
 
 from pipeline import media
 from pipeline.metrics.appearance import comparison_sheet, fidelity, format_fidelity, psnr
+from pipeline.shipped import CONFIGS
 from pipeline.sync import loudness_envelope, mouth_opening, mouth_region, sync_score
 from pipeline.synth import make_clip, synthesize
 from pipeline.vae import reconstruct
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-# The VAE's 3000 steps (~270 s) are what lifts the appearance ceiling most (README, Portrait fidelity); the time
+# The VAE's 3000 steps (~270 s) are what lifts the appearance ceiling most (benchmarks/fidelity.md); the time
 # caps are safety stops that keep the demo under 15 minutes on a slow machine.
 FULL = dict(clips=24, seconds=4.0, heldout=3, vae_clips=128, vae_steps=3000, vae_time=300.0, vae_channels=4,
             vae_blocks=(16, 16, 32), fit_steps=1000, fit_time="00:00:07:00")

@@ -13,7 +13,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
-SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+from pipeline.shipped import SBATCH_SCRIPT
+
 DEFAULT_GRID = ["model.net.size=S,B,L,XL"]
 
 
