@@ -161,6 +161,26 @@ def test_a_dead_rank_or_loader_worker_ends_the_job_which_requeues_itself_and_res
     _fault_row(f"kill -9 of a {'rank' if victim == 'rank' else 'loader worker'}", strategy, took, text)
 
 
+def test_a_hung_rank_ends_the_job_by_the_process_group_timeout(cluster: SlurmCluster, shards: Path, tmp_path: Path,
+                                                                uninterrupted_ddp: dict):
+    """Task 1 stopped (`kill -STOP`: a rank stuck on a GPU or a filesystem, alive but silent) while rank 0 is held
+    at step HOLD; rank 0 then waits in its next collective until the process-group timeout (20 s here, 10 min in the
+    trainer configs) fails it, srun's --kill-on-bad-exit ends the stopped task, and the job requeues itself and
+    resumes from `last` to the weights of an uninterrupted run."""
+    ddp = {"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"timeout": "0:00:20"}}
+    job, run, log = _job(cluster, shards, tmp_path, ["--trainer.strategy", json.dumps(ddp)])
+    _wait_for(tmp_path / "held", 240, job, cluster)
+    os.kill(_rank(job, 1), signal.SIGSTOP)
+    stopped = time.monotonic()
+    (tmp_path / "release").touch()
+    took = _ended_by_fault(cluster, job, stopped)
+    text = _restart_now(cluster, job, log)
+    assert "ended by a fault" in text and "fault 1 of at most 3" in text, text[-4000:]
+    assert _resumed(text) == [EVERY], text[-4000:]
+    _assert_same_weights(run, uninterrupted_ddp)
+    _fault_row("a rank hangs (kill -STOP), process-group timeout 20 s", "ddp", took, text)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_preemption_with_grace_saves_at_the_step_end_and_resumes_exactly(cluster: SlurmCluster, shards: Path,
                                                                         tmp_path: Path, strategy: str, request):
