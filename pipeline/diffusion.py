@@ -30,11 +30,11 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 OBJECTIVES = ("eps", "v", "flow")
 SAMPLERS = {"eps": ("ddim", "dpm++"), "v": ("ddim", "dpm++"), "flow": ("euler",)}
 # Sampling steps when none are asked for: 4 Euler steps on the flow objective, the fewest that keep lip sync and PSNR
-# of more steps on the demo's models (benchmarks/generate_speed.py, benchmarks/NOTES.md); 25 for the eps/v samplers.
+# of more steps on the demo's models (benchmarks/generate_speed.md); 25 for the eps/v samplers.
 # Re-measure for a model of your own before relying on 4.
 DEFAULT_STEPS = {"euler": 4, "ddim": 25, "dpm++": 25}
 # Classifier-free guidance scales when none are given (generate, evaluate, the app, EvalCallback): the scales that
-# scored best in lip sync and portrait PSNR on the demo's models (benchmarks/fidelity.md, benchmarks/NOTES.md).
+# scored best in lip sync and portrait PSNR on the demo's models (benchmarks/fidelity.md, benchmarks/defaults.md).
 AUDIO_SCALE, REF_SCALE = 2.0, 2.5
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTING = ("none", "min_snr")

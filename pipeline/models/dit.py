@@ -90,7 +90,7 @@ class DiTConfig:
     portrait_fusion: str = "symbiotic"  # direct | siamese | symbiotic
     audio_fusion: str = "direct"  # direct | siamese | symbiotic
     # sincos | rope | latte. rope generalises to clip lengths and latent sizes unseen in training, where sincos
-    # degrades (benchmarks/NOTES.md); sincos stays the default so checkpoints without this key load unchanged.
+    # degrades (benchmarks/defaults.md); sincos stays the default so checkpoints without this key load unchanged.
     # latte: the positions of the public Latte/DiT weights (see the module docstring), for `init_from`
     # (pipeline/models/pretrained.py).
     pos_encoding: str = "sincos"
