@@ -55,7 +55,7 @@ class VAEError(ValueError):
 def demo_vae_config(latent_channels: int = 4, block_out_channels: tuple[int, ...] = (16, 16, 32)) -> dict[str, Any]:
     """A small `AutoencoderKL` config for 64x64 demo faces: downsampling factor 4, one resnet per level.
 
-    Sized for a ~100 s CPU training budget (measured on synthetic faces, 2 cores): narrow levels
+    Sized for a ~100 s CPU training budget on the demo's synthetic faces: narrow levels
     process ~3x more frames/s than (32, 64, 64) and reach a better loss in the same time; at most
     8 norm groups (>= 2 channels per group) is faster on CPU and reconstructs unseen faces' colours
     better than per-channel groups; no mid-block attention (costs time, buys nothing here).
