@@ -185,6 +185,21 @@ class SlurmCluster:
                 raise TimeoutError(f"node still {state} after {timeout:.0f} s\n{self.log_tail()}")
             time.sleep(0.5)
 
+    def start_now(self, job: int, timeout: float = 60) -> None:
+        """Start a requeued job now instead of after SLURM's requeue delay (~120 s), once that delay's reasons are
+        gone: the node is idle, no process of the job's previous start is left (slurmstepds included; slurmd refuses
+        a start before: "Job 3 already killed, do not launch batch job"), and 2 s have passed since, so the new job
+        credential is dated after slurmd's revocation of the old one, which a loaded slurmd may record only as the
+        last process goes ("Job credential revoked" otherwise)."""
+        self.wait_idle(timeout)
+        deadline = time.monotonic() + timeout
+        while _job_processes(job):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job}'s processes still there after {timeout:.0f} s")
+            time.sleep(0.5)
+        time.sleep(2)
+        self.scontrol("update", f"JobId={job}", "StartTime=now")
+
     def _slurmd_files(self, folder: str, suffix: str) -> list[Path]:
         """Each slurmd's file: `slurmd.pid` for the single node, `slurmd-n0.pid`, ... for several."""
         names = ["slurmd"] if self.nodes == ["localhost"] else [f"slurmd-{node}" for node in self.nodes]
@@ -234,3 +249,20 @@ class HoldRankZero(L.Callback):
         deadline = time.monotonic() + self.timeout
         while not (self.folder / "release").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _job_processes(job: int) -> list[int]:
+    """Pids of the job's processes: its slurmstepds, and the `letstalk` processes whose environment names the job
+    (task processes and their loader workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd.startswith(f"slurmstepd: [{job}.") or ("letstalk" in cmd and f"SLURM_JOB_ID={job}".encode() in environ):
+            found.append(int(proc.name))
+    return found

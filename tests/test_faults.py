@@ -83,30 +83,8 @@ def _ended_by_fault(cluster: SlurmCluster, job: int, since: float) -> float:
     return time.monotonic() - since
 
 
-def _stepd_gone(job: int, timeout: float = 60) -> None:
-    """Wait until the job's first start has no process left, its slurmstepds included: a start moved to now before
-    they are gone is refused by slurmd ("Job 3 already killed, do not launch batch job") and the job FAILS."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stepd = f"slurmstepd: [{job}."
-        if not any(p.name.isdigit() and _cmdline(p).startswith(stepd) for p in Path("/proc").iterdir()) \
-                and not _processes(job):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job}'s processes still there after {timeout:.0f} s")
-
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return ""
-
-
 def _restart_now(cluster: SlurmCluster, job: int, log: Path, state: str = "COMPLETED") -> str:
-    cluster.wait_idle(60)
-    _stepd_gone(job)
-    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    cluster.start_now(job)
     info = cluster.wait(job, ENDED, 300)
     text = log.read_text()
     assert info["JobState"] == state and info["Restarts"] == "1", f"{info}\n{text[-4000:]}\n{cluster.log_tail()}"
@@ -142,8 +120,9 @@ def _fault_row(fault: str, strategy: str, took: float, text: str) -> None:
 def test_a_dead_rank_or_loader_worker_ends_the_job_which_requeues_itself_and_resumes_exactly(
         cluster: SlurmCluster, shards: Path, tmp_path: Path, strategy: str, victim: str, request):
     """`kill -9` of task 1 while rank 0 is held at step HOLD and stays held (a rank busy elsewhere, which no
-    collective error reaches: only srun's --kill-on-bad-exit ends it), or of one of task 1's loader workers (rank 0
-    then goes on, and task 1 fails at its next batch). The batch script requeues the job (a fault, the first), and
+    collective error reaches: only srun's --kill-on-bad-exit ends it, by SIGTERM, which the rank takes as a request to
+    save, and SIGKILL KillWait later), or of one of task 1's loader workers (rank 0 then goes on, and task 1 fails at
+    its next batch). The batch script requeues the job (a fault, the first), and
     the job resumes from `last` (step EVERY) to the weights of an uninterrupted run."""
     job, run, log = _job(cluster, shards, tmp_path, STRATEGIES[strategy], "--data.num_workers", "1")
     _wait_for(tmp_path / "held", 240, job, cluster)

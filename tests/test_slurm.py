@@ -53,9 +53,13 @@ def _job_env(slurm: SlurmCluster) -> SlurmCluster:
 
 @pytest.fixture
 def cluster(slurm: SlurmCluster) -> Iterator[SlurmCluster]:
-    """The session's cluster, ready for jobs; a test's jobs that are still there afterwards are cancelled."""
+    """The session's cluster, ready for jobs; a test's jobs that are still there afterwards are cancelled, and what
+    it set in the jobs' environment (e.g. LETSTALK_FAULTS, tests/test_faults.py) is undone: a later job that read
+    another test's fault record would take that test's decision."""
+    env = dict(slurm.env)
     yield _job_env(slurm)
     slurm.cancel_all()
+    slurm.env = env
 
 
 def _wait_for(path: Path, timeout: float, job: int, cluster: SlurmCluster) -> None:
@@ -79,8 +83,7 @@ def test_requeued_ddp_job_resumes_from_its_last_checkpoint(cluster: SlurmCluster
     cluster.scontrol("requeue", str(job))
     requeued_at = time.monotonic()
     cluster.wait(job, {"PENDING"}, 60)
-    cluster.wait_idle(60)
-    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    cluster.start_now(job)
     info = cluster.wait(job, ENDED, 300)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", f"{info}\n{text[-3000:]}\n{cluster.log_tail()}"
@@ -143,8 +146,7 @@ def _restarted_to_completion(cluster: SlurmCluster, job: int, log: Path) -> str:
     took = time.monotonic() - stopping
     print(f"job {job} pending again after {took:.0f} s")
     assert took < KILL_WAIT - 5, f"the job's processes hung until SLURM killed them: {log.read_text()[-4000:]}"
-    cluster.wait_idle(60)  # the first start's processes are gone (SLURM's requeue delay would give them 120 s)
-    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    cluster.start_now(job)
     info = cluster.wait(job, ENDED, 300)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
