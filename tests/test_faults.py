@@ -211,6 +211,9 @@ def test_a_crash_that_repeats_at_the_same_step_stops_after_one_restart(cluster: 
     job, run, log = _job(cluster, shards, tmp_path, DDP, "--data.max_bad_samples", "0", "--data.val_percent", "0",
                          hold=False)
     started = time.monotonic()
+    while not any("decision" in r for r in faults.read(tmp_path / "faults.jsonl")):  # the first start has ended (the
+        assert time.monotonic() - started < 240, log.read_text()[-4000:]  # job is PENDING before it starts, too)
+        time.sleep(0.5)
     info = cluster.wait(job, {"PENDING"} | ENDED, 240)
     assert info["JobState"] == "PENDING", log.read_text()[-4000:]
     text = _restart_now(cluster, job, log, state="FAILED")
