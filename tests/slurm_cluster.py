@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -193,7 +194,7 @@ class SlurmCluster:
         last process goes ("Job credential revoked" otherwise)."""
         self.wait_idle(timeout)
         deadline = time.monotonic() + timeout
-        while _job_processes(job):
+        while job_processes(job):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job}'s processes still there after {timeout:.0f} s")
             time.sleep(0.5)
@@ -251,18 +252,28 @@ class HoldRankZero(L.Callback):
             time.sleep(0.1)
 
 
-def _job_processes(job: int) -> list[int]:
-    """Pids of the job's processes: its slurmstepds, and the `letstalk` processes whose environment names the job
-    (task processes and their loader workers)."""
+@dataclass(frozen=True)
+class JobProcess:
+    pid: int
+    parent: int
+    rank: int | None  # SLURM_PROCID of a task process or its loader worker; None for a slurmstepd
+    command: str
+
+
+def job_processes(job: int) -> list[JobProcess]:
+    """The job's processes: its slurmstepds, and the `letstalk` processes whose environment names the job (task
+    processes and their loader workers)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
+            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
             continue
-        if cmd.startswith(f"slurmstepd: [{job}.") or ("letstalk" in cmd and f"SLURM_JOB_ID={job}".encode() in environ):
-            found.append(int(proc.name))
+        if cmd.startswith(f"slurmstepd: [{job}.") or ("letstalk" in cmd and env.get("SLURM_JOB_ID") == str(job)):
+            rank = env.get("SLURM_PROCID")
+            found.append(JobProcess(int(proc.name), parent, None if rank is None else int(rank), cmd))
     return found

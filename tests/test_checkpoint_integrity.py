@@ -27,6 +27,7 @@ from pipeline.checkpoints import (MANIFEST, CheckpointIntegrityError, Unverified
                                   manifest_path, read_weights, verify_checkpoint, write_manifest)
 from pipeline.cli import main
 from pipeline.cli.train import _structure_problem, resume_checkpoint
+from pipeline.shipped import CONFIGS
 from procs import run_job
 from test_training import TINY_FIT, write_shards
 
@@ -219,7 +220,7 @@ def test_resume_treats_a_checkpoint_without_its_manifest_as_unfinished_unless_th
         capsys.readouterr().err
 
 
-ZERO2 = ["--config", str(REPO / "configs" / "trainer" / "zero2.yaml"), "--trainer.precision", "32-true"]
+ZERO2 = ["--config", str(CONFIGS / "trainer" / "zero2.yaml"), "--trainer.precision", "32-true"]
 
 
 def test_zero2_a_flipped_byte_in_one_rank_shard_is_skipped_and_the_resumed_run_ends_as_the_uninterrupted_one(

@@ -26,11 +26,12 @@ pytest.importorskip("deepspeed")
 
 from pipeline.checkpoints import no_unpickling, read_weights  # noqa: E402
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key  # noqa: E402
+from pipeline.shipped import CONFIGS  # noqa: E402
 from procs import run_job  # noqa: E402
 from test_training import C, D, FRAMES, HW, K, write_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINER = REPO / "configs" / "trainer"
+TRAINER = CONFIGS / "trainer"
 STEPS = 4  # checkpoints at steps 2 and 4; 3 batches per rank and epoch, so step 2 is mid-epoch
 
 CONFIG = """\

@@ -24,7 +24,7 @@ import pytest
 from lightning_modules.requeue import CHECKPOINT_PREFIX
 from pipeline import faults
 from pipeline.cli.sweep import SBATCH_SCRIPT
-from slurm_cluster import SlurmCluster
+from slurm_cluster import SlurmCluster, job_processes
 from test_bad_data import _damage_what_only_decoding_finds
 from test_slurm import (CPU_TASKS, ENDED, EVERY, HOLD, STEPS, ZERO2, _assert_same_weights, _final_weights, _job_env,
                         _wait_for, cluster, shards, uninterrupted)  # noqa: F401  (fixtures)
@@ -48,20 +48,8 @@ def _job(cluster: SlurmCluster, shards: Path, folder: Path, strategy: list[str],
 
 
 def _processes(job: int) -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, SLURM_PROCID) of this job's task processes and their children (loader workers)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (proc / "cmdline").read_text()
-        except (OSError, ValueError):
-            continue
-        if env.get("SLURM_JOB_ID") == str(job) and "letstalk" in cmd and "fit" in cmd and "SLURM_PROCID" in env:
-            found[int(proc.name)] = (parent, int(env["SLURM_PROCID"]))
-    return found
+    """pid -> (parent pid, SLURM_PROCID) of this job's `letstalk fit` task processes and their loader workers."""
+    return {p.pid: (p.parent, p.rank) for p in job_processes(job) if p.rank is not None and "fit" in p.command}
 
 
 def _rank(job: int, rank: int) -> int:

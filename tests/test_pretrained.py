@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.models import pretrained
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
 from pipeline.models.pretrained import InitFrom, convert, load_pretrained, read_state, to_latte
+from pipeline.shipped import CONFIGS
 
 HIDDEN, DEPTH, HEADS, C, P = 128, 4, 4, 4, 2  # size "tiny" at head_dim 32
 B, FRAMES, SIDE, CLASSES = 2, 4, 8, 5  # SIDE: latent height and width
@@ -340,9 +341,8 @@ def test_letstalk_fit_takes_init_from_and_refuses_a_misfit_with_the_setting(tmp_
 def test_the_latte_xl_config_composes_with_the_base_config(tmp_path, capsys):
     """configs/init/latte_xl.yaml: docs/training.md's fine-tune command resolves to a network Latte-XL/2's weights
     fit."""
-    configs = Path(__file__).resolve().parents[1] / "configs"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(configs / "base.yaml"), "--config", str(configs / "init" / "latte_xl.yaml"),
+        main(["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "init" / "latte_xl.yaml"),
               "--data.root", str(tmp_path), "--model.init_from.path", "/models/ffs.pt", "--print_config"])
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)["model"]

@@ -29,6 +29,7 @@ from pipeline import media
 from pipeline.cli import main
 from pipeline.evaluate import SOURCE_VIDEO
 from pipeline.shards import Manifest, iter_tar
+from pipeline.shipped import CONFIGS
 from pipeline.vae import encode_frames, load_vae
 from procs import run_job
 from production import sd_vae, talking_video, wav2vec2
@@ -37,7 +38,6 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("facenet_pytorch")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 SPEAKERS = {"rec0": ("ana", "train"), "rec1": ("ben", "train"), "rec2": ("cleo", "train"), "rec3": ("dev", "val")}
 
 

@@ -27,13 +27,14 @@ from pipeline.checkpoints import read_weights
 from pipeline.cli import main
 from pipeline.cli.sweep import SBATCH_SCRIPT
 from pipeline.cli.train import resume_checkpoint
+from pipeline.shipped import CONFIGS
 from slurm_cluster import KILL_WAIT, SlurmCluster
 from test_training import fit_args, write_shards
 
 TESTS = Path(__file__).resolve().parent
 VENV_BIN = TESTS.parent / ".venv" / "bin"
 CPU_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
-ZERO2 = ["--config", str(TESTS.parent / "configs" / "trainer" / "zero2.yaml"), "--trainer.accelerator", "cpu",
+ZERO2 = ["--config", str(CONFIGS / "trainer" / "zero2.yaml"), "--trainer.accelerator", "cpu",
          "--trainer.precision", "32-true"]
 STEPS, EVERY, HOLD = 9, 3, 4  # the ZeRO-2 jobs: checkpoints at steps 3, 6, 9; rank 0 held at step 4
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}

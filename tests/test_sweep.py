@@ -12,8 +12,8 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.cli.sweep import SBATCH_SCRIPT, parse_grid, sweep_commands
+from pipeline.shipped import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_default_grid_is_the_model_sizes_with_separate_runs_and_one_group(capsys):

@@ -27,10 +27,10 @@ from lightning_modules.ema import EMA_KEY, ema_state_dict, with_ema
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline.cli import main
 from pipeline.shards import AtomicShardWriter, Manifest, Segment, sample_key
+from pipeline.shipped import CONFIGS
 from procs import run_job
 
 C, HW, K, D, FRAMES = 4, 8, 2, 8, 12
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def write_shards(root: Path) -> Path:
