@@ -27,6 +27,7 @@ from pipeline.cli.demo import (FULL, TARGETS, fit_model, prepare_shards, score_c
                                synth_data, train_vae)
 from pipeline.generate import load_model
 from pipeline.metrics.appearance import mean_fidelity
+from pipeline.options import Sampling
 
 # data variant -> overrides of the demo's FULL plan (no VAE time cap: a busy machine must not change the VAE)
 DATA = {
@@ -104,7 +105,7 @@ def run_variant(out: Path, name: str, steps: int, rescore: bool = False) -> dict
         fit_model(root / "shards", folder / "train", plan, spec.get("fit", []))
         fit_seconds = time.perf_counter() - t0
         checkpoint = folder / "train" / "checkpoints" / "last.ckpt"
-    clips = score_heldout(folder, checkpoint, heldout, 25.0, **spec.get("generation", {}))
+    clips = score_heldout(folder, checkpoint, heldout, 25.0, Sampling(**spec.get("generation", {})))
     result = _result(name, spec, parent_result["steps"] if parent else steps, fit_seconds, checkpoint, clips)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "score.json").write_text(json.dumps(result, indent=2))

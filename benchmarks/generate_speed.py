@@ -30,6 +30,7 @@ import torch
 from pipeline.cli.demo import score_clip
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, SAMPLERS
 from pipeline.generate import generate, load_model
+from pipeline.options import Framing, Sampling
 
 PARTS = ("encode", "denoise", "decode", "watermark", "mux")
 GUIDANCE = {"on": (AUDIO_SCALE, REF_SCALE), "off": (1.0, 1.0)}  # (audio_scale, ref_scale); "on" is generate's default
@@ -43,8 +44,9 @@ def measure(model, heldout: list[Path], fps: float, sampler: str, steps: int, gu
     runs = []
     for i, path in enumerate(heldout):
         video = out / f"generated_{i}.mp4"
-        summary = generate(model, path, path, video, sampler=sampler, steps=steps, audio_scale=audio_scale,
-                           ref_scale=ref_scale, device=model.device, clips_per_batch=clips_per_batch)
+        sampling = Sampling(sampler=sampler, steps=steps, audio_scale=audio_scale, ref_scale=ref_scale)
+        summary = generate(model, path, path, video, sampling, Framing(crop="center"), device=model.device,
+                           clips_per_batch=clips_per_batch)
         scores = score_clip(video, path, heldout[(i + 1) % len(heldout)], model.vae, clip_frames, fps)
         runs.append({**{part: summary[part] for part in PARTS}, "seconds": summary["seconds"],
                      "sync": scores["sync_true"], "psnr_frame": scores["generated"]["frame"]["psnr"],

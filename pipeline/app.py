@@ -19,6 +19,7 @@ import gradio as gr
 
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, SAMPLERS
 from pipeline.generate import CROPS, Model, default_crop, generate, load_model
+from pipeline.options import Framing, Sampling
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -66,9 +67,9 @@ def run_generation(portrait: str | None, audio: str | None, checkpoint: str | No
     out = Path(out_dir) / f"letstalk-{uuid.uuid4().hex[:12]}.mp4"
     try:
         summary = generate(models.get(checkpoint), portrait, audio, out,
-                           sampler=None if sampler == AUTO_SAMPLER else sampler, steps=int(steps) or None,
-                           audio_scale=float(audio_scale), ref_scale=float(ref_scale), seed=int(seed), crop=crop,
-                           progress=report)
+                           Sampling(sampler=None if sampler == AUTO_SAMPLER else sampler, steps=int(steps) or None,
+                                    audio_scale=float(audio_scale), ref_scale=float(ref_scale), seed=int(seed)),
+                           Framing(crop=crop), progress=report)
     except (ValueError, OSError) as err:  # our input errors subclass ValueError and name the file
         raise gr.Error(_short(str(err), (portrait, audio)), title="Cannot generate") from err
     except Exception as err:  # anything else: a message on the page, the traceback in the server log

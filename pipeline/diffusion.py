@@ -36,6 +36,12 @@ DEFAULT_STEPS = {"euler": 4, "ddim": 25, "dpm++": 25}
 # Classifier-free guidance scales when none are given (generate, evaluate, the app, EvalCallback): the scales that
 # scored best in lip sync and portrait PSNR on the demo's models (benchmarks/fidelity.md, benchmarks/defaults.md).
 AUDIO_SCALE, REF_SCALE = 2.0, 2.5
+
+
+def guidance(audio_scale: float | None = None, ref_scale: float | None = None) -> tuple[float, float]:
+    """(audio, portrait) guidance scales with None filled in from AUDIO_SCALE and REF_SCALE."""
+    return (AUDIO_SCALE if audio_scale is None else audio_scale, REF_SCALE if ref_scale is None else ref_scale)
+
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 LOSS_WEIGHTING = ("none", "min_snr")
 PARAMETERISATIONS = ("eps", "x0", "v", "velocity")

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import faces, media
-from pipeline.diffusion import AUDIO_SCALE, REF_SCALE
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, guidance
 from pipeline.metrics.appearance import comparison_sheet, face_mouth_box, fidelity, flatten, format_fidelity, mean_fidelity
 from pipeline.generate import Generator, generate_frames, load_generator
 from pipeline.metrics.frechet import feature_distance
@@ -66,6 +66,7 @@ from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clip
 from pipeline.metrics.inception import inception_features, load_fid_inception
 from pipeline.metrics.syncnet import FPS as SYNCNET_FPS
 from pipeline.metrics.syncnet import VSHIFT, WINDOW, load_syncnet, sync_scores
+from pipeline.options import EncoderPaths, Sampling
 from pipeline.progress import ProgressLines
 from pipeline.shards import (WAVEFORM, BadSamples, DataWarning, Manifest, Segment, ShardFormatError, index_dataset,
                              read_segments)
@@ -491,19 +492,19 @@ def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str |
                            device)[: len(clip.real)]
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, seed: int = 0,
-             metrics: MetricsConfig | None = None, out: str | Path | None = None, steps: int | None = None,
-             sampler: str | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
-             ema: bool = True, vae: str | Path | None = None, audio_encoder: str | Path | None = None,
+def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, metrics: MetricsConfig | None = None,
+             out: str | Path | None = None, sampling: Sampling = Sampling(), encoders: EncoderPaths = EncoderPaths(),
              device: str = "cpu") -> dict[str, Any]:
     """Generate `num_clips` seeded segments of `data` with `checkpoint` and score them; writes `out` (JSON) and a
     contact sheet per clip (`<out stem>_sheets/`) if given, prints the table, returns the result (metrics, skip
-    notes, per-clip scores, settings, timings)."""
+    notes, per-clip scores, settings, timings). `sampling.seed` chooses the clips and seeds their noise."""
     t_start = time.perf_counter()
     metrics = metrics or MetricsConfig()
     suite = MetricSuite(metrics, device)
-    gen = load_generator(checkpoint, ema=ema, device=device, vae=vae, audio_encoder=audio_encoder)
-    sampler, steps = gen.diffusion.sampling(sampler, steps)
+    seed, ema = sampling.seed, sampling.ema
+    audio_scale, ref_scale = guidance(sampling.audio_scale, sampling.ref_scale)
+    gen = load_generator(checkpoint, ema=ema, device=device, vae=encoders.vae, audio_encoder=encoders.audio_encoder_path)
+    sampler, steps = gen.diffusion.sampling(sampling.sampler, sampling.steps)
     info = gen.data_info
     manifest = Manifest.load(data)
     if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):

@@ -6,8 +6,8 @@ track), any rate and channel count, which the model gets resampled to 16 kHz mon
 round(seconds × fps) frames (`frame_count`); its soundtrack is the user's audio at its own rate and
 channels (more than two downmixed to stereo), trimmed or padded with silence to exactly the video's
 length (at most half a frame). Every output carries provenance marks unless switched off
-(`pipeline.provenance`). The model's encoders are found with `pipeline.locate` (overrides: `vae`,
-`audio_encoder`).
+(`pipeline.provenance`). The model's encoders are found with `pipeline.locate` (overrides:
+`encoders`).
 
 Audio longer than one clip is covered by consecutive clips that share the portrait,
 the seed stream and the guidance settings; the output's length matches the audio. A model with
@@ -25,8 +25,9 @@ import math
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -37,13 +38,14 @@ from tqdm import tqdm
 from pipeline import media, provenance
 from pipeline.audio_encoders import AudioEncoder, audio_windows, build_audio_encoder
 from pipeline.checkpoints import CheckpointError, read_weights, recorded_in
-from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
+from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig, guidance
 from pipeline.locate import locate_encoders
 from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
+from pipeline.options import EncoderPaths, Framing, PortraitCrop, Provenance, Sampling
 from pipeline.progress import ProgressLines
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
 
-CROPS = ("face", "center", "none")
+CROPS = typing.get_args(PortraitCrop)
 MIN_AUDIO_S = 0.2  # shorter audio is refused: not enough speech to drive a mouth
 SILENCE_RMS = 1e-3  # -60 dBFS: quieter audio is refused as silent
 
@@ -268,24 +270,25 @@ def load_model(checkpoint: str | Path, vae: str | Path | None = None, audio_enco
 
 
 def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
-             vae: str | Path | None = None, audio_encoder: str | Path | None = None, sampler: str | None = None,
-             steps: int | None = None,
-             audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE, seed: int = 0, ema: bool = True,
-             device: str = "cpu", clips_per_batch: int = 16, size: int | None = None, crop: str = "center",
-             provenance_marks: bool = True, consent: str | None = None, c2pa_cert: str | Path | None = None,
-             c2pa_key: str | Path | None = None, progress: Callable[[float, str], None] | None = None) -> dict:
+             sampling: Sampling = Sampling(), framing: Framing = Framing(), encoders: EncoderPaths = EncoderPaths(),
+             marks: Provenance = Provenance(), clips_per_batch: int = 16, device: str = "cpu",
+             progress: Callable[[float, str], None] | None = None) -> dict:
     """Write `out` (H.264 yuv420p + AAC mp4, faststart) and return a summary with timings and the real-time factor.
 
-    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app); `vae` / `audio_encoder`
-    replace the encoder folders it records (`load_model`). `sampler` / `steps` None: the model
-    objective's first sampler and its `pipeline.diffusion.DEFAULT_STEPS`. With `provenance_marks`
-    (default) the frames carry an invisible watermark and the container says the video is AI-generated
-    (`pipeline.provenance`); `c2pa_cert` + `c2pa_key` add a signed C2PA manifest. The soundtrack is
-    `audio` as given (its rate and channels, `media.read_audio_native`). Bad input raises a ValueError
-    subclass naming the file; `out` is written only complete (temporary file + rename).
-    `progress(fraction, message)` is called as work proceeds; the denoising steps show as a bar on a
-    terminal and as plain lines in a log (`step_progress`).
+    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app); `encoders` replace the encoder
+    folders it records (`load_model`). The option groups (`pipeline.options`) say what each setting does; a
+    setting left None takes its default here (sampler and steps from the model's objective, guidance from
+    `pipeline.diffusion`, crop from `default_crop`). With `marks.marks` (default) the frames carry an invisible
+    watermark and the container says the video is AI-generated (`pipeline.provenance`); `marks.c2pa_cert` +
+    `marks.c2pa_key` add a signed C2PA manifest. The soundtrack is `audio` as given (its rate and channels,
+    `media.read_audio_native`). Bad input raises a ValueError subclass naming the file; `out` is written only
+    complete (temporary file + rename). `progress(fraction, message)` is called as work proceeds; the denoising
+    steps show as a bar on a terminal and as plain lines in a log (`step_progress`).
     """
+    steps, seed, size = sampling.steps, sampling.seed, framing.size
+    audio_scale, ref_scale = guidance(sampling.audio_scale, sampling.ref_scale)
+    crop = framing.crop or default_crop()
+    consent, c2pa_cert, c2pa_key = marks.consent, marks.c2pa_cert, marks.c2pa_key
     report = progress or (lambda fraction, message: None)
     if (steps is not None and steps < 1) or clips_per_batch < 1:
         raise GenerationError(f"steps and clips_per_batch must be at least 1, got {steps} and {clips_per_batch}")
@@ -296,12 +299,12 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     out = Path(out)
     report(0.0, "loading model")
     try:
-        model = checkpoint if isinstance(checkpoint, Model) else load_model(checkpoint, vae, audio_encoder, ema,
-                                                                            device)
+        model = checkpoint if isinstance(checkpoint, Model) else load_model(
+            checkpoint, encoders.vae, encoders.audio_encoder_path, sampling.ema, device)
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(out, err) from err
     gen, info = model.gen, model.gen.data_info
-    sampler, steps = gen.diffusion.sampling(sampler, steps)
+    sampler, steps = gen.diffusion.sampling(sampling.sampler, steps)
     model_size = int(info["size"])
     if size is not None and size != model_size:
         raise GenerationError(f"--size {size} does not match the model, which makes {model_size}x{model_size} videos; "
@@ -332,7 +335,7 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
         bar.close()
     t0 = time.perf_counter()
     tags = None
-    if provenance_marks:
+    if marks.marks:
         report(0.92, "watermarking")
         payload = provenance.payload_id(model.checkpoint_sha256, seed)
         frames = provenance.embed_watermark(frames, payload)
@@ -378,8 +381,10 @@ def _write(out: Path, frames: np.ndarray, fps: float, audio: np.ndarray, sample_
 
 
 def generate_batch(rows_csv: str | Path, checkpoint: str | Path, report_path: str | Path | None = None,
+                   sampling: Sampling = Sampling(), encoders: EncoderPaths = EncoderPaths(), device: str = "cpu",
                    **options) -> dict:
-    """Generate every row of a CSV (columns portrait, audio, out, optional seed) with one loaded model.
+    """Generate every row of a CSV (columns portrait, audio, out, optional seed) with one loaded model; `options`
+    are `generate`'s other keywords.
 
     Relative paths are relative to the CSV's folder. A failing row is recorded with its reason and
     the rest go on. The report (rows with status, reason, seconds) is written as JSON to
@@ -395,18 +400,17 @@ def generate_batch(rows_csv: str | Path, checkpoint: str | Path, report_path: st
             raise GenerationError(f"{rows_csv}: missing column(s) {', '.join(sorted(missing))}; "
                                   "expected portrait,audio,out[,seed]")
         rows = list(reader)
-    model = load_model(checkpoint, options.pop("vae", None), options.pop("audio_encoder", None),
-                       options.pop("ema", True), options.get("device", "cpu"))
+    model = load_model(checkpoint, encoders.vae, encoders.audio_encoder_path, sampling.ema, device)
     base, results = rows_csv.parent, []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         result = {"line": number, **{key: row.get(key) for key in ("portrait", "audio", "out", "seed")}}
         t0 = time.perf_counter()
         try:
-            seed = int(row["seed"]) if row.get("seed") not in (None, "") else options.get("seed", 0)
+            seed = int(row["seed"]) if row.get("seed") not in (None, "") else sampling.seed
             paths = [base / (row.get(key) or "") for key in ("portrait", "audio", "out")]
             if not all(row.get(key) for key in ("portrait", "audio", "out")):
                 raise GenerationError(f"{rows_csv}:{number}: empty portrait, audio or out")
-            generate(model, *paths, **{**options, "seed": seed})
+            generate(model, *paths, replace(sampling, seed=seed), device=device, **options)
             result.update(status="ok", reason=None)
         except (ValueError, OSError) as err:  # bad input: our errors are ValueErrors naming the file
             result.update(status="failed", reason=str(err))

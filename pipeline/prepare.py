@@ -66,6 +66,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+import typing
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -75,13 +76,14 @@ from tqdm import tqdm
 from pipeline import media
 from pipeline.audio_encoders import AudioEncoder, build_audio_encoder
 from pipeline.locate import fingerprint
+from pipeline.options import Encoders, Frames, PrepareCrop, Segments, Tasks
 from pipeline.progress import ProgressLines
 from pipeline.shards import (MANIFEST, AtomicShardWriter, Manifest, Segment, ShardFormatError, log_path, sample_key,
                              speaker_split, split_warning, video_id, write_index)
 from pipeline.vae import VAE, encode_frames, load_vae, vae_info
 
 MAX_AUDIO_SHORTFALL_S = 0.5
-CROPS = ("center", "face")
+CROPS = typing.get_args(PrepareCrop)
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # encoder weights; auto: bf16 on GPU
 SPLITS = ("train", "val")
 _DETECT_BATCH = 64  # frames per face-detector call
@@ -583,102 +585,95 @@ def _differences(a: Manifest, b: Manifest) -> list[str]:
 def prepare(
     inputs: str | Path,
     out: str | Path,
-    vae_path: str | Path,
-    audio_encoder: str = "mel",
-    audio_encoder_path: str | None = None,
-    audio_encoder_layers: int | list[int] = -1,
-    fps: float = media.FPS,
-    size: int = 64,
-    segment_seconds: float = 4.0,
-    min_segment_seconds: float = 1.0,
-    samples_per_shard: int = 64,
-    batch_size: int = 16,
-    device: str = "cpu",
-    dtype: str = "auto",
-    progress: bool = True,
-    crop: str = "center",
-    detect_every: int = 1,
+    encoders: Encoders,
+    frames: Frames = Frames(),
+    segments: Segments = Segments(),
+    tasks: Tasks = Tasks(),
     val_percent: float = 10.0,
-    task_index: int = 0,
-    num_tasks: int = 1,
-    retry_failed: bool = False,
+    progress: bool = True,
 ) -> Manifest:
     """Turn this task's share of the inputs into shards under `out`; returns the task manifest.
 
-    `inputs` is a folder, a text list, or a CSV/JSONL list (`list_inputs`). `vae_path` is a
+    `inputs` is a folder, a text list, or a CSV/JSONL list (`list_inputs`). `encoders.vae` is a
     diffusers `AutoencoderKL` or `AutoencoderDC` folder (`pipeline.vae.load_vae`); the
-    manifest's `vae` entry records which latent space ("type") the shards hold. With
-    `num_tasks` 1 the manifest is `out/manifest.json`; else `out/task-NNNN.json` (join with
-    `merge`). Failed inputs are listed in `manifest.failed` as {path, reason}; a rerun skips
-    them unless `retry_failed`. With `progress`: a bar on a terminal, else `ProgressLines`; then `summary`
-    with the stage times.
-    `dtype` of the VAE and audio encoder weights: "auto" = bfloat16 on a GPU, float32 on the CPU.
-    `detect_every` k > 1 runs the face detector on every k-th frame only (~k× faster; boxes in
-    between are interpolated by `pipeline.faces.face_tracks`).
+    manifest's `vae` entry records which latent space ("type") the shards hold. The option groups
+    (`pipeline.options`) say what each setting does. With one task the manifest is
+    `out/manifest.json`; else `out/task-NNNN.json` (join with `merge`); a task left None comes from
+    SLURM's array variables (`slurm_task`). Failed inputs are listed in `manifest.failed` as
+    {path, reason}; a rerun skips them unless `tasks.retry_failed`. With `progress`: a bar on a
+    terminal, else `ProgressLines`; then `summary` with the stage times.
     """
-    if min_segment_seconds > segment_seconds:
-        raise ValueError(f"min_segment_seconds {min_segment_seconds} exceeds segment_seconds {segment_seconds}")
-    if crop not in CROPS:
-        raise ValueError(f"crop {crop!r}: choose one of {', '.join(CROPS)}")
+    if not encoders.vae:
+        raise ValueError("prepare needs a VAE folder (encoders.vae, --vae)")
+    env_index, env_count = slurm_task()
+    task_index = env_index if tasks.task_index is None else tasks.task_index
+    num_tasks = env_count if tasks.num_tasks is None else tasks.num_tasks
+    if segments.min_segment_seconds > segments.segment_seconds:
+        raise ValueError(f"min_segment_seconds {segments.min_segment_seconds} exceeds segment_seconds "
+                         f"{segments.segment_seconds}")
+    if frames.crop not in CROPS:
+        raise ValueError(f"crop {frames.crop!r}: choose one of {', '.join(CROPS)}")
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1} (num_tasks {num_tasks})")
     if not 0.0 <= val_percent <= 100.0:
         raise ValueError(f"val_percent {val_percent} is outside 0..100")
-    spf = samples_per_frame(media.SAMPLE_RATE, fps)
-    segment_bounds(1, fps, segment_seconds, 0.0)  # refuses a segment shorter than one frame
+    spf = samples_per_frame(media.SAMPLE_RATE, frames.fps)
+    segment_bounds(1, frames.fps, segments.segment_seconds, 0.0)  # refuses a segment shorter than one frame
     items = list_inputs(inputs)
     ids = unique_ids([item.path for item in items])  # unique over the whole list, so tasks agree
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    weights = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if encoders.dtype not in DTYPES:
+        raise ValueError(f"dtype {encoders.dtype!r}: choose one of {', '.join(DTYPES)}")
+    weights = DTYPES[encoders.dtype] or (torch.bfloat16 if str(encoders.device).startswith("cuda") else torch.float32)
     times = StageTimes()
     began = times.clock()
     terminal = progress and sys.stderr.isatty()
-    vae = load_vae(vae_path, device=device, dtype=weights)
-    encoder = build_audio_encoder(audio_encoder, audio_encoder_path, fps=fps, device=device,
-                                  layers=audio_encoder_layers, dtype=weights)
-    vae_id = Path(vae_path).resolve().name
+    vae = load_vae(encoders.vae, device=encoders.device, dtype=weights)
+    encoder = build_audio_encoder(encoders.audio_encoder, encoders.audio_encoder_path, fps=frames.fps,
+                                  device=encoders.device, layers=list(encoders.audio_encoder_layers), dtype=weights)
+    vae_id = Path(encoders.vae).resolve().name
     # generation finds the decoder by this path, or by name and content hash after a move (`pipeline.locate`)
-    info = {**vae_info(vae, vae_id), "path": str(Path(vae_path).resolve()), "sha1": fingerprint(vae_path)}
-    if size % info["downsample"]:
-        raise ValueError(f"size {size} is not divisible by the VAE downsampling factor {info['downsample']} ({vae_path})")
+    info = {**vae_info(vae, vae_id), "path": str(Path(encoders.vae).resolve()), "sha1": fingerprint(encoders.vae)}
+    if frames.size % info["downsample"]:
+        raise ValueError(f"size {frames.size} is not divisible by the VAE downsampling factor {info['downsample']} "
+                         f"({encoders.vae})")
     detect = None
-    if crop == "face":
+    if frames.crop == "face":
         from pipeline.faces import FaceDetector
 
-        if detect_every < 1:
-            raise ValueError(f"detect_every must be >= 1, got {detect_every}")
-        detect = partial(FaceDetector(device=device).detect, stride=detect_every)
+        if frames.detect_every < 1:
+            raise ValueError(f"detect_every must be >= 1, got {frames.detect_every}")
+        detect = partial(FaceDetector(device=encoders.device).detect, stride=frames.detect_every)
 
     out = Path(out)
     name, prefix = task_files(task_index, num_tasks)
     fresh = Manifest(
         vae=info,
         audio_encoder={
-            "id": encoder.id, "name": audio_encoder,
-            "path": str(Path(audio_encoder_path).resolve()) if audio_encoder != "mel" else None,
-            "sha1": fingerprint(audio_encoder_path) if audio_encoder != "mel" else None,
-            "layers": [audio_encoder_layers] if isinstance(audio_encoder_layers, int) else list(audio_encoder_layers),
+            "id": encoder.id, "name": encoders.audio_encoder,
+            "path": str(Path(encoders.audio_encoder_path).resolve()) if encoders.audio_encoder != "mel" else None,
+            "sha1": fingerprint(encoders.audio_encoder_path) if encoders.audio_encoder != "mel" else None,
+            "layers": list(encoders.audio_encoder_layers),
             "K": encoder.K, "D": encoder.D, "sample_rate": media.SAMPLE_RATE,
         },
-        fps=fps,
+        fps=frames.fps,
         sample_rate=media.SAMPLE_RATE,
-        size=size,
-        settings={"segment_seconds": segment_seconds, "min_segment_seconds": min_segment_seconds, "crop": crop,
-                  "val_percent": val_percent, "num_tasks": num_tasks, "task_key": TASK_KEY},
+        size=frames.size,
+        settings={"segment_seconds": segments.segment_seconds, "min_segment_seconds": segments.min_segment_seconds,
+                  "crop": frames.crop, "val_percent": val_percent, "num_tasks": num_tasks, "task_key": TASK_KEY},
         task=task_index if num_tasks > 1 else None,
         complete=False,
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _resume(out, name, prefix, fresh, items, retry_failed, progress)
+    manifest = _resume(out, name, prefix, fresh, items, tasks.retry_failed, progress)
     skip = {r["path"] for r in manifest.inputs} | {f["path"] for f in manifest.failed}
     key = (lambda item: item.path) if "task_key" in manifest.settings else (lambda item: item.listed)
     mine = [(item, vid) for item, vid in zip(items, ids)
             if task_of(key(item), num_tasks) == task_index and str(item.path) not in skip]  # fmt: skip
     start = max((int(s["path"][-10:-4]) for s in manifest.shards), default=-1) + 1
-    bounds_of = partial(segment_bounds, fps=fps, segment_seconds=segment_seconds, min_segment_seconds=min_segment_seconds)
+    bounds_of = partial(segment_bounds, fps=frames.fps, segment_seconds=segments.segment_seconds,
+                        min_segment_seconds=segments.min_segment_seconds)
 
-    with AtomicShardWriter(out, max_samples=samples_per_shard, start_index=start, prefix=prefix) as writer:
+    with AtomicShardWriter(out, max_samples=segments.samples_per_shard, start_index=start, prefix=prefix) as writer:
         writer.shards = list(manifest.shards)
         log = _TaskLog(out, name, manifest, writer)
         bar = tqdm(total=len(mine), desc="prepare", unit="video") if terminal else None
@@ -687,7 +682,7 @@ def prepare(
         for item, vid in mine:
             source = str(item.path)
             try:
-                pieces, audio, cuts = _pieces(item.path, fps, size, crop, bounds_of, detect, times)
+                pieces, audio, cuts = _pieces(item.path, frames.fps, frames.size, frames.crop, bounds_of, detect, times)
             except InputError as err:
                 log.failed(source, str(err))
                 if progress:
@@ -695,11 +690,12 @@ def prepare(
             else:
                 speaker = item.speaker or vid
                 split = item.split or speaker_split(speaker, val_percent)
-                meta = {"fps": fps, "sample_rate": media.SAMPLE_RATE, "source": source, "vae": vae_id,
-                        "audio_encoder": encoder.id, "speaker": speaker, "split": split, "crop": crop}  # fmt: skip
+                meta = {"fps": frames.fps, "sample_rate": media.SAMPLE_RATE, "source": source, "vae": vae_id,
+                        "audio_encoder": encoder.id, "speaker": speaker, "split": split, "crop": frames.crop}  # fmt: skip
                 finished = set(manifest.partial.get(source, []))
                 for piece in (p for p in pieces if p.index not in finished):
-                    segment = _segment(piece, audio, spf, vid, meta, vae, encoder, fps, batch_size, times)
+                    segment = _segment(piece, audio, spf, vid, meta, vae, encoder, frames.fps, encoders.batch_size,
+                                       times)
                     start = times.clock()
                     log.write(source, piece.index, segment)
                     times.add("write", start, len(piece.frames))

@@ -14,6 +14,7 @@ from pipeline import media
 from pipeline.checkpoints import CheckpointError, export, read_weights
 from pipeline.cli import main
 from pipeline.generate import generate
+from pipeline.options import Framing, Provenance, Sampling
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,10 @@ def test_generate_from_the_export_equals_generate_from_the_checkpoint(checkpoint
     portrait = checkpoint.parents[2] / "heldout" / "clip_0000.mp4"
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     # without provenance marks: the watermark's id comes from the file's hash, which differs by design
-    generate(checkpoint, portrait, portrait, a, steps=2, ema=True, provenance_marks=False)
-    generate(tmp_path / "model.safetensors", portrait, portrait, b, steps=2, provenance_marks=False)
+    generate(checkpoint, portrait, portrait, a, sampling=Sampling(steps=2, ema=True), framing=Framing(crop="center"),
+             marks=Provenance(marks=False))
+    generate(tmp_path / "model.safetensors", portrait, portrait, b, sampling=Sampling(steps=2),
+             framing=Framing(crop="center"), marks=Provenance(marks=False))
     assert np.array_equal(media.read_video(a), media.read_video(b))
 
 

@@ -3,14 +3,20 @@ config (files and flags), named at once with the nearest known one, before anyth
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import _parser, main
+from pipeline.cli.commands import COMMANDS
 from pipeline.cli.config_keys import unknown_keys
+from pipeline.cli.options import build, field_docs
+from pipeline.options import EncoderPaths, Encoders, Frames, Framing, Provenance, Sampling, Segments, Tasks
+from pipeline.shipped import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _error(argv: list[str], capsys) -> tuple[int, str]:
@@ -66,3 +72,46 @@ def test_a_prefix_of_a_model_config_field_is_a_typo():
     assert unknown_keys(["--model.net.latent_channel", "4", "--model.optim.l", "1e-3"]) == [
         "command line: --model.net.latent_channel: unknown key (did you mean --model.net.latent_channels?)",
         "command line: --model.optim.l: unknown key (did you mean --model.optim.lr?)"]
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_option_of_every_command_has_its_help_line():
+    """The help comes from each option dataclass field's docstring: a field without one is a flag `--help` cannot
+    explain."""
+
+    def undocumented(cls: type) -> list[str]:
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        return [name for f in dataclasses.fields(cls) for name in (
+            undocumented(hints[f.name]) if dataclasses.is_dataclass(hints[f.name])
+            else [] if docs.get(f.name) else [f"{cls.__name__}.{f.name}"])]
+
+    assert [name for command in COMMANDS.values() for name in undocumented(command.options)] == []
+    assert all(action.help for parser in _subparsers().values() for action in parser._actions)
+
+
+def test_options_parse_into_the_dataclasses_the_library_takes():
+    parse = lambda argv: build(COMMANDS[argv[0]].options, _parser().parse_args(argv))  # noqa: E731
+    args = parse(["prepare", "videos", "--out", "shards", "--vae", "vae", "--audio-encoder", "wav2vec2",
+                  "--audio-encoder-layers", "0,-1", "--size", "128", "--crop", "face", "--segment-seconds", "2",
+                  "--task-index", "1", "--num-tasks", "4", "--retry-failed"])
+    assert args.encoders == Encoders(vae="vae", audio_encoder="wav2vec2", audio_encoder_layers=(0, -1))
+    assert args.frames == Frames(size=128, crop="face")
+    assert args.segments == Segments(segment_seconds=2.0)
+    assert args.tasks == Tasks(task_index=1, num_tasks=4, retry_failed=True)
+    assert (args.io.inputs, args.io.out, args.io.strict) == ("videos", "shards", False)
+    args = parse(["generate", "--checkpoint", "m.ckpt", "--steps", "4", "--audio-scale", "1.5", "--seed", "7",
+                  "--no-ema", "--no-provenance", "--consent", "ref-1", "--crop", "none"])
+    assert args.sampling == Sampling(steps=4, audio_scale=1.5, seed=7, ema=False)
+    assert args.marks == Provenance(marks=False, consent="ref-1")
+    assert args.framing == Framing(crop="none") and args.encoders == EncoderPaths()
+    assert parse(["generate", "--checkpoint", "m.ckpt"]).sampling == Sampling()  # the library's defaults
+
+
+def test_a_malformed_option_value_is_refused_with_the_flag_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "videos", "--out", "o", "--vae", "v", "--audio-encoder-layers", "0,last"])
+    assert exit_.value.code == 2
+    assert "--audio-encoder-layers: '0,last' is not a comma-separated list of integers" in capsys.readouterr().err

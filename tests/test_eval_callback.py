@@ -37,6 +37,7 @@ from pipeline.evaluate import SOURCE_VIDEO, MetricsConfig, evaluate
 from pipeline.generate import generate
 from pipeline.metrics import MetricWeightsError
 from pipeline.metrics.inception import FIDInceptionV3
+from pipeline.options import Encoders, Framing, Provenance, Sampling, Segments
 from pipeline.prepare import prepare
 from pipeline.shards import DataWarning
 from pipeline.synth import synthesize
@@ -53,8 +54,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synthesize(root / "videos", clips=4, seconds=FRAMES / 25, size=64, fps=25, seed=0)
     torch.manual_seed(0)
     AutoencoderKL(**demo_vae_config()).save_pretrained(root / "vae")
-    prepare(root / "videos", root / "shards", vae_path=root / "vae", segment_seconds=FRAMES / 25,
-            min_segment_seconds=0.2, progress=False)
+    prepare(root / "videos", root / "shards", encoders=Encoders(vae=str(root / "vae")),
+            segments=Segments(segment_seconds=FRAMES / 25, min_segment_seconds=0.2), progress=False)
     return root / "shards"
 
 
@@ -242,7 +243,8 @@ def test_ranks_share_the_clips_and_gather_what_evaluate_computes(shards: Path, t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as Lightning's CPU DDP gives each of the 2 ranks: the same float reductions
     try:
-        single = evaluate(checkpoint, shards, num_clips=3, seed=0, metrics=MetricsConfig(**metrics), steps=1)
+        single = evaluate(checkpoint, shards, sampling=Sampling(seed=0, steps=1), num_clips=3,
+                          metrics=MetricsConfig(**metrics))
     finally:
         torch.set_num_threads(threads)
     assert [c["key"] for c in single["clips"]] == logged["keys"]
@@ -263,7 +265,8 @@ def test_generation_from_a_zero3_export_equals_generation_from_the_ddp_checkpoin
     frames = {}
     for name, checkpoint in EXPORTS.items():
         out = tmp_path / f"{name}.mp4"
-        generate(checkpoint, portrait, portrait, out, steps=2, provenance_marks=False)
+        generate(checkpoint, portrait, portrait, out, sampling=Sampling(steps=2), framing=Framing(crop="center"),
+                 marks=Provenance(marks=False))
         frames[name] = media.read_video(out).astype(int)
     assert frames["ddp"].shape == frames["zero3"].shape
     assert np.abs(frames["ddp"] - frames["zero3"]).max() <= 1

@@ -23,6 +23,7 @@ from pipeline import media
 from pipeline.evaluate import (_CHUNK, LATENT_DECODE, SOURCE_VIDEO, ClipCache, ClipLoader, EvalClip, MetricsConfig,
                                evaluate, select_segments)
 from pipeline.metrics.appearance import face_mouth_box
+from pipeline.options import Encoders, Frames, Sampling, Segments
 from pipeline.prepare import prepare
 from pipeline.shards import AtomicShardWriter, DataWarning, Manifest, Segment, iter_tar, write_index
 from pipeline.synth import synthesize
@@ -39,8 +40,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(2):
         talking_video(root / "videos" / f"rec{i}.mp4", seconds=1.6, seed=i)
     sd_vae(root / "sd-vae")
-    prepare(root / "videos", root / "shards", vae_path=root / "sd-vae", size=SIZE, crop="face", detect_every=3,
-            segment_seconds=0.8, min_segment_seconds=0.4, progress=False)
+    prepare(root / "videos", root / "shards", encoders=Encoders(vae=str(root / "sd-vae")),
+            frames=Frames(size=SIZE, crop="face", detect_every=3),
+            segments=Segments(segment_seconds=0.8, min_segment_seconds=0.4), progress=False)
     info = LetsTalkDataModule(str(root / "shards"), clip_frames=8, audio_radius=2).data_info
     net = {"size": "tiny", "patch_size": 4, **{k: info[k] for k in ("latent_channels", "audio_dim", "audio_tokens")}}
     module = LetsTalkModule(net=net, data_info=info)
@@ -125,7 +127,8 @@ def test_evaluate_says_where_its_ground_truth_came_from(corpus: Path, tmp_path: 
     monkeypatch.chdir(elsewhere)
     printed = io.StringIO()
     with pytest.warns(DataWarning) as caught, contextlib.redirect_stdout(printed):
-        result = evaluate(corpus / "tiny.ckpt", shards, num_clips=4, seed=0, out=tmp_path / "eval.json", steps=1,
+        result = evaluate(corpus / "tiny.ckpt", shards, sampling=Sampling(seed=0, steps=1), num_clips=4,
+                          out=tmp_path / "eval.json",
                           metrics=MetricsConfig(appearance=False))  # appearance's SSIM: minutes on 2 CPU cores
     tried = f"videos/rec1.mp4 nor {shards}/videos/rec1.mp4 nor {folder}/videos/rec1.mp4"
     notes = [f"rec1/000{i}: no source video at {tried}; its ground truth is the {LATENT_DECODE}" for i in (0, 1)]

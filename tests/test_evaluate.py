@@ -28,6 +28,7 @@ from pipeline.metrics import MetricWeightsError
 from pipeline.metrics.i3d import InceptionI3d
 from pipeline.metrics.inception import FIDInceptionV3
 from pipeline.metrics.syncnet import SyncNet
+from pipeline.options import Encoders, Sampling, Segments
 from pipeline.prepare import prepare
 from pipeline.shards import Manifest
 from pipeline.synth import synthesize
@@ -41,8 +42,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     synthesize(root / "videos", clips=3, seconds=FRAMES / 25, size=64, fps=25, seed=0)
     AutoencoderKL(**demo_vae_config()).save_pretrained(root / "vae")
-    prepare(root / "videos", root / "shards", vae_path=root / "vae", segment_seconds=FRAMES / 25,
-            min_segment_seconds=0.5, progress=False)
+    prepare(root / "videos", root / "shards", encoders=Encoders(vae=str(root / "vae")),
+            segments=Segments(segment_seconds=FRAMES / 25, min_segment_seconds=0.5), progress=False)
     info = LetsTalkDataModule(str(root / "shards"), clip_frames=8, audio_radius=2).data_info
     net = {"size": "tiny", "patch_size": 4, **{k: info[k] for k in ("latent_channels", "audio_dim", "audio_tokens")}}
     module = LetsTalkModule(net=net, data_info=info)
@@ -79,14 +80,14 @@ def full(tiny: dict[str, Path], weights: MetricsConfig) -> tuple[dict, str]:
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = evaluate(tiny["checkpoint"], tiny["shards"], num_clips=2, seed=0, metrics=weights,
-                          out=tiny["root"] / "full.json", steps=1)
+        result = evaluate(tiny["checkpoint"], tiny["shards"], sampling=Sampling(seed=0, steps=1), num_clips=2,
+                          metrics=weights, out=tiny["root"] / "full.json")
     return result, printed.getvalue()
 
 
 def test_without_weights_metrics_are_skipped_with_notes(tiny, tmp_path, capsys):
     out = tmp_path / "eval" / "result.json"
-    result = evaluate(tiny["checkpoint"], tiny["shards"], num_clips=2, seed=0, out=out, steps=1)
+    result = evaluate(tiny["checkpoint"], tiny["shards"], sampling=Sampling(seed=0, steps=1), num_clips=2, out=out)
     assert json.loads(out.read_text()) == {k: v for k, v in result.items() if k != "out"}
     assert {k for k in result["metrics"] if not k.startswith("appearance/")} == {"sync_synthetic",
                                                                                 "sync_synthetic_real"}

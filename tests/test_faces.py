@@ -16,6 +16,7 @@ import torch
 
 from pipeline import faces
 from pipeline.faces import FaceTrack, NoFaceError, crop_portrait, crop_track, face_tracks, square_boxes
+from pipeline.options import Encoders, Frames, Segments
 
 H, W, PATCH, FPS = 128, 176, 80, 25.0
 BACKGROUND = 90
@@ -278,8 +279,9 @@ def test_prepare_with_real_face_detection_crops_the_moving_face_and_cuts_where_i
     media.write_video(video, scene(patch, positions), FPS, audio=0.3 * np.sin(2 * np.pi * 220 * t), crf=10)
     torch.manual_seed(0)
     AutoencoderKL(**demo_vae_config(block_out_channels=(8, 16, 16))).save_pretrained(tmp_path / "vae")
-    manifest = prepare(video, tmp_path / "out", tmp_path / "vae", size=64, crop="face", detect_every=2,
-                       segment_seconds=4.0, min_segment_seconds=1.0, progress=False)
+    manifest = prepare(video, tmp_path / "out", encoders=Encoders(vae=str(tmp_path / "vae")),
+                       frames=Frames(size=64, crop="face", detect_every=2),
+                       segments=Segments(segment_seconds=4.0, min_segment_seconds=1.0), progress=False)
     assert manifest.failed == [] and len(manifest.inputs) == 1
     (start, end, reason), = manifest.inputs[0]["cut"]
     assert reason == "no face" and 48 <= start <= 51 and end == 75

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,10 @@ from pipeline.cli import main
 from pipeline.cli.demo import run_demo, score_clip
 from pipeline.generate import (CheckpointError, GenerationError, frame_count, generate, load_generator,
                                 load_model, step_progress)
+from pipeline.options import Framing, Provenance, Sampling
 from pipeline.progress import ProgressLines
+
+CENTER = Framing(crop="center")  # the demo's portraits are framed like its training data
 
 
 def test_demo_runs_every_stage_and_reports(demo: dict):
@@ -74,7 +78,8 @@ def _wav(path: Path, seconds: float, rate: int = 22050, channels: int = 2) -> Pa
 def test_generated_video_matches_the_audio(demo: dict, tmp_path: Path, seconds: float, frames: int):
     portrait = Path(demo["videos"][0])
     out = tmp_path / "out.mp4"
-    summary = generate(demo["checkpoint"], portrait, _wav(tmp_path / "a.wav", seconds), out, steps=3)
+    summary = generate(demo["checkpoint"], portrait, _wav(tmp_path / "a.wav", seconds), out, sampling=Sampling(steps=3),
+                       framing=CENTER)
     streams = media.media_streams(out)
     assert summary["frames"] == streams["num_frames"] == frames
     assert streams["video_streams"] == 1 and streams["audio_streams"] == 1
@@ -87,7 +92,8 @@ def test_same_seed_same_video_other_seed_differs(demo: dict, tmp_path: Path):
     audio = _wav(tmp_path / "a.wav", 0.4)
     paths = [tmp_path / f"{name}.mp4" for name in ("a", "b", "c")]
     for path, seed in zip(paths, (3, 3, 4)):
-        generate(demo["checkpoint"], demo["videos"][0], audio, path, steps=2, seed=seed)
+        generate(demo["checkpoint"], demo["videos"][0], audio, path, sampling=Sampling(steps=2, seed=seed),
+                 framing=CENTER)
     a, b, c = (media.read_video(p).astype(int) for p in paths)
     assert np.array_equal(a, b)
     assert np.abs(a - c).mean() > 0.5
@@ -130,7 +136,7 @@ def test_cli_generate_writes_the_video_and_fails_cleanly(demo: dict, tmp_path: P
 
 
 CLIP_S = 8 / 25  # the fast demo model's clip: 8 frames at 25 fps
-FAST = {"steps": 1, "audio_scale": 1.0, "ref_scale": 1.0}  # one network call per clip: content does not matter here
+FAST = Sampling(steps=1, audio_scale=1.0, ref_scale=1.0)  # one network call per clip: content does not matter here
 
 
 def _audio(path: Path, kind: str, seconds: float) -> Path:
@@ -163,7 +169,8 @@ FORMATS = [("wav", 1.0), ("flac", 2.5), ("mp3", 4.0), ("m4a", 2.5), ("video", 4.
 def test_any_audio_format_and_length_gives_an_exact_marked_video(demo: dict, tmp_path: Path, kind: str, clips: float):
     audio = _audio(tmp_path / "speech", kind, clips * CLIP_S)
     out = tmp_path / "out.mp4"
-    summary = generate(demo["checkpoint"], demo["videos"][0], audio, out, seed=11, **FAST)
+    summary = generate(demo["checkpoint"], demo["videos"][0], audio, out, sampling=replace(FAST, seed=11),
+                       framing=CENTER)
     decoded = len(media.read_audio(audio))
     frames = frame_count(decoded, 25.0)
     assert abs(frames - round(clips * 8)) <= 1  # codec padding may add up to a frame's worth of samples
@@ -186,7 +193,8 @@ def test_any_audio_format_and_length_gives_an_exact_marked_video(demo: dict, tmp
 @pytest.mark.parametrize("clips", [1.0, 2.5, 4.0])
 def test_every_format_at_every_length(demo: dict, tmp_path: Path, kind: str, clips: float):
     audio = _audio(tmp_path / "speech", kind, clips * CLIP_S)
-    summary = generate(demo["checkpoint"], demo["videos"][0], audio, tmp_path / "out.mp4", **FAST)
+    summary = generate(demo["checkpoint"], demo["videos"][0], audio, tmp_path / "out.mp4",
+                       framing=CENTER, sampling=FAST)
     assert summary["frames"] == media.media_streams(tmp_path / "out.mp4")["num_frames"]
     assert summary["frames"] == frame_count(len(media.read_audio(audio)), 25.0)
 
@@ -199,7 +207,8 @@ def test_frame_count_rounds_to_the_nearest_frame():
 def test_progress_reports_every_denoising_step(demo: dict, tmp_path: Path, capsys):
     calls: list[tuple[float, str]] = []
     generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 2.5 * CLIP_S), tmp_path / "o.mp4",
-             steps=2, audio_scale=1.0, ref_scale=1.0, progress=lambda fraction, text: calls.append((fraction, text)))
+             sampling=Sampling(steps=2, audio_scale=1.0, ref_scale=1.0), framing=CENTER,
+             progress=lambda fraction, text: calls.append((fraction, text)))
     fractions = [fraction for fraction, _ in calls]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     steps = [message for _, message in calls if message.startswith("denoising")]  # chained clips: one at a time
@@ -254,7 +263,8 @@ def test_the_video_carries_the_users_audio_as_given(demo: dict, tmp_path: Path):
     source = np.stack([0.5 * np.sin(2 * np.pi * 180 * t) * envelope, 0.3 * np.sin(2 * np.pi * 330 * t)], axis=1)
     sf.write(tmp_path / "stereo.wav", source.astype(np.float32), rate)
     out = tmp_path / "out.mp4"
-    summary = generate(demo["checkpoint"], demo["videos"][0], tmp_path / "stereo.wav", out, **FAST)
+    summary = generate(demo["checkpoint"], demo["videos"][0], tmp_path / "stereo.wav", out,
+                       framing=CENTER, sampling=FAST)
     streams = media.media_streams(out)
     assert (streams["audio_codec"], streams["audio_sample_rate"], streams["audio_channels"]) == ("aac", rate, 2)
     sound, sound_rate = media.read_audio_native(out)
@@ -268,7 +278,8 @@ def test_the_video_carries_the_users_audio_as_given(demo: dict, tmp_path: Path):
 
 def test_no_provenance_warns_and_leaves_no_marks(demo: dict, tmp_path: Path, capsys):
     out = tmp_path / "plain.mp4"
-    generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.6), out, provenance_marks=False, **FAST)
+    generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.6), out, framing=CENTER,
+             marks=Provenance(marks=False), sampling=FAST)
     assert "carries no provenance marks" in capsys.readouterr().out
     check = provenance.verify(out)
     assert not check["watermark"]["found"] and "ai_generated" not in check["metadata"]
@@ -361,12 +372,14 @@ def test_without_steps_the_flow_model_samples_euler_at_its_measured_default(demo
     reported in the summary; a given count still wins."""
     calls: list[str] = []
     wav = _wav(tmp_path / "a.wav", CLIP_S)
-    summary = generate(demo["checkpoint"], demo["videos"][0], wav, tmp_path / "o.mp4", audio_scale=1.0, ref_scale=1.0,
+    summary = generate(demo["checkpoint"], demo["videos"][0], wav, tmp_path / "o.mp4",
+                       sampling=Sampling(audio_scale=1.0, ref_scale=1.0), framing=CENTER,
                        progress=lambda fraction, text: calls.append(text))
     assert (summary["sampler"], summary["steps"]) == ("euler", 4)
     assert sum(text.startswith("denoising") for text in calls) == 4  # one clip, one network call per step
-    assert generate(demo["checkpoint"], demo["videos"][0], wav, tmp_path / "p.mp4", steps=2, audio_scale=1.0,
-                    ref_scale=1.0)["steps"] == 2
+    assert generate(demo["checkpoint"], demo["videos"][0], wav, tmp_path / "p.mp4",
+                    sampling=Sampling(steps=2, audio_scale=1.0, ref_scale=1.0),
+                    framing=CENTER)["steps"] == 2
 
 
 def test_out_of_memory_becomes_advice(demo: dict, tmp_path: Path, monkeypatch):
@@ -378,7 +391,8 @@ def test_out_of_memory_becomes_advice(demo: dict, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(generation, "sample_latents", exhausted)
     out = tmp_path / "oom.mp4"
     with pytest.raises(GenerationError, match="out of GPU memory .* try --clips-per-batch 1"):
-        generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.4), out, **FAST)
+        generate(demo["checkpoint"], demo["videos"][0], _wav(tmp_path / "a.wav", 0.4), out,
+                 framing=CENTER, sampling=FAST)
     assert not out.exists()
 
 

@@ -26,6 +26,7 @@ from pipeline.evaluate import MetricsConfig, evaluate
 from pipeline.generate import generate, load_generator, load_model
 from pipeline.locate import EncoderMismatchWarning, EncoderNotFoundError, fingerprint, locate_encoders
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.options import EncoderPaths, Encoders, Frames, Framing, Provenance, Sampling, Segments
 from pipeline.prepare import prepare
 from pipeline.vae import load_vae, vae_info
 from production import astronaut_head, sd_vae, talking_video, wav2vec2
@@ -68,14 +69,16 @@ def travel(tmp_path_factory: pytest.TempPathFactory) -> dict:
     info = recorded_info(vae, encoder)
     checkpoint = write_checkpoint(root / "run" / "last.ckpt", info)
     talking_video(root / "videos" / "rec0.mp4", seconds=1.0)
-    prepare(root / "videos", root / "shards", vae_path=vae, audio_encoder="wav2vec2", audio_encoder_path=str(encoder),
-            size=64, segment_seconds=1.0, min_segment_seconds=0.5, progress=False)
+    prepare(root / "videos", root / "shards",
+            encoders=Encoders(vae=str(vae), audio_encoder="wav2vec2", audio_encoder_path=str(encoder)),
+            frames=Frames(size=64), segments=Segments(segment_seconds=1.0, min_segment_seconds=0.5), progress=False)
     media.write_image(root / "portrait.png", astronaut_head())
     t = np.arange(int(0.5 * 44100)) / 44100
     voice = np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
     sf.write(root / "speech.wav", np.stack([voice, 0.5 * voice], axis=1).astype(np.float32), 44100)
     before = root / "before.mp4"
-    generate(checkpoint, root / "portrait.png", root / "speech.wav", before, steps=2, crop="center")
+    generate(checkpoint, root / "portrait.png", root / "speech.wav", before, sampling=Sampling(steps=2),
+             framing=Framing(crop="center"))
     return {"root": root, "vae": vae, "encoder": encoder, "info": info, "checkpoint": checkpoint, "before": before}
 
 
@@ -140,8 +143,9 @@ def test_evaluate_takes_the_same_overrides(travel: dict, tmp_path: Path, capsys)
     (tmp_path / "empty").mkdir()
     assert main([*args, "--audio-encoder-path", str(tmp_path / "empty")]) == 1
     assert "that path was given with --audio-encoder-path" in capsys.readouterr().err
-    result = evaluate(travel["checkpoint"], travel["root"] / "shards", num_clips=1, steps=1, vae=vae,
-                      audio_encoder=encoder, metrics=MetricsConfig(appearance=False))  # appearance: slow, not at issue
+    result = evaluate(travel["checkpoint"], travel["root"] / "shards", sampling=Sampling(steps=1),
+                      encoders=EncoderPaths(vae=vae, audio_encoder_path=encoder), num_clips=1,
+                      metrics=MetricsConfig(appearance=False))  # appearance: slow, not at issue
     assert result["num_clips"] == 1
 
 
@@ -158,9 +162,10 @@ def test_export_rehomes_the_encoders_once(travel: dict):
     a, b = travel["root"] / "ckpt.mp4", travel["root"] / "export.mp4"
     speech, portrait = travel["root"] / "speech.wav", travel["root"] / "portrait.png"
     # without provenance marks: the watermark's id comes from the file's hash, which differs by design
-    generate(travel["checkpoint"], portrait, speech, a, vae=vae, audio_encoder=encoder, steps=2, crop="center",
-             provenance_marks=False)
-    generate(out, portrait, speech, b, steps=2, crop="center", provenance_marks=False)  # no overrides needed
+    generate(travel["checkpoint"], portrait, speech, a, sampling=Sampling(steps=2), framing=Framing(crop="center"),
+             encoders=EncoderPaths(vae=vae, audio_encoder_path=encoder), marks=Provenance(marks=False))
+    generate(out, portrait, speech, b, sampling=Sampling(steps=2), framing=Framing(crop="center"),
+             marks=Provenance(marks=False))  # no overrides needed
     np.testing.assert_array_equal(media.read_video(a), media.read_video(b))
 
 

@@ -27,6 +27,7 @@ from pipeline.locate import fingerprint
 from pipeline.audio_encoders import MelEncoder, Wav2Vec2Encoder
 import pipeline
 from pipeline.cli import main
+from pipeline.options import Encoders, Frames, Segments, Tasks
 from pipeline.prepare import (
     InputItem, StageTimes, crop_box, list_inputs, merge, prepare, samples_per_frame, segment_bounds,
     slurm_task, summary, task_of, unique_ids,
@@ -87,10 +88,10 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, videos, vae_dir) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("shards")
-    manifest = prepare(
-        videos["a/talk.mp4"].parents[1], out, vae_dir, fps=FPS, size=SIZE, segment_seconds=1.5,
-        min_segment_seconds=1.0, samples_per_shard=2, batch_size=8, progress=False,
-    )
+    manifest = prepare(videos["a/talk.mp4"].parents[1], out, encoders=Encoders(vae=str(vae_dir), batch_size=8),
+                       frames=Frames(fps=FPS, size=SIZE),
+                       segments=Segments(segment_seconds=1.5, min_segment_seconds=1.0, samples_per_shard=2),
+                       progress=False)
     return out, manifest
 
 
@@ -224,8 +225,9 @@ def test_list_file_with_wav2vec2(tmp_path, videos, vae_dir, capsys):
     listing.write_text(f"# training clips\n{good}\n\nnotes.txt\nmissing/clip.mp4\n{good}\n")
     out = tmp_path / "out"
     capsys.readouterr()  # what saving the model printed
-    manifest = prepare(listing, out, vae_dir, audio_encoder="wav2vec2", audio_encoder_path=str(w2v),
-                       size=SIZE, segment_seconds=1.0, progress=True)  # fmt: skip
+    manifest = prepare(listing, out,
+                       encoders=Encoders(vae=str(vae_dir), audio_encoder="wav2vec2", audio_encoder_path=str(w2v)),
+                       frames=Frames(size=SIZE), segments=Segments(segment_seconds=1.0), progress=True)  # fmt: skip
     printed = capsys.readouterr()
     size = sum(s["bytes"] for s in manifest.shards)
     lines = printed.out.splitlines()
@@ -263,18 +265,18 @@ def test_bad_arguments_fail_before_writing(tmp_path, videos, vae_dir):
     out = tmp_path / "out"
     folder = videos["a/talk.mp4"].parent
     with pytest.raises(FileNotFoundError, match="no such folder or list file"):
-        prepare(tmp_path / "nowhere", out, vae_dir, progress=False)
+        prepare(tmp_path / "nowhere", out, encoders=Encoders(vae=str(vae_dir)), progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no video files"):
-        prepare(tmp_path / "empty", out, vae_dir, progress=False)
+        prepare(tmp_path / "empty", out, encoders=Encoders(vae=str(vae_dir)), progress=False)
     with pytest.raises(VAEError, match="does not exist"):
-        prepare(folder, out, tmp_path / "no-vae", progress=False)
+        prepare(folder, out, encoders=Encoders(vae=str(tmp_path / "no-vae")), progress=False)
     with pytest.raises(ValueError, match="not divisible by the VAE downsampling factor 4"):
-        prepare(folder, out, vae_dir, size=30, progress=False)
+        prepare(folder, out, encoders=Encoders(vae=str(vae_dir)), frames=Frames(size=30), progress=False)
     with pytest.raises(ValueError, match="choose one of mel, wav2vec2"):
-        prepare(folder, out, vae_dir, audio_encoder="hubert", progress=False)
+        prepare(folder, out, encoders=Encoders(vae=str(vae_dir), audio_encoder="hubert"), progress=False)
     with pytest.raises(ValueError, match="needs a path"):
-        prepare(folder, out, vae_dir, audio_encoder="wav2vec2", progress=False)
+        prepare(folder, out, encoders=Encoders(vae=str(vae_dir), audio_encoder="wav2vec2"), progress=False)
     assert not out.exists()
 
 
@@ -342,13 +344,18 @@ def corpus(tmp_path_factory) -> Path:
     return root / "list.csv"
 
 
-CORPUS_ARGS = dict(fps=FPS, size=SIZE, segment_seconds=1.0, min_segment_seconds=0.5, batch_size=25, val_percent=50.0)
+def corpus_args(vae: Path | str, samples_per_shard: int = 64, crop: str = "center", **encoders) -> dict:
+    """`prepare`'s settings for the corpus: 1 s segments of SIZE px at FPS, half the speakers to val."""
+    return dict(encoders=Encoders(vae=str(vae), batch_size=25, **encoders),
+                frames=Frames(fps=FPS, size=SIZE, crop=crop),
+                segments=Segments(segment_seconds=1.0, min_segment_seconds=0.5, samples_per_shard=samples_per_shard),
+                val_percent=50.0)
 
 
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, corpus, vae_dir) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("corpus_out")
-    return out, prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+    return out, prepare(corpus, out, progress=False, **corpus_args(vae_dir, samples_per_shard=3))
 
 
 def all_samples(out: Path, manifest: Manifest) -> dict[str, object]:
@@ -390,7 +397,7 @@ def test_unreadable_file_is_recorded(tmp_path, corpus, vae_dir):
     locked = tmp_path / "locked.mp4"
     locked.write_bytes((corpus.parent / "clips" / "fps24.mp4").read_bytes())
     locked.chmod(0)
-    manifest = prepare(tmp_path, tmp_path / "out", vae_dir, progress=False, **CORPUS_ARGS)
+    manifest = prepare(tmp_path, tmp_path / "out", progress=False, **corpus_args(vae_dir))
     assert manifest.failed == [{"path": str(locked), "reason": "permission denied (file not readable)"}]
 
 
@@ -412,7 +419,7 @@ def test_corpus_speakers_and_splits(corpus_run, corpus):
 def test_second_run_writes_nothing(corpus_run, corpus, vae_dir):
     out, manifest = corpus_run
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+    again = prepare(corpus, out, progress=False, **corpus_args(vae_dir, samples_per_shard=3))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert again == manifest and again.complete
 
@@ -422,10 +429,10 @@ def test_changed_settings_redo_a_single_run_and_stop_a_task(tmp_path, corpus, va
     listing.write_text(str(corpus.parent / "clips" / "fps24.mp4") + "\n")
     out, retrained = tmp_path / "out", tmp_path / "tiny-vae"
     shutil.copytree(vae_dir, retrained)
-    first = prepare(listing, out, retrained, samples_per_shard=1, progress=False, **CORPUS_ARGS)
+    first = prepare(listing, out, progress=False, **corpus_args(retrained, samples_per_shard=1))
     torch.manual_seed(1)
     AutoencoderKL(**demo_vae_config(block_out_channels=(8, 16, 16))).save_pretrained(retrained)  # same path, new weights
-    second = prepare(listing, out, retrained, samples_per_shard=2, progress=True, **CORPUS_ARGS)
+    second = prepare(listing, out, progress=True, **corpus_args(retrained, samples_per_shard=2))
     assert "settings changed (vae.sha1: " in capsys.readouterr().err
     assert [s["path"] for s in first.shards] == ["shard-000000.tar", "shard-000001.tar"]
     assert [s["path"] for s in second.shards] == ["shard-000000.tar"]
@@ -437,7 +444,7 @@ def test_changed_settings_redo_a_single_run_and_stop_a_task(tmp_path, corpus, va
     Manifest(**{**vars(second), "settings": {**second.settings, "num_tasks": 2}, "task": 0}).save(out, "task-0000.json")
     with pytest.raises(ValueError, match=r"task-0000.json: an earlier run here used different settings \(vae.path: "
                                          r".*; vae.sha1: \w+ vs \w+\)"):
-        prepare(listing, out, vae_dir, num_tasks=2, task_index=0, progress=False, **CORPUS_ARGS)
+        prepare(listing, out, tasks=Tasks(num_tasks=2, task_index=0), progress=False, **corpus_args(vae_dir))
 
 
 def test_tasks_partition_inputs_and_merge_equals_single_run(tmp_path, corpus_run, corpus, vae_dir):
@@ -448,8 +455,8 @@ def test_tasks_partition_inputs_and_merge_equals_single_run(tmp_path, corpus_run
         assert counts.min() > 0.75 * len(paths) / num_tasks  # and the tasks are about even
     single_out, single = corpus_run
     out = tmp_path / "tasks"
-    tasks = [prepare(corpus, out, vae_dir, samples_per_shard=2, progress=False, task_index=i, num_tasks=2,
-                     **CORPUS_ARGS) for i in range(2)]  # fmt: skip
+    tasks = [prepare(corpus, out, tasks=Tasks(task_index=i, num_tasks=2), progress=False,
+                     **corpus_args(vae_dir, samples_per_shard=2)) for i in range(2)]  # fmt: skip
     assert sorted(p.name for p in out.glob("*.json")) == ["task-0000.json", "task-0001.json"]
     handled = [r["path"] for t in tasks for r in t.inputs] + [f["path"] for t in tasks for f in t.failed]
     assert sorted(handled) == sorted(str(i.path) for i in list_inputs(corpus))  # each input in exactly one task
@@ -505,7 +512,7 @@ def test_interrupted_run_resumes_without_losing_or_repeating_segments(tmp_path, 
     monkeypatch.setattr(prep, "_segment", dying)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+        prepare(corpus, out, progress=False, **corpus_args(vae_dir, samples_per_shard=3))
     interrupted = Manifest.load(out)
     assert not interrupted.complete and [s["samples"] for s in interrupted.shards] == [3]
     assert [Path(r["path"]).name for r in interrupted.inputs] == ["fps24.mp4"]
@@ -513,7 +520,7 @@ def test_interrupted_run_resumes_without_losing_or_repeating_segments(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["index.jsonl", "manifest.json", "manifest.log.jsonl",
                                                      "shard-000000.tar"]  # no .tmp left
     monkeypatch.setattr(prep, "_segment", encode_segment)
-    resumed = prepare(corpus, out, vae_dir, samples_per_shard=3, progress=False, **CORPUS_ARGS)
+    resumed = prepare(corpus, out, progress=False, **corpus_args(vae_dir, samples_per_shard=3))
     assert resumed.complete and not resumed.partial and resumed.shards[0] == interrupted.shards[0]
     ours, reference = all_samples(out, resumed), all_samples(*corpus_run)
     assert sorted(ours) == sorted(reference)
@@ -545,7 +552,7 @@ def test_killed_task_resumes_to_the_uninterrupted_result(tmp_path, corpus_run, c
     finished = {s["path"] for s in interrupted.shards}
     assert {p.name for p in out.glob("*.tar")} >= finished
     (out / "shard-000777.tar.tmp").write_bytes(b"half a shard")  # what a kill mid-shard leaves
-    resumed = prepare(corpus, out, vae_dir, samples_per_shard=1, progress=False, **CORPUS_ARGS)
+    resumed = prepare(corpus, out, progress=False, **corpus_args(vae_dir, samples_per_shard=1))
     assert resumed.complete and not list(out.glob("*.tmp"))
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["path"] for s in resumed.shards)
     assert resumed.shards[: len(interrupted.shards)] == interrupted.shards  # numbering continues after them
@@ -582,7 +589,7 @@ def test_fps_must_divide_the_sample_rate(tmp_path, vae_dir, corpus):
     with pytest.raises(ValueError, match="fps 30 does not divide the audio sample rate 16000"):
         samples_per_frame(16000, 30)
     with pytest.raises(ValueError, match="fps 24.0 does not divide"):
-        prepare(corpus, tmp_path / "out", vae_dir, fps=24.0, progress=False)
+        prepare(corpus, tmp_path / "out", encoders=Encoders(vae=str(vae_dir)), frames=Frames(fps=24.0), progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -666,7 +673,7 @@ def test_face_crop_cuts_faceless_frames_and_keeps_alignment(tmp_path, monkeypatc
     listing = tmp_path / "one.txt"
     listing.write_text(str(corpus.parent / "clips" / "fps24.mp4") + "\n")
     out = tmp_path / "out"
-    manifest = prepare(listing, out, vae_dir, crop="face", progress=True, **CORPUS_ARGS)
+    manifest = prepare(listing, out, progress=True, **corpus_args(vae_dir, crop="face"))
     stages = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines() if " frames/s" in line}
     assert list(stages) == ["decode", "detect", "crop", "vae", "audio", "write"]
     assert [stages[s][4] for s in stages] == ["100", "50", "50", "25", "25", "25"]  # decode: both passes of 50
@@ -725,8 +732,9 @@ def test_paths_are_recorded_absolute_and_the_dataset_reads_from_any_folder(tmp_p
         "name": "wav2vec2", "id": "wav2vec2", "path": str(root / "wav2vec2"), "sha1": fingerprint(root / "wav2vec2")}
     Wav2Vec2Encoder(manifest.audio_encoder["path"])  # loads from here: the recorded path is not relative to the corpus
     before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").iterdir()}
-    again = prepare(root / "corpus.csv", root / "shards", root / "sd-vae", audio_encoder="wav2vec2",
-                    audio_encoder_path=str(root / "wav2vec2"), progress=False, **CORPUS_ARGS | {"val_percent": 10.0})
+    again = prepare(root / "corpus.csv", root / "shards", progress=False,
+                    **corpus_args(root / "sd-vae", audio_encoder="wav2vec2", audio_encoder_path=str(root / "wav2vec2"))
+                    | {"val_percent": 10.0})
     assert again == manifest and {p.name: p.stat().st_mtime_ns for p in (root / "shards").iterdir()} == before
 
 
@@ -786,11 +794,11 @@ def test_array_tasks_agree_on_owners_whatever_folder_they_run_in(tmp_path, monke
     assert any(task_of(listed_as[str(i.path)], 2) != task_of(i.path, 2) for i in items)  # the spellings split apart
     out = tmp_path / "out"
     monkeypatch.chdir(corpus.parent)
-    first = prepare("list.csv", out, vae_dir, samples_per_shard=2, progress=False, task_index=0, num_tasks=2,
-                    **CORPUS_ARGS)
+    first = prepare("list.csv", out, tasks=Tasks(task_index=0, num_tasks=2), progress=False,
+                    **corpus_args(vae_dir, samples_per_shard=2))
     monkeypatch.chdir(tmp_path)
-    second = prepare(corpus, out, vae_dir, samples_per_shard=2, progress=False, task_index=1, num_tasks=2,
-                     **CORPUS_ARGS)
+    second = prepare(corpus, out, tasks=Tasks(task_index=1, num_tasks=2), progress=False,
+                     **corpus_args(vae_dir, samples_per_shard=2))
     for task, manifest in enumerate((first, second)):
         assert handled(manifest) == {str(i.path) for i in items if task_of(str(i.path), 2) == task}
         assert manifest.settings["task_key"] == "absolute path"
@@ -814,8 +822,8 @@ def test_an_array_job_begun_by_an_earlier_version_keeps_its_split(tmp_path, monk
     items = list_inputs("list.csv")
     assert {i.listed for i in items} == {f"clips/{i.path.name}" for i in items}
     assert any(task_of(i.listed, 2) != task_of(i.path, 2) for i in items)  # the two keys split apart
-    tasks = {t: prepare("list.csv", out, vae_dir, samples_per_shard=2, progress=False, task_index=t, num_tasks=2,
-                        **CORPUS_ARGS) for t in (1, 0)}  # fmt: skip
+    tasks = {t: prepare("list.csv", out, tasks=Tasks(task_index=t, num_tasks=2), progress=False,
+                        **corpus_args(vae_dir, samples_per_shard=2)) for t in (1, 0)}  # fmt: skip
     for task, manifest in tasks.items():
         assert handled(manifest) == {str(i.path) for i in items if task_of(i.listed, 2) == task}
         assert "task_key" not in manifest.settings and manifest.vae["sha1"] == fingerprint(vae_dir)
@@ -864,12 +872,11 @@ def test_an_earlier_versions_relative_records_are_found_from_another_folder(tmp_
     root = tmp_path / "corpus"
     listing = small_corpus(root, corpus, vae_dir)
     monkeypatch.chdir(root)
-    args = dict(progress=False, **CORPUS_ARGS)
-    first = prepare("corpus.csv", "shards", "sd-vae", **args)
+    first = prepare("corpus.csv", "shards", progress=False, **corpus_args("sd-vae"))
     as_earlier_version(root / "shards")
     monkeypatch.chdir(tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")}
-    resumed = prepare(listing, root / "shards", root / "sd-vae", **args)
+    resumed = prepare(listing, root / "shards", progress=False, **corpus_args(root / "sd-vae"))
     assert {p.name: p.stat().st_mtime_ns for p in (root / "shards").glob("*.tar")} == before
     assert resumed.inputs == first.inputs and resumed.failed == first.failed and resumed.shards == first.shards
 

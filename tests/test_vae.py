@@ -16,6 +16,7 @@ from lightning_modules.vae import _read_frames, fit_vae, train_vae
 from pipeline.locate import fingerprint
 from pipeline.media import read_video
 from pipeline.metrics.appearance import psnr
+from pipeline.options import Encoders, Frames
 from pipeline.prepare import prepare
 from pipeline.shards import iter_tar
 from pipeline.sync import mouth_opening, mouth_region
@@ -309,7 +310,8 @@ def test_prepare_with_a_dc_vae_writes_dc_latents(tmp_path):
     dc_dir = tmp_path / "dc-f32c32"
     AutoencoderDC(**dc_config(DC_F32, 32, scaling_factor=0.5)).save_pretrained(dc_dir)
     videos = synthesize(tmp_path / "videos", clips=2, seconds=1.0, size=64, seed=5)
-    manifest = prepare(tmp_path / "videos", tmp_path / "shards", dc_dir, size=64, progress=False)
+    manifest = prepare(tmp_path / "videos", tmp_path / "shards", encoders=Encoders(vae=str(dc_dir)),
+                       frames=Frames(size=64), progress=False)
     vae = load_vae(dc_dir)
     assert manifest.vae == {**vae_info(vae, "dc-f32c32"), "path": str(dc_dir.resolve()), "sha1": fingerprint(dc_dir)}
     assert manifest.vae["type"] == "dc" and manifest.vae["downsample"] == 32 and manifest.vae["latent_channels"] == 32
@@ -322,7 +324,8 @@ def test_prepare_with_a_dc_vae_writes_dc_latents(tmp_path):
         assert segment.latents.dtype == np.float16 and segment.latents.shape == (25, 32, 2, 2)
         np.testing.assert_array_equal(segment.latents, encode_frames(vae, read_video(video, fps=25, size=64)))
     with pytest.raises(ValueError, match="not divisible by the VAE downsampling factor 32"):
-        prepare(tmp_path / "videos", tmp_path / "shards48", dc_dir, size=48, progress=False)
+        prepare(tmp_path / "videos", tmp_path / "shards48", encoders=Encoders(vae=str(dc_dir)), frames=Frames(size=48),
+                progress=False)
 
 
 def _logged(out: Path, name: str) -> list[float]:

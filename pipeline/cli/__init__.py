@@ -15,8 +15,8 @@
     letstalk paths     where the shipped configs and SLURM scripts are
     letstalk app       a web page (Gradio) to make videos from uploads
 
-`fit` and `validate` are LightningCLI's (pipeline/cli/train.py); every other command's options sit next to its
-handler in pipeline/cli/commands.py, whose COMMANDS map builds the parser here.
+`fit` and `validate` are LightningCLI's (pipeline/cli/train.py); every other command's options are a dataclass next
+to its handler in pipeline/cli/commands.py, whose COMMANDS map builds the parser here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import re
 import sys
 
 from pipeline.cli.commands import COMMANDS
+from pipeline.cli.options import add_options, build
 
 LIGHTNING_COMMANDS = ("fit", "validate")
 
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"letstalk {importlib.metadata.version('letstalk')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
-        command.options(sub.add_parser(name, help=command.help, description=command.help))
+        add_options(sub.add_parser(name, help=command.help, description=command.help), command.options)
     return parser
 
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     name_deepspeed_accelerator()
     try:
-        return COMMANDS[args.command].run(args)
+        command = COMMANDS[args.command]
+        return command.run(build(command.options, args))
     except (ValueError, OSError) as err:  # bad input: our errors subclass ValueError and name the file
         if os.environ.get("LETSTALK_DEBUG"):
             raise

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline import media
 from pipeline.metrics.appearance import comparison_sheet, fidelity, format_fidelity, psnr
+from pipeline.options import Encoders, Frames, Framing, Sampling, Segments
 from pipeline.shipped import CONFIGS
 from pipeline.sync import loudness_envelope, mouth_opening, mouth_region, sync_score
 from pipeline.synth import make_clip, synthesize
@@ -51,11 +52,11 @@ TARGETS = {
 
 
 def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, fps: float = 25.0,
-             fit_args: list[str] | None = None, generation: dict | None = None, plan: dict | None = None) -> dict:
+             fit_args: list[str] | None = None, sampling: Sampling = Sampling(), plan: dict | None = None) -> dict:
     """Run every stage into `out` and return the scores (also written to `out`/demo.json).
 
-    fit_args: extra `letstalk fit` arguments (after the demo's own); generation: `generate` keyword
-    arguments (steps, audio_scale, ...); plan: overrides of FULL / FAST. Ablations use these
+    fit_args: extra `letstalk fit` arguments (after the demo's own); sampling: `generate`'s sampling options
+    (steps, audio_scale, ...); plan: overrides of FULL / FAST. Ablations use these
     (benchmarks/fidelity_ablations.py); `letstalk demo` runs the defaults.
     """
     plan = {**(FAST if fast else FULL), **(plan or {})}
@@ -77,7 +78,7 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, size: int = 64, 
     final_loss = float(cli.trainer.callback_metrics.get("train/loss", float("nan")))
 
     t0 = time.perf_counter()
-    clips = score_heldout(out, checkpoint, heldout, fps, **(generation or {}))
+    clips = score_heldout(out, checkpoint, heldout, fps, sampling)
     times["generate+score"] = time.perf_counter() - t0
 
     result = {"stage_seconds": times, "total_seconds": sum(times.values()), "final_loss": final_loss,
@@ -107,8 +108,8 @@ def train_vae(out: Path, plan: dict, size: int) -> Path:
 def prepare_shards(out: Path, plan: dict, size: int, fps: float) -> None:
     from pipeline.prepare import prepare
 
-    prepare(out / "videos", out / "shards", vae_path=out / "vae", audio_encoder="mel", fps=fps, size=size,
-            segment_seconds=plan["seconds"], progress=False)
+    prepare(out / "videos", out / "shards", Encoders(vae=str(out / "vae")), Frames(fps=fps, size=size),
+            Segments(segment_seconds=plan["seconds"]), progress=False)
 
 
 def fit_model(shards: Path, run: Path, plan: dict, fit_args: list[str], fast: bool = False):
@@ -122,16 +123,18 @@ def fit_model(shards: Path, run: Path, plan: dict, fit_args: list[str], fast: bo
     ] + (["--trainer.val_check_interval", "3", "--data.num_workers", "0"] if fast else []) + fit_args)
 
 
-def score_heldout(out: Path, checkpoint: Path, heldout: list[Path], fps: float, **generation) -> list[dict]:
-    """Generate each held-out face from its first frame and its own audio into `out`, then `score_clip` it."""
+def score_heldout(out: Path, checkpoint: Path, heldout: list[Path], fps: float,
+                  sampling: Sampling = Sampling()) -> list[dict]:
+    """Generate each held-out face from its first frame and its own audio into `out`, then `score_clip` it. The
+    portrait is centre-cropped, as the training frames are."""
     from pipeline.generate import generate, load_model
 
-    model = load_model(checkpoint, ema=generation.pop("ema", True))
+    model = load_model(checkpoint, ema=sampling.ema)
     clip_frames = int(model.gen.data_info["clip_frames"])
     clips = []
     for i, path in enumerate(heldout):
         video = out / f"generated_{i}.mp4"
-        generate(model, path, path, video, **generation)  # first frame of the held-out clip as portrait, its audio
+        generate(model, path, path, video, sampling, Framing(crop="center"))  # the clip's first frame, its audio
         clips.append(score_clip(video, path, heldout[(i + 1) % len(heldout)], model.vae, clip_frames, fps))
     return clips
 
