@@ -22,7 +22,7 @@ import torch
 from pipeline import media
 from pipeline.checkpoints import read_weights
 from pipeline.cli.demo import run_demo
-from pipeline.generate import generate_frames, load_generator, read_portrait
+from pipeline.generate import generate_frames, load_network, read_portrait
 from pipeline.vae import load_vae
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     checkpoint = args.out / "demo" / "train" / "checkpoints" / "last.ckpt"
     hashes = {name: tensors_sha256(read_weights(checkpoint, ema=ema)[1]) for name, ema in (("live", False),
                                                                                            ("ema", True))}
-    gen = load_generator(checkpoint)
+    gen = load_network(checkpoint)
     clip = sorted((args.out / "demo" / "heldout").glob("*.mp4"))[0]
     portrait = read_portrait(clip, int(gen.data_info["size"]), crop="center")  # [1, H, W, 3]
     waveform = media.read_audio(clip)[: 2 * int(gen.data_info["clip_frames"]) * media.SAMPLE_RATE // 25]

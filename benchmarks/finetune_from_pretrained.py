@@ -27,7 +27,7 @@ import torch
 
 from pipeline.cli.demo import CONFIGS, FULL, fit_model, prepare_shards, score_heldout, summarize, synth_data, train_vae
 from pipeline.cli.train import run_lightning_cli
-from pipeline.generate import load_generator
+from pipeline.generate import load_network
 from pipeline.models.pretrained import to_latte
 
 LATTE = ["--model.net.pos_encoding", "latte", "--model.net.qk_norm", "false"]  # what Latte's weights need
@@ -53,7 +53,7 @@ def pretrain(shards: Path, out: Path, steps: int) -> Path:
     run_lightning_cli(["fit", "--config", str(CONFIGS / "demo.yaml"), "--data.root", str(shards),
                        "--trainer.default_root_dir", str(out / "pretrain"), "--trainer.max_steps", str(steps),
                        "--trainer.max_time", NO_CAP, *LATTE, *UNCONDITIONAL])
-    gen = load_generator(out / "pretrain" / "checkpoints" / "last.ckpt", ema=True)
+    gen = load_network(out / "pretrain" / "checkpoints" / "last.ckpt", ema=True)
     info = gen.data_info
     side = int(info["size"]) // int(info["vae"]["downsample"]) // gen.net.config.patch_size  # patches per side
     torch.save({"ema": to_latte(gen.net, frames=int(info["clip_frames"]), side=side)}, release)

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline import media
 from pipeline.cli.demo import CONFIGS
 from pipeline.cli.train import run_lightning_cli
-from pipeline.generate import generate_frames, load_generator, read_portrait
+from pipeline.generate import generate_frames, load_network, read_portrait
 from pipeline.metrics.seams import seam_ratio
 from pipeline.vae import load_vae
 
@@ -40,7 +40,7 @@ def train(demo: Path, out: Path, steps: int, max_time: str) -> Path:
 
 def measure(checkpoint: Path, demo: Path, clips: int, seeds: int, chain: bool) -> dict:
     """Mean seam ratio over the held-out faces × seeds, and the same cut through the real videos."""
-    gen = load_generator(checkpoint)
+    gen = load_network(checkpoint)
     info, vae = gen.data_info, load_vae(demo / "vae")
     clip, fps = int(info["clip_frames"]), float(info["fps"])
     frames_wanted = clips * clip

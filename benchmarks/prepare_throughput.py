@@ -39,7 +39,7 @@ from pipeline.synth import speech_audio
 from pipeline.vae import demo_vae_config, encode_frames, load_vae
 
 
-def make_clip(path: Path, width: int, height: int, seconds: float, fps: float) -> None:
+def write_test_video(path: Path, width: int, height: int, seconds: float, fps: float) -> None:
     """The astronaut's head and shoulders (2/3 of the frame height: a talking-head framing) drifting
     over a gradient, with a voice."""
     from skimage.data import astronaut
@@ -107,7 +107,7 @@ def main() -> None:
         path = Path(args.video) if args.video else Path(tmp) / "clip.mp4"
         if not args.video:
             width, height = (int(v) for v in args.source.split("x"))
-            make_clip(path, width, height, args.seconds, fps)
+            write_test_video(path, width, height, args.seconds, fps)
         print(f"{path}: {args.size}² crops, torch threads {args.threads} (detection {args.detect_threads}), "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"  {'stage':<28} {'frames':>6} {'wall s':>8} {'frames/s':>9} {'CPU s':>8} {'/CPU-s':>9}")

@@ -92,7 +92,7 @@ def ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_clip(
+def cut_clip(
     segment: Segment, start: int, ref: int, clip_frames: int, radius: int, context: DiTConfig | None = None,
 ) -> dict[str, Any]:
     """One training/validation sample: latents, reference frame and audio windows of one clip, plus the
@@ -129,7 +129,7 @@ LATENT_KEYS = ("latents", "ref", "motion", "memory")
 
 
 def scale_batch(clips: list[dict[str, Any]], vae: dict[str, Any]) -> dict[str, Any]:
-    """Collate clips from `make_clip` and scale their latents (`pipeline.vae.scale_latents`) in place."""
+    """Collate clips from `cut_clip` and scale their latents (`pipeline.vae.scale_latents`) in place."""
     batch = default_collate(clips)
     for key in LATENT_KEYS:
         if key in batch:
@@ -258,7 +258,7 @@ class TrainClips(IterableDataset):
             bad = self.faults.take()  # damaged samples this worker first met since its previous batch
             if k < done:  # trained on before a mid-epoch resume: drawn and dropped, no frame read
                 continue
-            clips = [make_clip(*item, self.clip_frames, self.audio_radius, self.context) for item in group]
+            clips = [cut_clip(*item, self.clip_frames, self.audio_radius, self.context) for item in group]
             batch = scale_batch(clips, self.vae)  # the clips' frames and audio rows are read here, by offset
             batch["bad_samples"] = bad
             yield batch
@@ -538,7 +538,7 @@ class LetsTalkDataModule(L.LightningDataModule):
         start = self.context.motion_frames if self.context is not None else 0
         for segment in read_segments(shards, self.faults, keys.__contains__, TRAINING_MEMBERS):
             last = len(segment.latents) - 1
-            clips[segment.key] = make_clip(segment, start, last, self.clip_frames, self.audio_radius, self.context)
+            clips[segment.key] = cut_clip(segment, start, last, self.clip_frames, self.audio_radius, self.context)
         ordered = [clips[s.key] for s in wanted if s.key in clips]
         return [scale_batch(ordered[i : i + self.batch_size], vae) for i in range(0, len(ordered), self.batch_size)]
 

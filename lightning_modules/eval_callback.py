@@ -54,7 +54,7 @@ from pipeline import media
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig
 from pipeline.evaluate import (METRICS, ClipCache, ClipLoader, EvalClip, MetricsConfig, MetricSuite, generate_clip,
                                 select_segments)
-from pipeline.generate import Generator
+from pipeline.generate import TrainedNetwork
 from pipeline.locate import fingerprint
 from pipeline.metrics.appearance import comparison_sheet
 from pipeline.progress import ProgressLines, duration
@@ -225,7 +225,7 @@ class EvalCallback(L.Callback):
             if self._clips is None:  # the first evaluation: no collective inside, so ranks may differ in time
                 self._load_clips(trainer, pl_module)
             t0 = time.perf_counter()
-            gen = Generator(pl_module.ema_network(), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
+            gen = TrainedNetwork(pl_module.ema_network(), Diffusion(DiffusionConfig(**pl_module.hparams["diffusion"])),
                             dict(pl_module.hparams["data_info"]))
             for i, clip in self._clips.items():
                 frames = generate_clip(gen, self._vae, clip, self.seed + i, self.sampler, self.steps,

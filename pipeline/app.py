@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, SAMPLERS
-from pipeline.generate import CROPS, Model, default_crop, generate, load_model
+from pipeline.generate import CROPS, LoadedModel, default_crop, generate, load_model
 from pipeline.options import Framing, Sampling
 
 DEFAULT_HOST = "127.0.0.1"
@@ -35,9 +35,9 @@ class ModelCache:
     def __init__(self, device: str = "cpu"):
         self.device = device
         self.key: tuple | None = None
-        self.model: Model | None = None
+        self.model: LoadedModel | None = None
 
-    def get(self, checkpoint: str) -> Model:
+    def get(self, checkpoint: str) -> LoadedModel:
         path = Path(checkpoint)
         key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else None)
         if key != self.key:

@@ -60,7 +60,7 @@ import numpy as np
 from pipeline import faces, media
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, guidance
 from pipeline.metrics.appearance import comparison_sheet, face_mouth_box, fidelity, flatten, format_fidelity, mean_fidelity
-from pipeline.generate import Generator, generate_frames, load_generator
+from pipeline.generate import TrainedNetwork, generate_frames, load_network
 from pipeline.metrics.frechet import feature_distance
 from pipeline.metrics.i3d import CLIP_FRAMES, i3d_features, load_i3d, video_clips
 from pipeline.metrics.inception import inception_features, load_fid_inception
@@ -484,7 +484,7 @@ class ClipCache:
         return path
 
 
-def generate_clip(gen: Generator, vae, clip: EvalClip, seed: int, sampler: str | None = None,
+def generate_clip(gen: TrainedNetwork, vae, clip: EvalClip, seed: int, sampler: str | None = None,
                   steps: int | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
                   device: str = "cpu") -> np.ndarray:
     """Frames uint8 [T, H, W, 3] for one evaluation clip: its first real frame as the portrait, its own audio."""
@@ -503,14 +503,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, num_clips: int = 16, metr
     suite = MetricSuite(metrics, device)
     seed, ema = sampling.seed, sampling.ema
     audio_scale, ref_scale = guidance(sampling.audio_scale, sampling.ref_scale)
-    gen = load_generator(checkpoint, ema=ema, device=device, vae=encoders.vae, audio_encoder=encoders.audio_encoder_path)
+    gen = load_network(checkpoint, ema=ema, device=device, vae=encoders.vae, audio_encoder=encoders.audio_encoder_path)
     sampler, steps = gen.diffusion.sampling(sampling.sampler, sampling.steps)
     info = gen.data_info
     manifest = Manifest.load(data)
     if int(manifest.size) != int(info["size"]) or float(manifest.fps) != float(info["fps"]):
         raise ValueError(f"{data}: frames are {manifest.size}px at {manifest.fps:g} fps, but {checkpoint} was "
                          f"trained on {info['size']}px at {info['fps']:g} fps")
-    vae = load_vae(info["vae"]["path"], device=device)  # the folder load_generator found
+    vae = load_vae(info["vae"]["path"], device=device)  # the folder load_network found
     load = ClipLoader(manifest, int(info["size"]), vae if metrics.appearance else None, root=data, decoder=vae)
     stats: list[dict[str, Any]] = []
     sheets = None if out is None else Path(out).with_suffix("").with_name(Path(out).stem + "_sheets")

@@ -55,7 +55,7 @@ class GenerationError(ValueError):
 
 
 @dataclass
-class Generator:
+class TrainedNetwork:
     """A trained model with everything generation needs: network, diffusion and data description."""
 
     net: LetsTalkDiT
@@ -73,12 +73,12 @@ class Generator:
         return self._encoders[device]
 
 
-def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu", vae: str | Path | None = None,
-                   audio_encoder: str | Path | None = None) -> Generator:
+def load_network(checkpoint: str | Path, ema: bool = True, device: str = "cpu", vae: str | Path | None = None,
+                   audio_encoder: str | Path | None = None) -> TrainedNetwork:
     """Build the network from a checkpoint's config and load its weights (`pipeline.checkpoints.read_weights`).
 
     The encoder folders are found once here (`pipeline.locate.locate_encoders`: the `vae` / `audio_encoder`
-    overrides, else the recorded paths), and the generator's `data_info` holds the folders found. On a GPU,
+    overrides, else the recorded paths), and the network's `data_info` holds the folders found. On a GPU,
     float32 matmuls may use TF32 tensor cores (`set_float32_matmul_precision("high")`), as sampling does not need
     full fp32 products; benchmarks/gpu_check.sh times generation there."""
     if torch.device(device).type == "cuda":
@@ -89,7 +89,7 @@ def load_generator(checkpoint: str | Path, ema: bool = True, device: str = "cpu"
         net = LetsTalkDiT.from_weights(DiTConfig(**config["net"]), state, device)
     except ValueError as err:
         raise CheckpointError(f"{checkpoint}: {err}") from None
-    return Generator(net, Diffusion(DiffusionConfig(**config["diffusion"])), config["data_info"])
+    return TrainedNetwork(net, Diffusion(DiffusionConfig(**config["diffusion"])), config["data_info"])
 
 
 def read_portrait(path: str | Path, size: int, crop: str = "center") -> np.ndarray:
@@ -161,7 +161,7 @@ def step_progress(total: int, label: str, detail: str = "", stream: TextIO | Non
 
 
 @torch.no_grad()
-def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
+def sample_latents(gen: TrainedNetwork, ref: torch.Tensor, windows: torch.Tensor, sampler: str | None = None,
                    steps: int | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
                    seed: int = 0, on_step: Callable[[int], None] | None = None, chain: bool = True,
                    clips_per_batch: int = 16) -> torch.Tensor:
@@ -214,7 +214,7 @@ def sample_latents(gen: Generator, ref: torch.Tensor, windows: torch.Tensor, sam
 
 
 @torch.no_grad()
-def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
+def generate_frames(gen: TrainedNetwork, portrait: np.ndarray, waveform: np.ndarray, vae, sampler: str | None = None,
                     steps: int | None = None, audio_scale: float = AUDIO_SCALE, ref_scale: float = REF_SCALE,
                     seed: int = 0, device: str = "cpu", on_step: Callable[[int], None] | None = None,
                     chain: bool = True, clips_per_batch: int = 16) -> np.ndarray:
@@ -242,10 +242,10 @@ def generate_frames(gen: Generator, portrait: np.ndarray, waveform: np.ndarray, 
 
 
 @dataclass
-class Model:
-    """A generator with its VAE and the identity of the weights, loaded once for many videos."""
+class LoadedModel:
+    """A trained network with its VAE and the identity of the weights, loaded once for many videos."""
 
-    gen: Generator
+    gen: TrainedNetwork
     vae: object
     model_id: str
     checkpoint_sha256: str
@@ -253,10 +253,10 @@ class Model:
 
 
 def load_model(checkpoint: str | Path, vae: str | Path | None = None, audio_encoder: str | Path | None = None,
-               ema: bool = True, device: str = "cpu") -> Model:
+               ema: bool = True, device: str = "cpu") -> LoadedModel:
     """Load network, VAE and checkpoint hash; refuse a VAE whose latent channels differ from the network's.
-    `vae` / `audio_encoder`: folders to use instead of the recorded ones (`load_generator`)."""
-    gen = load_generator(checkpoint, ema=ema, device=device, vae=vae, audio_encoder=audio_encoder)
+    `vae` / `audio_encoder`: folders to use instead of the recorded ones (`load_network`)."""
+    gen = load_network(checkpoint, ema=ema, device=device, vae=vae, audio_encoder=audio_encoder)
     info = gen.data_info
     vae_path = info["vae"]["path"]
     vae = load_vae(vae_path, device=device)
@@ -266,16 +266,16 @@ def load_model(checkpoint: str | Path, vae: str | Path | None = None, audio_enco
                               f"{net_channels}; pass the VAE the training data was prepared with (--vae)")
     sha = provenance.checkpoint_sha256(checkpoint)
     model_id = f"letstalk-{gen.net.config.size}-{int(info['size'])}px:{Path(checkpoint).name}"
-    return Model(gen, vae, model_id, sha, device)
+    return LoadedModel(gen, vae, model_id, sha, device)
 
 
-def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | Path, out: str | Path,
+def generate(checkpoint: str | Path | LoadedModel, portrait: str | Path, audio: str | Path, out: str | Path,
              sampling: Sampling = Sampling(), framing: Framing = Framing(), encoders: EncoderPaths = EncoderPaths(),
              marks: Provenance = Provenance(), clips_per_batch: int = 16, device: str = "cpu",
              progress: Callable[[float, str], None] | None = None) -> dict:
     """Write `out` (H.264 yuv420p + AAC mp4, faststart) and return a summary with timings and the real-time factor.
 
-    `checkpoint` may be a path or an already loaded `Model` (batch mode, the app); `encoders` replace the encoder
+    `checkpoint` may be a path or an already loaded `LoadedModel` (batch mode, the app); `encoders` replace the encoder
     folders it records (`load_model`). The option groups (`pipeline.options`) say what each setting does; a
     setting left None takes its default here (sampler and steps from the model's objective, guidance from
     `pipeline.diffusion`, crop from `default_crop`). With `marks.marks` (default) the frames carry an invisible
@@ -299,7 +299,7 @@ def generate(checkpoint: str | Path | Model, portrait: str | Path, audio: str | 
     out = Path(out)
     report(0.0, "loading model")
     try:
-        model = checkpoint if isinstance(checkpoint, Model) else load_model(
+        model = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(
             checkpoint, encoders.vae, encoders.audio_encoder_path, sampling.ema, device)
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(out, err) from err

@@ -301,7 +301,7 @@ def mouth_track(audio: np.ndarray, sample_rate: int, fps: float, num_frames: int
     return ((envelope - envelope.min()) / span if span > 0 else np.zeros_like(envelope)).astype(np.float32)
 
 
-def make_clip(seed: int, seconds: float = 4.0, size: int = 64, fps: float = FPS, sample_rate: int = SAMPLE_RATE,
+def draw_clip(seed: int, seconds: float = 4.0, size: int = 64, fps: float = FPS, sample_rate: int = SAMPLE_RATE,
               still: bool = False) -> SynthClip:
     """One synthetic clip, fully determined by `seed`: T = floor(seconds * fps) frames and T / fps s of audio.
 
@@ -364,7 +364,7 @@ def synthesize(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in tqdm(range(clips), desc="synth", disable=not progress):
-        clip = make_clip(seed + index, seconds, size, fps, sample_rate)
+        clip = draw_clip(seed + index, seconds, size, fps, sample_rate)
         path = out / f"clip_{index:04d}.mp4"
         write_video(path, clip.frames, fps, clip.audio, sample_rate)
         path.with_suffix(".json").write_text(json.dumps(clip.meta))

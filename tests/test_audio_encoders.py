@@ -263,13 +263,13 @@ def test_hf_encoders_run_in_bfloat16_and_return_float32(tiny_wav2vec2, tiny_whis
 
 
 def test_generation_rebuilds_the_training_encoder_with_its_layers_once(tiny_wav2vec2):
-    """`Generator.audio_encoder` follows the manifest's encoder entry (path and hidden layers) and is built once."""
-    from pipeline.generate import Generator
+    """`TrainedNetwork.audio_encoder` follows the manifest's encoder entry (path and hidden layers), built once."""
+    from pipeline.generate import TrainedNetwork
 
     _, path = tiny_wav2vec2
     info = {"fps": FPS, "audio_encoder": {"name": "wav2vec2", "path": str(path), "layers": [1, 2]}}
-    gen = Generator(net=None, diffusion=None, data_info=info)
+    gen = TrainedNetwork(net=None, diffusion=None, data_info=info)
     encoder = gen.audio_encoder()
     assert encoder.id == "tiny-w2v2:layers=1+2" and gen.audio_encoder() is encoder
-    legacy = Generator(net=None, diffusion=None, data_info={**info, "audio_encoder": {"name": "mel"}})
+    legacy = TrainedNetwork(net=None, diffusion=None, data_info={**info, "audio_encoder": {"name": "mel"}})
     assert legacy.audio_encoder().id == "mel-80"  # manifests without "layers" (mel, older datasets)

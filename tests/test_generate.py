@@ -19,7 +19,7 @@ import torch
 from pipeline import media, provenance
 from pipeline.cli import main
 from pipeline.cli.demo import run_demo, score_clip
-from pipeline.generate import (CheckpointError, GenerationError, frame_count, generate, load_generator,
+from pipeline.generate import (CheckpointError, GenerationError, frame_count, generate, load_network,
                                 load_model, step_progress)
 from pipeline.options import Framing, Provenance, Sampling
 from pipeline.progress import ProgressLines
@@ -100,7 +100,7 @@ def test_same_seed_same_video_other_seed_differs(demo: dict, tmp_path: Path):
 
 
 def test_ema_and_live_weights_both_load_and_differ(demo: dict):
-    ema, live = load_generator(demo["checkpoint"], ema=True), load_generator(demo["checkpoint"], ema=False)
+    ema, live = load_network(demo["checkpoint"], ema=True), load_network(demo["checkpoint"], ema=False)
     diffs = [float((p - q).abs().max()) for p, q in zip(ema.net.parameters(), live.net.parameters())]
     assert max(diffs) > 0
     assert ema.data_info["clip_frames"] == 8 and ema.data_info["audio_encoder"]["name"] == "mel"
@@ -109,15 +109,15 @@ def test_ema_and_live_weights_both_load_and_differ(demo: dict):
 def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path: Path):
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(CheckpointError, match="missing.ckpt: checkpoint not found"):
-        load_generator(missing)
+        load_network(missing)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.ckpt: not a readable checkpoint"):
-        load_generator(garbage)
+        load_network(garbage)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="no LetsTalk model config"):
-        load_generator(foreign)
+        load_network(foreign)
 
 
 def test_cli_generate_writes_the_video_and_fails_cleanly(demo: dict, tmp_path: Path, capsys):

@@ -23,7 +23,7 @@ from pipeline.checkpoints import export, make_manifest, manifest_path, write_man
 from pipeline.cli import main
 from pipeline.diffusion import DiffusionConfig
 from pipeline.evaluate import MetricsConfig, evaluate
-from pipeline.generate import generate, load_generator, load_model
+from pipeline.generate import generate, load_network, load_model
 from pipeline.locate import EncoderMismatchWarning, EncoderNotFoundError, fingerprint, locate_encoders
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
 from pipeline.options import EncoderPaths, Encoders, Frames, Framing, Provenance, Sampling, Segments
@@ -118,7 +118,7 @@ def test_with_overrides_the_moved_model_makes_the_same_video(travel: dict):
                      "--audio-encoder-path", str(encoder)]) == 0
     np.testing.assert_array_equal(media.read_video(out), media.read_video(travel["before"]))
     np.testing.assert_array_equal(media.read_audio_native(out)[0], media.read_audio_native(travel["before"])[0])
-    gen = load_generator(travel["checkpoint"], vae=vae, audio_encoder=encoder)
+    gen = load_network(travel["checkpoint"], vae=vae, audio_encoder=encoder)
     assert gen.data_info["vae"]["path"] == str(vae.resolve())
     assert gen.data_info["audio_encoder"]["path"] == str(encoder.resolve())
     assert gen.data_info["audio_encoder"]["sha1"] == travel["info"]["audio_encoder"]["sha1"]

@@ -9,7 +9,7 @@ import torch
 
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline.diffusion import Diffusion, DiffusionConfig
-from pipeline.generate import Generator, sample_latents
+from pipeline.generate import TrainedNetwork, sample_latents
 from pipeline.metrics.seams import seam_ratio
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
 
@@ -29,15 +29,15 @@ class Recorder(torch.nn.Module):
         return self.net(x, t, ref, audio, drop_ref, drop_audio, motion=motion, memory=memory, drop_motion=drop_motion)
 
 
-def generator(**long) -> Generator:
+def trained(**long) -> TrainedNetwork:
     torch.manual_seed(0)
     net = LetsTalkDiT(DiTConfig(latent_channels=C, audio_dim=DA, audio_tokens=WIN, **long)).eval()
     with torch.no_grad():  # non-zero output, so consecutive clips differ
         net.final.proj.weight.normal_(0, 0.02)
-    return Generator(Recorder(net), Diffusion(DiffusionConfig(objective="flow")), {"clip_frames": CLIP})
+    return TrainedNetwork(Recorder(net), Diffusion(DiffusionConfig(objective="flow")), {"clip_frames": CLIP})
 
 
-def sample(gen: Generator, frames: int, seed: int = 0) -> torch.Tensor:
+def sample(gen: TrainedNetwork, frames: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     ref, windows = torch.randn(1, C, S, S, generator=g), torch.randn(frames, WIN, DA, generator=g)
     return sample_latents(gen, ref, windows, steps=3, audio_scale=1.0, ref_scale=1.0, seed=seed)
@@ -45,7 +45,7 @@ def sample(gen: Generator, frames: int, seed: int = 0) -> torch.Tensor:
 
 def test_each_clip_is_conditioned_on_the_latents_generated_before_it():
     long = {"motion_frames": 2, "memory_frames": 2, "memory_stride": 2, "cond_noise_infer": 0.0}
-    gen = generator(**long)
+    gen = trained(**long)
     z = sample(gen, 3 * CLIP - 1)  # 3 clips, the last one padded and cut
     assert z.shape == (3 * CLIP - 1, C, S, S)
     calls = gen.net.calls
@@ -57,18 +57,18 @@ def test_each_clip_is_conditioned_on_the_latents_generated_before_it():
         for motion, memory in calls[3 * clip : 3 * clip + 3]:
             torch.testing.assert_close(motion[0], z[start - 2 : start])  # the last M frames so far
             torch.testing.assert_close(memory[0], z[config.memory_indices(start)])
-    noisy = generator(**{**long, "cond_noise_infer": 0.2})
+    noisy = trained(**{**long, "cond_noise_infer": 0.2})
     z = sample(noisy, 2 * CLIP)
     motion, clean = noisy.net.calls[3][0][0], z[CLIP - 2 : CLIP]  # flow: (1 - 0.2)·z + 0.2·ε
     assert not torch.allclose(motion, clean) and torch.corrcoef(torch.stack([motion.flatten(), clean.flatten()]))[0, 1] > 0.9
 
 
 def test_without_long_video_options_or_chaining_clips_are_independent():
-    gen = generator()
+    gen = trained()
     z = sample(gen, 2 * CLIP)
     assert all(motion is None and memory is None for motion, memory in gen.net.calls)
-    torch.testing.assert_close(z, sample(generator(), 2 * CLIP))  # a fixed seed gives the same video
-    unchained = generator(motion_frames=2, memory_frames=1)
+    torch.testing.assert_close(z, sample(trained(), 2 * CLIP))  # a fixed seed gives the same video
+    unchained = trained(motion_frames=2, memory_frames=1)
     g = torch.Generator().manual_seed(1)
     ref, windows = torch.randn(1, C, S, S, generator=g), torch.randn(2 * CLIP, WIN, DA, generator=g)
     sample_latents(unchained, ref, windows, steps=3, audio_scale=1.0, ref_scale=1.0, chain=False)
@@ -78,7 +78,7 @@ def test_without_long_video_options_or_chaining_clips_are_independent():
 def test_independent_clips_are_sampled_in_batches_equal_to_clip_by_clip():
     """Without chaining, k clips share one network call per step (with guidance, one batch of 3k: full, portrait
     only, none); their noise is drawn clip by clip, so the video equals sampling the clips one at a time."""
-    gen = generator()
+    gen = trained()
     with torch.no_grad():  # every weight random: audio and portrait reach the output (zero-initialised gates would not)
         for param in gen.net.parameters():
             param.normal_(0, 0.1)
@@ -96,11 +96,11 @@ def test_independent_clips_are_sampled_in_batches_equal_to_clip_by_clip():
 
 def test_residual_generation_adds_the_portrait_back_and_chains_absolute_latents():
     """The network is the same with or without `residual`; only what its samples mean changes."""
-    plain, residual = generator(), generator(residual=True)
+    plain, residual = trained(), trained(residual=True)
     g = torch.Generator().manual_seed(1)
     ref = torch.randn(1, C, S, S, generator=g)
     torch.testing.assert_close(sample(residual, 2 * CLIP), sample(plain, 2 * CLIP) + ref)  # sample() draws this ref
-    chained = generator(residual=True, motion_frames=2, cond_noise_infer=0.0)
+    chained = trained(residual=True, motion_frames=2, cond_noise_infer=0.0)
     z = sample(chained, 2 * CLIP)
     torch.testing.assert_close(chained.net.calls[3][0][0], z[CLIP - 2 : CLIP])  # motion: the video so far, not residuals
 

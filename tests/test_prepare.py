@@ -34,7 +34,7 @@ from pipeline.prepare import (
 )
 from pipeline.progress import ProgressLines
 from pipeline.shards import Manifest, index_dataset, index_shards, iter_tar, speaker_split
-from pipeline.synth import make_clip, synthesize
+from pipeline.synth import draw_clip, synthesize
 from pipeline.vae import VAEError, demo_vae_config, encode_frames, load_vae, vae_info
 from production import wav2vec2
 
@@ -68,12 +68,12 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     (root / "a").mkdir()
     (root / "b").mkdir()
     (root / "c").mkdir()
-    wide = make_clip(seed=0, seconds=4.0, size=64)
+    wide = draw_clip(seed=0, seconds=4.0, size=64)
     frames = np.pad(wide.frames, ((0, 0), (0, 0), (8, 8), (0, 0)), mode="edge")  # [100, 64, 80, 3]
     media.write_video(root / "a" / "talk.mp4", frames, FPS, wide.audio)
     synth = synthesize(tmp_path_factory.mktemp("synth"), clips=1, seconds=2.0, size=64, seed=1)[0]
     (root / "b" / "talk.mp4").write_bytes(synth.read_bytes())
-    short = make_clip(seed=2, seconds=0.8, size=64)
+    short = draw_clip(seed=2, seconds=0.8, size=64)
     media.write_video(root / "b" / "short.mp4", short.frames, FPS, short.audio)
     ffmpeg_lavfi(root / "c" / "padded.mp4", 1.2, 0.9)
     ffmpeg_lavfi(root / "halfaudio.mp4", 2.0, 0.5)

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pipeline import media
 from pipeline import provenance as pv
 from pipeline.cli import main
-from pipeline.synth import make_clip
+from pipeline.synth import draw_clip
 
 PAYLOAD = 0xC0FFEE12
 
@@ -34,7 +34,7 @@ def _reencode(src: Path, dst: Path, scale: str | None = None) -> Path:
 def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 256² synthetic talking face, 1 s: marked, unmarked, marked then re-encoded at CRF 23 and at half size."""
     root = tmp_path_factory.mktemp("videos")
-    clip = make_clip(7, seconds=1.0, size=256)
+    clip = draw_clip(7, seconds=1.0, size=256)
     marked = root / "marked.mp4"
     media.write_video(marked, pv.embed_watermark(clip.frames, PAYLOAD), 25, clip.audio)
     media.write_video(root / "plain.mp4", clip.frames, 25, clip.audio)
@@ -43,7 +43,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_watermark_is_invisible_and_exact_before_encoding():
-    frames = make_clip(3, seconds=0.4, size=64).frames
+    frames = draw_clip(3, seconds=0.4, size=64).frames
     marked = pv.embed_watermark(frames, PAYLOAD)
     psnr = 10 * np.log10(255**2 / np.mean((marked.astype(float) - frames) ** 2))
     assert psnr > 40

@@ -37,7 +37,7 @@ def test_files_and_streams(written):
 def test_side_json_matches_the_clip(written):
     _, paths = written
     side = json.loads(paths[1].with_suffix(".json").read_text())
-    clip = synth.make_clip(side["seed"], seconds=2.0)
+    clip = synth.draw_clip(side["seed"], seconds=2.0)
     np.testing.assert_allclose(side["mouth_open"], clip.mouth_open, atol=1e-5)
     assert side["mouth_box"] == clip.mouth_box.tolist()
     assert side["face"]["hair_style"] in ("cap", "bob", "bun", "side")
@@ -56,12 +56,12 @@ def test_deterministic_for_a_seed(tmp_path, written):
     assert again.with_suffix(".json").read_text() == paths[0].with_suffix(".json").read_text()
     np.testing.assert_array_equal(media.read_video(again), media.read_video(paths[0]))
     np.testing.assert_array_equal(media.read_audio(again), media.read_audio(paths[0]))
-    first, second = synth.make_clip(9, seconds=1.0), synth.make_clip(9, seconds=1.0)
+    first, second = synth.draw_clip(9, seconds=1.0), synth.draw_clip(9, seconds=1.0)
     assert first.frames.tobytes() == second.frames.tobytes() and first.audio.tobytes() == second.audio.tobytes()
 
 
 def test_clips_differ():
-    clips = [synth.make_clip(seed, seconds=1.0) for seed in range(4)]
+    clips = [synth.draw_clip(seed, seconds=1.0) for seed in range(4)]
     for i in range(4):
         for j in range(i + 1, 4):
             assert np.abs(clips[i].frames.astype(float) - clips[j].frames).mean() > 10
@@ -70,7 +70,7 @@ def test_clips_differ():
 
 
 def test_voice_is_speech_like():
-    clip = synth.make_clip(2, seconds=4.0)
+    clip = synth.draw_clip(2, seconds=4.0)
     audio, voice = clip.audio, clip.meta["voice"]
     assert audio.dtype == np.float32 and len(audio) == 4 * SR
     assert np.abs(audio).max() == pytest.approx(0.8, abs=1e-3)
@@ -92,7 +92,7 @@ def test_voice_is_speech_like():
 
 
 def test_mouth_box_contains_the_open_mouth():
-    clip = synth.make_clip(4, seconds=2.0)
+    clip = synth.draw_clip(4, seconds=2.0)
     frame_index = int(np.argmax(clip.mouth_open))
     frame = clip.frames[frame_index].astype(int)
     dark = (frame.sum(-1) < 120) & (frame[..., 0] > frame[..., 1])  # mouth interior: dark red
@@ -106,8 +106,8 @@ def test_mouth_box_contains_the_open_mouth():
 
 
 def test_a_still_clip_has_the_true_mouth_on_a_head_that_never_moves_or_blinks():
-    seed = next(s for s in range(50) if len(synth.make_clip(s, seconds=4.0).meta["face"]["blinks"]) >= 2)
-    real, still = synth.make_clip(seed, seconds=4.0), synth.make_clip(seed, seconds=4.0, still=True)
+    seed = next(s for s in range(50) if len(synth.draw_clip(s, seconds=4.0).meta["face"]["blinks"]) >= 2)
+    real, still = synth.draw_clip(seed, seconds=4.0), synth.draw_clip(seed, seconds=4.0, still=True)
     np.testing.assert_array_equal(still.audio, real.audio)
     np.testing.assert_array_equal(still.mouth_open, real.mouth_open)
     np.testing.assert_array_equal(still.frames[0], real.frames[0])  # the portrait is the same
@@ -125,6 +125,6 @@ def test_a_still_clip_has_the_true_mouth_on_a_head_that_never_moves_or_blinks():
 
 def test_rejects_unusable_sizes():
     with pytest.raises(ValueError, match="size"):
-        synth.make_clip(0, size=8)
+        synth.draw_clip(0, size=8)
     with pytest.raises(ValueError, match="fewer than 2 frames"):
-        synth.make_clip(0, seconds=0.04)
+        synth.draw_clip(0, seconds=0.04)

@@ -20,7 +20,7 @@ from pipeline.options import Encoders, Frames
 from pipeline.prepare import prepare
 from pipeline.shards import iter_tar
 from pipeline.sync import mouth_opening, mouth_region
-from pipeline.synth import SynthClip, make_clip, synthesize
+from pipeline.synth import SynthClip, draw_clip, synthesize
 from pipeline.vae import (
     VAEError,
     calibrate_scaling_factor,
@@ -60,7 +60,7 @@ def dc_config(channels: tuple[int, ...], latent_channels: int, **overrides) -> d
 @pytest.fixture(scope="module")
 def clips() -> list[SynthClip]:
     """Two 1 s synthetic talking-face clips (25 frames each) with their true mouth openings."""
-    return [make_clip(seed, seconds=1.0, size=64) for seed in (0, 1)]
+    return [draw_clip(seed, seconds=1.0, size=64) for seed in (0, 1)]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pipeline.metrics.appearance import comparison_sheet, fidelity, format_fidel
 from pipeline.options import Encoders, Frames, Framing, Sampling, Segments
 from pipeline.shipped import CONFIGS
 from pipeline.sync import loudness_envelope, mouth_opening, mouth_region, sync_score
-from pipeline.synth import make_clip, synthesize
+from pipeline.synth import draw_clip, synthesize
 from pipeline.vae import reconstruct
 
 # The VAE's 3000 steps (~270 s) are what lifts the appearance ceiling most (benchmarks/fidelity.md); the time
@@ -147,7 +147,7 @@ def score_clip(video: Path, real_path: Path, other_path: Path, vae, clip_frames:
     real = media.read_video(real_path, fps=fps)[: len(frames)]
     truth = json.loads(real_path.with_suffix(".json").read_text())
     box = mouth_region(truth, margin=2)
-    still = make_clip(truth["seed"], truth["frames"] / truth["fps"], truth["size"], truth["fps"], truth["sample_rate"],
+    still = draw_clip(truth["seed"], truth["frames"] / truth["fps"], truth["size"], truth["fps"], truth["sample_rate"],
                       still=True).frames[: len(frames)]
     if psnr(still[0], real[0]) < 25:  # H.264 alone keeps it at 32-37 dB; another face is far below
         raise ValueError(f"{real_path}: its first frame is not the face synth draws for seed {truth['seed']}, so the "
