@@ -9,11 +9,12 @@ Every sample of the stream is one clip cut from one segment (one WebDataset samp
     key      list[str]                the segment's "<video id>/<segment index>"
     start    int64   [B]              index of the clip's first frame in the segment
     motion   float32 [B, M, C, h, w]  only if the model has motion frames: the M frames right before the clip
-    memory   float32 [B, N, C, h, w]  only if the model has a memory bank: frames `DiTConfig.memory_indices(start)`
+    memory   float32 [B, N, C, h, w]  only if the model has a memory bank: frames `LongVideoContext.memory_indices`
 
 Long videos: the model's config is the one source of M, N and the memory stride; the
 LetsTalkModule hands it over with `set_context` when it is set up (before any batch is made).
-Clips then start at frame M or later, so segments need clip_frames + M frames; memory frames
+Which frames a clip gets is `pipeline.models.long_video.LongVideoContext`'s, as in generation.
+Clips start at frame M or later, so segments need clip_frames + M frames; memory frames
 that would fall before the segment's first frame are clamped to it, exactly as generation does
 at the start of a video, so no segment is skipped for lack of memory history.
 
@@ -64,6 +65,7 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 from datamodules.plan import plan_slot, resumed_worker, samples_per_slot
 from pipeline.audio_encoders import audio_windows
 from pipeline.models.dit import DiTConfig
+from pipeline.models.long_video import LongVideoContext
 from pipeline.shards import (AUDIO, LATENTS, MANIFEST, TRAINING_MEMBERS, BadSamples, DataWarning, IndexedSample,
                              Manifest, Segment, ShardFormatError, index_dataset, read_segments, speaker_split)
 from pipeline.vae import scale_latents
@@ -93,10 +95,10 @@ def ignore_sigterm(worker_id: int) -> None:
 
 
 def cut_clip(
-    segment: Segment, start: int, ref: int, clip_frames: int, radius: int, context: DiTConfig | None = None,
+    segment: Segment, start: int, ref: int, clip_frames: int, radius: int, context: LongVideoContext | None = None,
 ) -> dict[str, Any]:
     """One training/validation sample: latents, reference frame and audio windows of one clip, plus the
-    motion and memory frames `context` (the model config) asks for. Latents stay unscaled here:
+    motion and memory frames `context` (the model's long-video settings) asks for. Latents stay unscaled here:
     `scale_batch` scales a whole batch at once (one op per tensor instead of one per clip).
 
     The audio windows are `audio_windows` of the whole segment sliced to the clip; computing them
@@ -116,12 +118,8 @@ def cut_clip(
         "key": segment.key,
         "start": start,
     }
-    if context is not None and context.motion_frames:
-        motion = segment.latents[start - context.motion_frames : start].astype(np.float32)  # [M, C, h, w]
-        clip["motion"] = torch.from_numpy(motion)
-    if context is not None and context.memory_frames:
-        memory = segment.latents[context.memory_indices(start)].astype(np.float32)  # [N, C, h, w]
-        clip["memory"] = torch.from_numpy(memory)
+    for key, index in (context.indices(start) if context is not None else {}).items():
+        clip[key] = torch.from_numpy(segment.latents[index].astype(np.float32))  # motion [M, C, h, w], memory [N, ...]
     return clip
 
 
@@ -170,7 +168,7 @@ class TrainClips(IterableDataset):
         rank: int,
         world_size: int,
         epoch: int = 0,
-        context: DiTConfig | None = None,
+        context: LongVideoContext | None = None,
         skip: int = 0,
         max_bad_samples: float = 0.01,
         total_samples: int = 0,
@@ -334,7 +332,7 @@ class LetsTalkDataModule(L.LightningDataModule):
         self.faults = BadSamples(max_bad_samples)  # this process's skips (index, validation); `total` set at setup
         self._rank, self._world_size = rank, world_size
         self._epoch = 0
-        self.context: DiTConfig | None = None
+        self.context: LongVideoContext | None = None
         self.manifest: Manifest | None = None
         self.samples: list[IndexedSample] = []
         self.train_samples: list[IndexedSample] = []
@@ -413,9 +411,12 @@ class LetsTalkDataModule(L.LightningDataModule):
         self.train_samples = [s for s in usable if self.split_of(s.key) != "val"]
 
     def set_context(self, net: DiTConfig) -> None:
-        """Take the model's long-video settings (motion_frames, memory_frames, memory_stride): batches then carry
-        `motion` / `memory` and clips leave room for the motion frames. Called by LetsTalkModule.setup."""
-        self.context = net if net.motion_frames or net.memory_frames else None
+        """Take the model's long-video settings (`DiTConfig.long_video`): batches then carry `motion` / `memory` and
+        clips leave room for the motion frames. Called by LetsTalkModule.setup; refuses more motion frames than a
+        clip has (`LongVideoContext.check_clip_frames`)."""
+        context = net.long_video
+        context.check_clip_frames(self.clip_frames)
+        self.context = context if context.active else None
         self._val_cache = None
         if self.manifest is not None:
             self._split()

@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_modules.ema import base_optimizer, ema_state_dict, with_ema
 from lightning_modules.preflight import preflight
 from pipeline.diffusion import Diffusion, DiffusionConfig
-from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
+from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.models.long_video import noise_context
 from pipeline.models.pretrained import InitFrom, load_pretrained
 from pipeline.throughput import peak_flops, throughput
 
@@ -147,20 +148,14 @@ class LetsTalkModule(L.LightningModule):
 
     def _context(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None,
                  training: bool) -> dict[str, torch.Tensor | None]:
-        """Motion/memory inputs of the batch, noised by `noise_context` (training: random level up to
-        cond_noise_max, plus motion dropout; otherwise the generation level cond_noise_infer)."""
-        cfg = self.net.config
-        if not (cfg.motion_frames or cfg.memory_frames):
+        """Motion/memory inputs of the batch, noised by `noise_context` at `LongVideoContext.levels` (training: a
+        random level up to cond_noise_max, plus motion dropout; otherwise the generation level cond_noise_infer)."""
+        long_video = self.net.config.long_video
+        if not long_video.active:
             return {}
-        device = batch["latents"].device
-        b = batch["latents"].shape[0]
-        if training:
-            level = torch.rand(b, generator=generator, device=device) * cfg.cond_noise_max
-            drop = torch.rand(b, generator=generator, device=device) < cfg.motion_dropout
-        else:
-            level, drop = cfg.cond_noise_infer, None
+        level, drop = long_video.levels(batch["latents"].shape[0], generator, batch["latents"].device, training)
         context = {"drop_motion": drop}
-        for key, count in (("motion", cfg.motion_frames), ("memory", cfg.memory_frames)):
+        for key, count in (("motion", long_video.motion_frames), ("memory", long_video.memory_frames)):
             if count:
                 if key not in batch:
                     raise ValueError(f"the model has {key}_frames={count} but the batch has no {key!r}; "

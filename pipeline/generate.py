@@ -13,7 +13,7 @@ Audio longer than one clip is covered by consecutive clips that share the portra
 the seed stream and the guidance settings; the output's length matches the audio. A model with
 long-video options chains the clips: each clip after the first is conditioned on the last
 motion_frames latents generated so far and on a memory bank of earlier generated latents
-(`DiTConfig.memory_indices`), both noised to cond_noise_infer (`noise_context`).
+(`pipeline.models.long_video`), both noised to cond_noise_infer.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from pipeline.audio_encoders import AudioEncoder, audio_windows, build_audio_enc
 from pipeline.checkpoints import CheckpointError, read_weights, recorded_in
 from pipeline.diffusion import AUDIO_SCALE, REF_SCALE, Diffusion, DiffusionConfig, guidance
 from pipeline.locate import locate_encoders
-from pipeline.models.dit import DiTConfig, LetsTalkDiT, noise_context
+from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.models.long_video import noise_context
 from pipeline.options import EncoderPaths, Framing, PortraitCrop, Provenance, Sampling
 from pipeline.progress import ProgressLines
 from pipeline.vae import decode_latents, encode_frames, load_vae, scale_latents, unscale_latents
@@ -184,7 +185,8 @@ def sample_latents(gen: TrainedNetwork, ref: torch.Tensor, windows: torch.Tensor
     audio = windows.view(clips, clip, *windows.shape[1:])  # [N, F, W, D]
     shape = (1, clip, *ref.shape[1:])
     rng = torch.Generator(device="cpu").manual_seed(seed)
-    chained = chain and bool(cfg.motion_frames or cfg.memory_frames)
+    long_video = cfg.long_video
+    chained = chain and long_video.active
     group = 1 if chained else max(1, clips_per_batch)
     latents: list[torch.Tensor] = []  # [k·F, C, h, w] per batch of k clips
     for first in range(0, clips, group):
@@ -192,11 +194,8 @@ def sample_latents(gen: TrainedNetwork, ref: torch.Tensor, windows: torch.Tensor
         context = {}
         if first and chained:
             history = torch.cat(latents)[None]  # [1, i·F, C, h, w]
-            start = first * clip
-            motion = [max(0, start - cfg.motion_frames + j) for j in range(cfg.motion_frames)]
-            for key, index in (("motion", motion), ("memory", cfg.memory_indices(start))):
-                if index:
-                    context[key] = noise_context(gen.diffusion, history[:, index], cfg.cond_noise_infer, rng)
+            for key, index in long_video.indices(first * clip).items():
+                context[key] = noise_context(gen.diffusion, history[:, index], long_video.cond_noise_infer, rng)
 
         def denoiser(x, t, drop_ref, drop_audio, a=audio[first:first + k], k=k, context=context):
             n = x.shape[0]  # k clips x the guidance branches, branch-major (Diffusion.guided)

@@ -140,7 +140,10 @@ class NpyMember:
             return self._rows(start, max(start, stop))
         if isinstance(index, (int, np.integer)):
             return self._rows(*slice(index, index + 1).indices(len(self))[:2])[0]
-        return np.stack([self[int(i)] for i in index])
+        rows = [int(i) for i in index]
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))) and 0 <= rows[0] and rows[-1] < len(self):
+            return self._rows(rows[0], rows[-1] + 1)  # consecutive rows (a clip's motion frames): one read
+        return np.stack([self[i] for i in rows])
 
     @classmethod
     def from_tar(cls, path: str, member: tarfile.TarInfo, fileobj: Any) -> "NpyMember":

@@ -394,7 +394,7 @@ def _check_context(batch: dict, i: int, segments: dict[str, Segment]) -> None:
     motion = unscale_latents(batch["motion"][i], VAE)[:, 0, 0, 0]  # channel 0 = frame index
     assert motion.tolist() == list(range(start - LONG.motion_frames, start))
     memory = unscale_latents(batch["memory"][i], VAE)[:, 0, 0, 0]
-    assert memory.tolist() == LONG.memory_indices(start)
+    assert memory.tolist() == LONG.long_video.memory_indices(start)
     assert torch.all(unscale_latents(batch["memory"][i], VAE)[:, 1] == segments[key].latents[0, 1, 0, 0].item())
 
 

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.letstalk import LetsTalkDataModule, cut_clip
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.generate import TrainedNetwork, sample_latents
 from pipeline.metrics.seams import seam_ratio
 from pipeline.models.dit import DiTConfig, LetsTalkDiT
+from pipeline.shards import Segment
 
 C, S, WIN, DA, CLIP = 4, 8, 3, 6, 4
 
@@ -56,11 +58,41 @@ def test_each_clip_is_conditioned_on_the_latents_generated_before_it():
         start = clip * CLIP
         for motion, memory in calls[3 * clip : 3 * clip + 3]:
             torch.testing.assert_close(motion[0], z[start - 2 : start])  # the last M frames so far
-            torch.testing.assert_close(memory[0], z[config.memory_indices(start)])
+            torch.testing.assert_close(memory[0], z[config.long_video.memory_indices(start)])
     noisy = trained(**{**long, "cond_noise_infer": 0.2})
     z = sample(noisy, 2 * CLIP)
     motion, clean = noisy.net.calls[3][0][0], z[CLIP - 2 : CLIP]  # flow: (1 - 0.2)·z + 0.2·ε
     assert not torch.allclose(motion, clean) and torch.corrcoef(torch.stack([motion.flatten(), clean.flatten()]))[0, 1] > 0.9
+
+
+def _frames_of(context: torch.Tensor, z: torch.Tensor) -> list[int]:
+    """The frame of the generated latents z [T, C, h, w] that each context frame [K, C, h, w] is."""
+    return [next(j for j in range(len(z)) if torch.allclose(frame, z[j])) for frame in context]
+
+
+@pytest.mark.parametrize("motion, memory, stride", [(2, 2, 2), (CLIP, 3, 1), (1, 2, 5)])
+def test_training_cuts_the_context_frames_generation_conditions_on(motion, memory, stride):
+    """At every clip start generation reaches, the motion and memory frames a training clip is cut with
+    (`cut_clip` on a segment whose frame i holds the value i) are the frames generation feeds the network."""
+    long = {"motion_frames": motion, "memory_frames": memory, "memory_stride": stride, "cond_noise_infer": 0.0}
+    gen = trained(**long)
+    z = sample(gen, 4 * CLIP)
+    frames = np.broadcast_to(np.arange(4 * CLIP, dtype=np.float16)[:, None, None, None], (4 * CLIP, C, S, S))
+    segment = Segment("v/0", frames, np.zeros((4 * CLIP, 1, DA), np.float16), b"", {})
+    for clip in (1, 2, 3):
+        start = clip * CLIP
+        cut = cut_clip(segment, start, 0, CLIP, 0, gen.net.config.long_video)
+        given_motion, given_memory = gen.net.calls[3 * clip]  # 3 sampler steps per clip
+        assert cut["motion"][:, 0, 0, 0].int().tolist() == _frames_of(given_motion[0], z)
+        assert cut["memory"][:, 0, 0, 0].int().tolist() == _frames_of(given_memory[0], z)
+
+
+def test_more_motion_frames_than_a_clip_has_are_refused_before_training():
+    """Generation's second clip has only clip_frames frames before it: M > clip_frames would give it motion frames
+    training never showed (clamped repeats of frame 0), so the data module refuses the setting."""
+    with pytest.raises(ValueError, match=r"motion_frames=5 is more than data.clip_frames=4.*motion_frames <= 4"):
+        LetsTalkDataModule("unused", clip_frames=CLIP).set_context(DiTConfig(motion_frames=CLIP + 1))
+    LetsTalkDataModule("unused", clip_frames=CLIP).set_context(DiTConfig(motion_frames=CLIP))
 
 
 def test_without_long_video_options_or_chaining_clips_are_independent():

@@ -10,7 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models.attention import Attention, Context, apply_rope, attention, rope_rotation
-from pipeline.models.dit import FUSIONS, DiTConfig, LetsTalkDiT, noise_context
+from pipeline.models.dit import FUSIONS, DiTConfig, LetsTalkDiT
+from pipeline.models.long_video import noise_context
 from pipeline.models.sizes import SIZES, get_size
 
 B, F, C, H, W, WA, DA = 2, 4, 4, 8, 8, 6, 16
@@ -536,10 +537,10 @@ def test_flop_counter_matches_torch_with_motion_and_memory(scheme):
 
 def test_memory_indices_are_strided_before_the_motion_frames_and_clamped_at_the_start():
     config = DiTConfig(motion_frames=2, memory_frames=3, memory_stride=4)
-    assert config.memory_indices(40) == [26, 30, 34]  # motion: 38, 39
-    assert config.memory_indices(8) == [0, 0, 2]
-    assert config.memory_indices(0) == [0, 0, 0]
-    assert config.history_frames == 2 + 3 * 4
+    assert config.long_video.memory_indices(40) == [26, 30, 34]  # motion: 38, 39
+    assert config.long_video.memory_indices(8) == [0, 0, 2]
+    assert config.long_video.memory_indices(0) == [0, 0, 0]
+    assert config.long_video.history_frames == 2 + 3 * 4
 
 
 def test_noise_context_levels():

@@ -52,7 +52,7 @@ Long videos (paper v2/v3; off by default, so older configs and checkpoints are u
   never grows with the video.
 
 Either one missing (the first clip, or ``drop_motion`` in training) is replaced by its learned
-null, as for guidance; `noise_context` holds the noise-regularisation rule for both.
+null, as for guidance; pipeline/models/long_video.py says which frames they are and how they are noised.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.diffusion import Diffusion
 from pipeline.models.attention import Attention, Context, check_backend, rope_rotation
+from pipeline.models.long_video import LongVideoContext
 from pipeline.models.sizes import get_size
 
 DATA_SIZES = ("latent_channels", "audio_dim", "audio_tokens")  # what the data decides ("auto": DiTConfig.for_data)
@@ -75,6 +75,7 @@ POS_ENCODINGS = ("sincos", "rope", "latte")
 INITS = ("dit", "pytorch")
 
 
+# ------------------------------------------------------------------------------------------------------ configuration
 @dataclass
 class DiTConfig:
     """Everything needed to build a LetsTalkDiT; stored in checkpoints as a plain dict."""
@@ -102,7 +103,7 @@ class DiTConfig:
     # dit: DiT's and Latte's initialisation (LetsTalkDiT.initialize_weights); pytorch: PyTorch's default Linear init,
     # with the same zero starts. On the tiny demo the second learns lip sync sooner (configs/demo.yaml).
     init: str = "dit"
-    # Long videos (see the module docstring and `noise_context`); 0 frames = off.
+    # Long videos (see the module docstring and pipeline/models/long_video.py); 0 frames = off.
     motion_frames: int = 0  # M: last latent frames of the previous clip
     memory_frames: int = 0  # N: strided earlier latent frames, 2x pooled (latent size / patch_size must be even)
     memory_stride: int = 4  # latent frames between memory frames, for data sampling and generation alike
@@ -169,36 +170,13 @@ class DiTConfig:
         return asdict(self)
 
     @property
-    def history_frames(self) -> int:
-        """Frames before a clip that its motion and memory can reach: M + N·memory_stride."""
-        return self.motion_frames + self.memory_frames * self.memory_stride
-
-    def memory_indices(self, start: int) -> list[int]:
-        """Frame indices of the memory of a clip starting at `start` (motion = start-M..start-1): N frames,
-        oldest first, `memory_stride` apart, ending one stride before the motion frames; indices before the
-        video's first frame are clamped to it (the start of a video or segment has no earlier history)."""
-        last = start - self.motion_frames - self.memory_stride
-        return [max(0, last - self.memory_stride * j) for j in reversed(range(self.memory_frames))]
+    def long_video(self) -> LongVideoContext:
+        """Which earlier frames condition a clip, and how they are noised (pipeline/models/long_video.py)."""
+        return LongVideoContext(self.motion_frames, self.memory_frames, self.memory_stride, self.motion_dropout,
+                                self.cond_noise_max, self.cond_noise_infer)
 
 
-def noise_context(diffusion: Diffusion, latents: torch.Tensor, level: torch.Tensor | float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Noise-regularised conditioning: motion/memory latents [B, K, C, h, w] diffused to `level`.
-
-    At inference the motion and memory frames are the model's own samples, with sampling errors;
-    training on clean ground truth would teach the model to trust them too much, and errors would
-    pile up clip after clip. So they are put through the diffusion's forward process at a small
-    level u (a fraction of the training timesteps, t = u·N; for flow u is σ): in training u ~
-    U(0, cond_noise_max) per sample ([B] tensor), in generation the fixed u = cond_noise_infer.
-    The model is not told u. Returns latents of the same shape and dtype.
-    """
-    b = latents.shape[0]
-    u = torch.as_tensor(level, dtype=torch.float32, device=latents.device).expand(b)
-    device = generator.device if generator is not None else latents.device  # a CPU generator may drive GPU latents
-    noise = torch.randn(latents.shape, generator=generator, device=device).to(latents.device, latents.dtype)
-    return diffusion.noise_and_target(latents, noise, u * diffusion.config.num_train_timesteps)[0]
-
-
+# ------------------------------------------------------------------------------------------- positions and embeddings
 def sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) positions [N] -> [N, dim]."""
     half = dim // 2
@@ -252,6 +230,7 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
+# ------------------------------------------------------------------------------------------------------------- blocks
 def _fusion_layers(scheme: str | None, dim: int, heads: int, qk_norm: bool,
                    backend: str) -> tuple[nn.Module | None, Attention | None]:
     """A spatial block's layers for one condition: direct -> (norm of the queries, zero-initialised
@@ -345,6 +324,7 @@ class FinalLayer(nn.Module):
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
+# -------------------------------------------------------------------------------------------------------- the network
 class LetsTalkDiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -518,14 +498,34 @@ class LetsTalkDiT(nn.Module):
         frames (None: absent, the learned nulls); drop_motion [B] bool nulls both, per sample
         (motion dropout: "this is a first clip"). Returns [B, F, C, h, w].
         """
-        cfg = self.config
+        cfg, p = self.config, self.config.patch_size
         dtype = self.null_ref.dtype  # the weights' (bf16 when DeepSpeed has cast them, no autocast then)
         x, ref, audio = x.to(dtype), ref.to(dtype), audio.to(dtype)
         motion, memory = (v if v is None else v.to(dtype) for v in (motion, memory))
-        b, f, _, h, w = x.shape
-        m = cfg.motion_frames
-        if (motion is not None and not m) or (memory is not None and not cfg.memory_frames):
+        if (motion is not None and not cfg.motion_frames) or (memory is not None and not cfg.memory_frames):
             raise ValueError("motion/memory given to a model built with motion_frames=0/memory_frames=0")
+        f, h, w = x.shape[1], x.shape[3], x.shape[4]
+        r = ref.shape[1] + cfg.motion_frames  # context frames: the portrait's R, then the motion frames
+        tokens, ref_tokens, index, frames_embed = self._embed_frames(x, ref, motion, drop_ref, drop_motion)
+        # tokens [B, T, S, D]: T = R+M+F with symbiotic portrait fusion, else F and ref_tokens [B, (R+M)·S, D]
+        tokens, audio = self._embed_audio(audio, drop_audio, tokens, index, r)
+        # symbiotic audio fusion: tokens [B, T, S+W, D] and no audio; else audio [B·T, W, D]
+        rope = self._rope(index, r, h // p, w // p)
+        memory_tokens = self._memory_tokens(memory, drop_motion, x) if cfg.memory_frames else None  # [B, N·S/4, D]
+        c = self.time(t)  # [B, D]
+        tokens = self._run_blocks(tokens, c, ref_tokens, audio, rope, memory_tokens, frames_embed)  # shape kept
+        out = self.final(tokens[:, -f:, :(h // p) * (w // p)], c)  # [B, F, S, Cp²]: video tokens only
+        return self.unpatchify(out, h, w)  # [B, F, C, h, w]
+
+    def _embed_frames(self, x: torch.Tensor, ref: torch.Tensor, motion: torch.Tensor | None,
+                      drop_ref: torch.Tensor | None, drop_motion: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Portrait, motion and video latents -> patch tokens with their type and position embeddings.
+
+        Returns (tokens [B, T, S, D], portrait and motion tokens [B, (R+M)·S, D] or None when symbiotic fusion keeps
+        them in the sequence, frame index [T], Latte's frame embedding [1, T, 1, D] or None)."""
+        cfg, m = self.config, self.config.motion_frames
+        f, h, w = x.shape[1], x.shape[3], x.shape[4]
         video = self.patchify(x)  # [B, F, S, Cp²]
         ref_patches = self.patchify(ref)  # [B, R, S, Cp²]
         if drop_ref is not None:
@@ -534,44 +534,49 @@ class LetsTalkDiT(nn.Module):
         if m:  # motion frames follow the portrait: R+M context frames, fused by the portrait's scheme
             frames.append(self._context_patches(motion, m, self.null_motion, drop_motion, x, "motion"))
         tokens = self.patch(torch.cat([*frames, video], dim=1))  # [B, R+M+F, S, D]
-        s, p = tokens.shape[2], cfg.patch_size
+        p = cfg.patch_size
         types = [self.ref_type.expand(ref.shape[1], -1)] + ([self.motion_type.expand(m, -1)] if m else [])
         r = ref.shape[1] + m  # context frames from here on
         latte = cfg.pos_encoding == "latte"
         # frame indices: context 0..R+M-1, video R+M..R+M+F-1 (latte: video 0..F-1 as in Latte, context before)
         index = torch.arange(r + f, device=x.device) - (r if latte else 0)
-        embed = torch.cat([*types, torch.zeros_like(self.ref_type).expand(f, -1)])[None, :, None]
+        embed = torch.cat([*types, torch.zeros_like(self.ref_type).expand(f, -1)])[None, :, None]  # [1, R+M+F, 1, D]
         if cfg.pos_encoding != "rope":  # + (height, width) [1, 1, S, D]
             embed = embed + sincos_cells(grid(h // p, w // p, x.device), self.hidden, column_first=latte)[None, None]
-        if cfg.pos_encoding == "sincos":  # + frame index [1, R+F, 1, D]
+        if cfg.pos_encoding == "sincos":  # + frame index [1, R+M+F, 1, D]
             embed = embed + sincos(index, self.hidden)[None, :, None]
         tokens = tokens + embed.to(tokens.dtype)
-        # latte: the frame index [1, R+F, 1, D] joins before the first temporal block, as in Latte
+        # latte: the frame index [1, R+M+F, 1, D] joins before the first temporal block, as in Latte
         frames_embed = sincos(index, self.hidden)[None, :, None].to(tokens.dtype) if latte else None
         if cfg.portrait_fusion == "symbiotic":
-            ref_tokens = None
-        else:  # the portrait leaves the sequence: [B, R·S, D] and video [B, F, S, D]
-            ref_tokens, tokens, index = tokens[:, :r], tokens[:, r:], index[r:]
-            if latte:  # context tokens never reach a temporal block: their frame index joins here
-                ref_tokens, frames_embed = ref_tokens + frames_embed[:, :r], frames_embed[:, r:]
-            ref_tokens = ref_tokens.flatten(1, 2)
+            return tokens, None, index, frames_embed
+        ref_tokens, tokens, index = tokens[:, :r], tokens[:, r:], index[r:]  # the context leaves the sequence
+        if latte:  # context tokens never reach a temporal block: their frame index joins here
+            ref_tokens, frames_embed = ref_tokens + frames_embed[:, :r], frames_embed[:, r:]
+        return tokens, ref_tokens.flatten(1, 2), index, frames_embed  # [B, F, S, D], [B, (R+M)·S, D]
 
+    def _embed_audio(self, audio: torch.Tensor, drop_audio: torch.Tensor | None, tokens: torch.Tensor,
+                     index: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Audio windows [B, F, W, Da] -> window tokens with their positions: (tokens, audio [B·T, W, D]), or with
+        symbiotic audio fusion (tokens [B, T, S+W, D], None): each frame's window joins its frame's tokens."""
+        cfg = self.config
         if drop_audio is not None:
             audio = torch.where(drop_audio[:, None, None, None], self.null_audio.to(audio.dtype), audio)
         if cfg.portrait_fusion == "symbiotic":  # portrait and motion frames hear nothing
-            audio = torch.cat([self.null_audio.expand(b, r, -1, -1).to(audio.dtype), audio], dim=1)  # [B, T, W, Da]
-        wpos = sincos(torch.arange(audio.shape[2], device=x.device), self.hidden)
+            null = self.null_audio.expand(audio.shape[0], r, -1, -1).to(audio.dtype)
+            audio = torch.cat([null, audio], dim=1)  # [B, T, W, Da]
+        wpos = sincos(torch.arange(audio.shape[2], device=audio.device), self.hidden)
         audio = self.audio_in(audio) + wpos.to(audio.dtype)  # [B, T, W, D]
         if cfg.audio_fusion == "symbiotic":
             if cfg.pos_encoding == "sincos":
                 audio = audio + sincos(index, self.hidden)[None, :, None].to(audio.dtype)
-            tokens, audio = torch.cat([tokens, audio], dim=2), None  # [B, T, S+W, D]
-        else:
-            audio = audio.flatten(0, 1)  # [B·T, W, D]: one window per frame
+            return torch.cat([tokens, audio], dim=2), None  # [B, T, S+W, D]
+        return tokens, audio.flatten(0, 1)  # [B·T, W, D]: one window per frame
 
-        rope = self._rope(index, r, h // p, w // p)
-        memory_tokens = self._memory_tokens(memory, drop_motion, x) if cfg.memory_frames else None
-        c = self.time(t)  # [B, D]
+    def _run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, ref_tokens: torch.Tensor | None,
+                    audio: torch.Tensor | None, rope: Rope, memory_tokens: torch.Tensor | None,
+                    frames_embed: torch.Tensor | None) -> torch.Tensor:
+        """The spatial and temporal blocks in order, each siamese twin branch run just before its block."""
         for i, block in enumerate(self.blocks):
             if frames_embed is not None and block.axis == "temporal":
                 tokens, frames_embed = tokens + frames_embed, None
@@ -580,8 +585,7 @@ class LetsTalkDiT(nn.Module):
             if str(i) in self.audio_twin:
                 audio = self._run(self.audio_twin[str(i)], audio)
             tokens = self._run(block, tokens, c, ref_tokens, audio, rope, memory_tokens)
-        out = self.final(tokens[:, -f:, :s], c)  # [B, F, S, Cp²]: video tokens only
-        return self.unpatchify(out, h, w)
+        return tokens
 
     def flops_per_clip(self, frames: int, h: int, w: int) -> int:
         """Forward FLOPs (2 per multiply-add) of one clip of `frames` latent frames of h×w: every matmul
