@@ -41,8 +41,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.preflight import ConfigError
 from pipeline import faults
+from pipeline.checkpoints import REQUEUE_PREFIX
 
-CHECKPOINT_PREFIX = "requeue-step="  # <default_root_dir>/requeue-step=<global step>.ckpt; only the newest is kept
 
 
 class SlurmRequeue(Callback):
@@ -86,12 +86,12 @@ class SlurmRequeue(Callback):
             return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue's; we leave anyway (module doc)
         root = Path(trainer.default_root_dir)
-        path = root / f"{CHECKPOINT_PREFIX}{trainer.global_step}.ckpt"
+        path = root / f"{REQUEUE_PREFIX}{trainer.global_step}.ckpt"
         partial = path.with_name(path.name + ".partial")
         trainer.save_checkpoint(partial)  # every rank; ends with a barrier: all ignore SIGTERM before the requeue
         if trainer.is_global_zero:
             os.replace(partial, path)
-            for old in root.glob(f"{CHECKPOINT_PREFIX}*.ckpt"):
+            for old in root.glob(f"{REQUEUE_PREFIX}*.ckpt"):
                 if old != path:
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
             self._requeue(path)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +30,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 
-
-def checkpoint_world_size(folder: str | Path) -> int | None:
-    """Ranks that wrote a Lightning DeepSpeed checkpoint folder (its `*_optim_states.pt` files), None if unknown."""
-    tag = Path(folder) / "checkpoint"
-    files = list(tag.glob("*_optim_states.pt")) if tag.is_dir() else []
-    return len(files) or None
+from pipeline.checkpoints import written_by
 
 
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
@@ -90,11 +84,11 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        written_by = checkpoint_world_size(checkpoint_path)
-        if written_by is not None and written_by != self.world_size:
+        ranks = written_by(checkpoint_path)
+        if ranks is not None and ranks != self.world_size:
             raise ValueError(
-                f"{checkpoint_path}: this DeepSpeed checkpoint was written by {written_by} ranks and cannot resume on "
-                f"{self.world_size}: ZeRO partitions its optimizer state by rank. Resume it with {written_by} ranks "
+                f"{checkpoint_path}: this DeepSpeed checkpoint was written by {ranks} ranks and cannot resume on "
+                f"{self.world_size}: ZeRO partitions its optimizer state by rank. Resume it with {ranks} ranks "
                 "(--trainer.num_nodes x --trainer.devices), or take its weights with `letstalk export "
                 f"{checkpoint_path} --out model.safetensors --ema` for generation and evaluation")
         return super().load_checkpoint(checkpoint_path, weights_only)

@@ -18,6 +18,9 @@ anything reads the checkpoint: resume, export, generate, evaluate. An export's J
 safetensors, records that file's size and sha256 (`integrity`). Cost: one sequential read and sha256 of the
 checkpoint, ~0.9 GB/s on one core (`benchmarks/checkpoint_integrity.py`: 0.8 s for the S model's 724 MB), so
 seconds for a multi-GB one.
+
+Resume takes the newest checkpoint that is complete and intact (`newest_complete`: `judge` looks at its structure,
+then its manifest); `written_by` says how many ranks wrote a DeepSpeed folder, which a resume must match.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pickletools
 import time
 import warnings
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.locate import fingerprint, locate_encoders
 
 CONFIG_KEYS = ("net", "diffusion", "data_info")
+REQUEUE_PREFIX = "requeue-step="  # <default_root_dir>/requeue-step=<global step>.ckpt (SlurmRequeue); the newest kept
 MANIFEST = "letstalk-manifest.json"  # inside a DeepSpeed checkpoint folder
 SIDECAR = ".manifest.json"  # beside a checkpoint file: <name>.ckpt.manifest.json
 MANIFEST_FORMAT = "letstalk-checkpoint-manifest/1"
@@ -138,6 +144,100 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> dict | None:
             if problem := _file_problem(file, entry, hashes):
                 raise CheckpointIntegrityError(f"{file}: {problem}")
     return manifest
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why `path` is not a complete torch zip (read: its central directory, written last), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"not a readable torch file ({err})"
+    return None if any(n.endswith("/data.pkl") for n in names) else "a zip without a torch pickle"
+
+
+def _pickled_int(path: Path, key: str) -> int | None:
+    """The int stored under `key` in a torch file's pickle, read from its opcodes (nothing is unpickled)."""
+    with zipfile.ZipFile(path) as archive:
+        ops = pickletools.genops(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
+    for _, arg, _ in ops:
+        if arg == key:
+            value = next((a for op, a, _ in ops if "PUT" not in op.name and op.name != "MEMOIZE"), None)
+            return value if isinstance(value, int) else None
+    return None
+
+
+def _deepspeed_shards(folder: Path) -> tuple[Path, list[Path], list[Path]] | None:
+    """(tag folder, model state files, optimizer state files) of a DeepSpeed checkpoint folder named by its
+    `latest` file; None without one."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        return None
+    tag = folder / latest.read_text().strip()
+    return tag, sorted(tag.glob("*model_states.pt")), sorted(tag.glob("*_optim_states.pt"))
+
+
+def written_by(checkpoint: str | os.PathLike) -> int | None:
+    """How many ranks wrote a DeepSpeed checkpoint folder (the `dp_world_size` its model states record: ZeRO
+    partitions the optimizer state by rank); None for a file or when unknown."""
+    shards = _deepspeed_shards(Path(checkpoint)) if Path(checkpoint).is_dir() else None
+    if not shards or not shards[1] or _zip_problem(shards[1][0]):
+        return None
+    return _pickled_int(shards[1][0], "dp_world_size")
+
+
+def structure_problem(path: Path) -> str | None:
+    """A file must be a whole torch zip; a DeepSpeed folder needs `latest`, whole model and optimizer shards, and one
+    optimizer shard per rank that wrote it (`written_by`)."""
+    if not path.is_dir():
+        return _zip_problem(path)
+    shards = _deepspeed_shards(path)
+    if shards is None:
+        return "no `latest` file"
+    tag, models, optims = shards
+    if not models:
+        return f"no model states in {tag.name}/"
+    for shard in models + optims:
+        if problem := _zip_problem(shard):
+            return f"{shard.name}: {problem}"
+    world = written_by(path)  # None (not recorded): not judged
+    return None if world in (None, len(optims)) else f"{len(optims)} optimizer shards, written by {world} ranks"
+
+
+def judge(path: Path, manifest_expected: bool) -> tuple[str, str] | None:
+    """("incomplete" | "damaged", why) for a checkpoint resume must not take, or None. Its structure first (cheap,
+    `structure_problem`: a save cut short), then its manifest (`verify_checkpoint`: every file's size and sha256 as
+    saved; the first that differs is named). Without a manifest it is incomplete if `manifest_expected` (the run's
+    other checkpoints have one: a save that did not finish); else (a run from before checkpoints carried manifests,
+    another tool) its structure is all that is judged."""
+    if problem := structure_problem(path):
+        return "incomplete", problem
+    try:
+        manifest = verify_checkpoint(path)
+    except CheckpointIntegrityError as err:
+        return "damaged", str(err)
+    if manifest is None and manifest_expected:
+        return "incomplete", f"no integrity manifest {manifest_path(path).name} (its save did not finish)"
+    return None
+
+
+def written_at(path: Path) -> float:
+    """Last write of a checkpoint: of its newest file for a DeepSpeed folder (a folder's own mtime does not change
+    when its shards are overwritten in place, as ModelCheckpoint does with `last.ckpt`)."""
+    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
+
+
+def newest_complete(candidates: Iterable[Path],
+                    manifest_expected: bool) -> tuple[Path | None, list[tuple[Path, str, str]]]:
+    """The newest complete and intact checkpoint of `candidates` (`written_at`, `judge`), or None; and the newer
+    ones it passed over, as (path, "incomplete" | "damaged", why)."""
+    skipped = []
+    for path in sorted(candidates, key=written_at, reverse=True):
+        judged = judge(path, manifest_expected)
+        if judged is None:
+            return path, skipped
+        skipped.append((path, *judged))
+    return None, skipped
 
 
 def warn_unverified(checkpoint: str | os.PathLike, what: str = "no integrity manifest") -> None:

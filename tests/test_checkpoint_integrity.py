@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.checkpoints import (MANIFEST, CheckpointIntegrityError, UnverifiedCheckpointWarning, make_manifest,
-                                  manifest_path, read_weights, verify_checkpoint, write_manifest)
+                                  manifest_path, read_weights, structure_problem, verify_checkpoint, write_manifest)
 from pipeline.cli import main
-from pipeline.cli.train import _structure_problem, resume_checkpoint
+from pipeline.cli.train import resume_checkpoint
 from pipeline.shipped import CONFIGS
 from procs import run_job
 from test_training import TINY_FIT, write_shards
@@ -117,7 +117,7 @@ def test_a_damaged_newest_ckpt_is_skipped_naming_the_file_and_the_resumed_run_en
     uninterrupted = weights(run / "checkpoints" / "last-step=4.ckpt")
     damaged = run / "checkpoints" / "last-step=4.ckpt"
     flip_byte(damaged)
-    assert _structure_problem(damaged) is None  # a readable torch zip: only the manifest tells
+    assert structure_problem(damaged) is None  # a readable torch zip: only the manifest tells
     capsys.readouterr()
     fit(config(shards, "every-step", EVERY_STEP), run, 4, "--ckpt_path", "last")
     err = capsys.readouterr().err
@@ -241,7 +241,7 @@ def test_zero2_a_flipped_byte_in_one_rank_shard_is_skipped_and_the_resumed_run_e
     uninterrupted = weights(newest)
     shard = newest / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     flip_byte(shard)
-    assert _structure_problem(newest) is None  # every shard a readable zip: only the manifest tells
+    assert structure_problem(newest) is None  # every shard a readable zip: only the manifest tells
     with pytest.raises(CheckpointIntegrityError, match=f"{shard}: its bytes differ from the sha256"):
         read_weights(newest)
     assert main(["export", str(newest), "--out", str(tmp_path / "m.safetensors")]) == 1

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.requeue import CHECKPOINT_PREFIX
 from pipeline import faults
+from pipeline.checkpoints import REQUEUE_PREFIX
 from pipeline.cli.sweep import SBATCH_SCRIPT
 from slurm_cluster import SlurmCluster, job_processes
 from test_bad_data import _damage_what_only_decoding_finds
@@ -185,7 +185,7 @@ def test_preemption_without_grace_resumes_from_the_last_complete_checkpoint(clus
     took = _ended_by_fault(cluster, job, signalled)
     (tmp_path / "release").touch()
     text = _restart_now(cluster, job, log)
-    assert not list(run.glob(f"{CHECKPOINT_PREFIX}*")), text[-4000:]  # the save never finished: nothing to take
+    assert not list(run.glob(f"{REQUEUE_PREFIX}*")), text[-4000:]  # the save never finished: nothing to take
     assert _resumed(text) == [EVERY] and "ended by a fault" not in text, text[-4000:]
     _assert_same_weights(run, uninterrupted)
     _fault_row("preemption: SIGTERM, grace shorter than a step and a save", "zero2", took, text)

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickletools
 import sys
 import uuid
 import warnings
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,10 +42,10 @@ from lightning_modules.eval_callback import EvalCallback
 from lightning_modules.letstalk import LetsTalkModule
 from lightning_modules.preflight import ConfigError, preflight
 from lightning_modules.progress import LogFirstAndLastStep, ProgressLog, StepProgressBar
-from lightning_modules.requeue import CHECKPOINT_PREFIX, FaultLog, SlurmRequeue
+from lightning_modules.requeue import FaultLog, SlurmRequeue
 from lightning_modules.trainer import LetsTalkTrainer
 from pipeline import faults
-from pipeline.checkpoints import CheckpointIntegrityError, manifest_path, verify_checkpoint
+from pipeline.checkpoints import REQUEUE_PREFIX, manifest_path, newest_complete, verify_checkpoint
 from pipeline.cli.config_keys import unknown_keys
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -100,81 +98,12 @@ def stable_wandb_id(save_dir: str | Path) -> str | None:
     return run_id
 
 
-def _zip_problem(path: Path) -> str | None:
-    """Why `path` is not a complete torch zip (read: its central directory, written last), or None."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile) as err:
-        return f"not a readable torch file ({err})"
-    return None if any(n.endswith("/data.pkl") for n in names) else "a zip without a torch pickle"
-
-
-def _pickled_int(path: Path, key: str) -> int | None:
-    """The int stored under `key` in a torch file's pickle, read from its opcodes (nothing is unpickled)."""
-    with zipfile.ZipFile(path) as archive:
-        ops = pickletools.genops(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
-    for _, arg, _ in ops:
-        if arg == key:
-            value = next((a for op, a, _ in ops if "PUT" not in op.name and op.name != "MEMOIZE"), None)
-            return value if isinstance(value, int) else None
-    return None
-
-
-def checkpoint_problem(path: Path, manifest_expected: bool = True) -> str | None:
-    """Why `path` is not a complete, intact checkpoint, or None (`_judge`)."""
-    judged = _judge(path, manifest_expected)
-    return judged[1] if judged else None
-
-
-def _judge(path: Path, manifest_expected: bool) -> tuple[str, str] | None:
-    """("incomplete" | "damaged", why) for a checkpoint resume must not take, or None. Its structure first (cheap,
-    `_structure_problem`: a save cut short), then its manifest (`pipeline.checkpoints.verify_checkpoint`: every
-    file's size and sha256 as saved; the first that differs is named). Without a manifest it is incomplete if
-    `manifest_expected` (the run's other checkpoints have one: a save that did not finish); else (a run from before
-    checkpoints carried manifests, another tool) its structure is all that is judged."""
-    if problem := _structure_problem(path):
-        return "incomplete", problem
-    try:
-        manifest = verify_checkpoint(path)
-    except CheckpointIntegrityError as err:
-        return "damaged", str(err)
-    if manifest is None and manifest_expected:
-        return "incomplete", f"no integrity manifest {manifest_path(path).name} (its save did not finish)"
-    return None
-
-
-def _structure_problem(path: Path) -> str | None:
-    """A file must be a whole torch zip; a DeepSpeed folder needs `latest`, whole model and optimizer shards, and one
-    optimizer shard per rank that wrote it (`dp_world_size`)."""
-    if not path.is_dir():
-        return _zip_problem(path)
-    latest = path / "latest"
-    if not latest.is_file():
-        return "no `latest` file"
-    tag = path / latest.read_text().strip()
-    models, optims = sorted(tag.glob("*model_states.pt")), sorted(tag.glob("*_optim_states.pt"))
-    if not models:
-        return f"no model states in {tag.name}/"
-    for shard in models + optims:
-        if problem := _zip_problem(shard):
-            return f"{shard.name}: {problem}"
-    world = _pickled_int(models[0], "dp_world_size")  # None (not found): not judged
-    return None if world in (None, len(optims)) else f"{len(optims)} optimizer shards, written by {world} ranks"
-
-
-def _written_at(path: Path) -> float:
-    """Last write of a checkpoint: of its newest file for a DeepSpeed folder (a folder's own mtime does not change
-    when its shards are overwritten in place, as ModelCheckpoint does with `last.ckpt`)."""
-    return max((p.stat().st_mtime for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime)
-
-
 def resume_checkpoint(trainer, ckpt_path: str | None) -> str | None:
     """Resolve `last` (and a SLURM requeue without --ckpt_path) to the newest complete and intact last/requeue
-    checkpoint (`_judge`); each one skipped is named with why. Every rank verifies (this runs before the process group
-    exists, and all must take the same one): each reads the checkpoint once, from the page cache after the first on
-    a node. An explicit path is verified too: a damaged one stops the run (CheckpointIntegrityError names the file),
-    one without a manifest is used with a warning."""
+    checkpoint (`pipeline.checkpoints.newest_complete`); each one skipped is named with why. Every rank verifies
+    (this runs before the process group exists, and all must take the same one): each reads the checkpoint once,
+    from the page cache after the first on a node. An explicit path is verified too: a damaged one stops the run
+    (CheckpointIntegrityError names the file), one without a manifest is used with a warning."""
     if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         ckpt_path = "last"
     if ckpt_path != "last":
@@ -183,20 +112,20 @@ def resume_checkpoint(trainer, ckpt_path: str | None) -> str | None:
                 "resuming from it unverified")
         return ckpt_path
     root = Path(trainer.default_root_dir)
-    candidates = [*root.glob(f"{CHECKPOINT_PREFIX}*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")]
+    candidates = [*root.glob(f"{REQUEUE_PREFIX}*.ckpt"), *root.glob("hpc_ckpt_*.ckpt")]
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             candidates += Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
     expected = any(manifest_path(path).is_file() for path in candidates)  # else: a run from before manifests
-    for path in sorted(candidates, key=_written_at, reverse=True):
-        judged = _judge(path, expected)
-        if judged is None:
-            unverified = "" if expected else " (no integrity manifest: its structure was checked, not its bytes)"
-            say(f"resuming from {path}{unverified}")
-            return str(path)
-        say(f"skipping {judged[0]} checkpoint {path}: {judged[1]}")
-    say(f"no complete last or requeue checkpoint under {root}: starting from scratch")
-    return None
+    newest, skipped = newest_complete(candidates, expected)
+    for path, kind, why in skipped:
+        say(f"skipping {kind} checkpoint {path}: {why}")
+    if newest is None:
+        say(f"no complete last or requeue checkpoint under {root}: starting from scratch")
+        return None
+    unverified = "" if expected else " (no integrity manifest: its structure was checked, not its bytes)"
+    say(f"resuming from {newest}{unverified}")
+    return str(newest)
 
 
 class LogConfigCallback(SaveConfigCallback):
