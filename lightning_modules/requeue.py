@@ -20,7 +20,7 @@ SLURM restarts the job (SLURM_RESTART_COUNT + 1), which resumes from the newest 
 (`--ckpt_path last`, pipeline/cli/train.py).
 
 Preemption (PreemptMode=REQUEUE) sends SIGTERM to the tasks and their children, not to the batch script nor srun;
-the loader workers ignore it (datamodules.letstalk.ignore_sigterm), the rank saves as above. GraceTime later, SLURM
+the loader workers ignore it (datamodules.stream.ignore_sigterm), the rank saves as above. GraceTime later, SLURM
 requeues the job: SIGTERM to srun too, which gives the tasks KillWait before it SIGKILLs them. A save not finished
 by then stays a `.partial`, which resume skips, and the job resumes from the newest complete checkpoint. A
 `scontrol requeue` or scancel reaches srun at once, and the tasks save within KillWait the same way.

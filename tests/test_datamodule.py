@@ -481,7 +481,7 @@ def test_workers_read_several_shards_at_once_a_segment_from_each_in_turn(dataset
 def test_a_mid_epoch_resume_draws_skipped_batches_from_headers_and_reads_only_clip_frames(dataset, monkeypatch):
     """Training holds lazy arrays (`pipeline.shards.NpyMember`): a clip reads its own frames and audio rows by offset,
     and the batches a resume skips read no array data at all, yet the resumed batches equal the uninterrupted ones."""
-    import pipeline.shards as shards
+    import pipeline.shards.npy as shards
 
     root, _ = dataset
     reads: list[int] = []

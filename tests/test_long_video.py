@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.letstalk import LetsTalkDataModule, cut_clip
+from datamodules.clips import cut_clip
+from datamodules.letstalk import LetsTalkDataModule
 from lightning_modules.letstalk import LetsTalkModule
 from pipeline.diffusion import Diffusion, DiffusionConfig
 from pipeline.generate import TrainedNetwork, sample_latents
