@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.preflight import ConfigError
+from lightning_modules.trainer import CheckpointSpaceError
 from pipeline import faults
 from pipeline.checkpoints import REQUEUE_PREFIX
 
@@ -114,4 +115,5 @@ class FaultLog(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, (SIGTERMException, ConfigError)):  # a signal: no fault; a ConfigError: recorded as
             return  # one by pipeline/cli/train.py, which also sees those raised before a trainer exists
-        faults.record(exception, trainer.global_step, trainer.global_rank)
+        kind = faults.SPACE if isinstance(exception, CheckpointSpaceError) else faults.CRASH
+        faults.record(exception, trainer.global_step, trainer.global_rank, kind)

@@ -8,12 +8,13 @@ requeues the job (`scontrol requeue`), which resumes from the newest complete ch
 
 The record: a JSON-lines file named by `LETSTALK_FAULTS` (train.sbatch: `letstalk-<job id>.faults.jsonl` in the
 submit folder). Every rank whose fit raises appends one line, `{"attempt", "rank", "step", "kind", "error"}`
-(`attempt` is SLURM_RESTART_COUNT; `kind` is "config" for a configuration error, which would fail again, else
-"crash"); a rank killed outright writes nothing. After each fault the script appends the decision,
+(`attempt` is SLURM_RESTART_COUNT; `kind` is "config" for a configuration error, which would fail again, "space"
+for a checkpoint that found the disk full, else "crash"); a rank killed outright writes nothing. After each fault the script appends the decision,
 `{"attempt", "decision", "reason"}`.
 
 The rules, first match wins:
-1. a configuration error: stop (it would fail the same way again);
+1. a configuration error, or a full disk at a checkpoint: stop (a restart would fail the same way again; once space
+   is freed, `scontrol requeue <job>` resumes it from the newest complete checkpoint);
 2. `LETSTALK_MAX_RESTARTS` (default 3) fault restarts already made: stop. Requeues on USR1 near the time limit and
    after preemption are not faults and do not count;
 3. the same error at the same step as the previous attempt (a deterministic crash, e.g. a sample that always
@@ -32,6 +33,7 @@ from typing import Any
 
 MAX_RESTARTS = 3  # LETSTALK_MAX_RESTARTS
 CONFIG = "config"
+SPACE = "space"
 CRASH = "crash"
 
 
@@ -80,6 +82,9 @@ def decide(records: list[dict[str, Any]], now: int, max_restarts: int = MAX_REST
     seen = seen or "no rank recorded an error (a rank or the node was killed)"
     if any(r.get("kind") == CONFIG for r in faults):
         return False, f"a configuration error, which would fail again ({seen}): not requeued"
+    if any(r.get("kind") == SPACE for r in faults):
+        return False, (f"the disk is full where checkpoints go, and a restart would fail at the same save ({seen}): "
+                       "not requeued; free space, then `scontrol requeue` the job to resume it")
     restarts = sum(1 for r in records if r.get("decision") == "requeue")
     if restarts >= max_restarts:
         return False, f"{restarts} restarts after faults already, LETSTALK_MAX_RESTARTS={max_restarts} ({seen})"

@@ -240,3 +240,21 @@ def test_the_restart_rules():
     assert not requeue and "the same TooManyBadSamples at start as the previous start" in why
     killed = faults.decide([], 2)
     assert killed[0] and "no rank recorded an error" in killed[1]
+    full = {**crash, "kind": "space", "error": "CheckpointSpaceError: no space to save checkpoint last.ckpt"}
+    requeue, why = faults.decide([full], 0)
+    assert not requeue and "the disk is full" in why and "scontrol requeue" in why
+
+
+def test_a_full_disk_at_a_checkpoint_is_recorded_as_such(tmp_path, monkeypatch):
+    """FaultLog tells a full disk from a crash, so the job is not restarted into the same full disk."""
+    from types import SimpleNamespace
+
+    from lightning_modules.requeue import FaultLog
+    from lightning_modules.trainer import CheckpointSpaceError
+
+    monkeypatch.setenv("LETSTALK_FAULTS", str(tmp_path / "faults.jsonl"))
+    trainer = SimpleNamespace(global_step=4, global_rank=1)
+    FaultLog().on_exception(trainer, None, CheckpointSpaceError("no space to save checkpoint last.ckpt"))
+    FaultLog().on_exception(trainer, None, RuntimeError("worker killed"))
+    assert [(r["kind"], r["rank"], r["step"]) for r in faults.read(tmp_path / "faults.jsonl")] == [
+        ("space", 1, 4), ("crash", 1, 4)]
