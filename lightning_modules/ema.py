@@ -18,7 +18,8 @@ from functools import cache
 import torch
 from torch import nn
 
-EMA_KEY = "ema"
+from pipeline.checkpoints import EMA_KEY
+
 COUNT_KEY = "ema_updates"
 
 

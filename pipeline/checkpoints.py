@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.locate import fingerprint, locate_encoders
 
 CONFIG_KEYS = ("net", "diffusion", "data_info")
+EMA_KEY = "ema"  # the optimizer state entry that holds a parameter's EMA (lightning_modules/ema.py), in every shard
 REQUEUE_PREFIX = "requeue-step="  # <default_root_dir>/requeue-step=<global step>.ckpt (SlurmRequeue); the newest kept
 MANIFEST = "letstalk-manifest.json"  # inside a DeepSpeed checkpoint folder
 SIDECAR = ".manifest.json"  # beside a checkpoint file: <name>.ckpt.manifest.json
@@ -269,11 +270,11 @@ def _zero_ema_flats(optim: dict[str, Any], fp32_key: str) -> list[torch.Tensor] 
     """One rank's EMA partitions, shaped like its fp32 master partitions `optim[fp32_key]`; None before any update."""
     base = optim.get("base_optimizer_state") or optim.get("optimizer_state_dict")  # ZeRO-1/2 | ZeRO-3
     states = [base["state"][i] for i in sorted(base["state"])] if isinstance(base, dict) else list(base)
-    if len(states) != len(optim[fp32_key]) or not all("ema" in st for st in states):
+    if len(states) != len(optim[fp32_key]) or not all(EMA_KEY in st for st in states):
         return None
     flats = []
     for st, master in zip(states, optim[fp32_key]):
-        ema = st["ema"].float().flatten()
+        ema = st[EMA_KEY].float().flatten()
         flats.append(torch.cat([ema, ema.new_zeros(master.numel() - ema.numel())]))  # alignment padding
     return flats
 
